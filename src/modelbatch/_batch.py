@@ -1,0 +1,397 @@
+"""ModelBatch: N models of one architecture as one module."""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ._metrics import format_table, per_model_rows
+from ._stack import build_stacked_tree, check_compatible, meta_skeleton
+
+__all__ = ["ModelBatch"]
+
+LossFn = Callable[..., Tensor]
+
+
+class ModelBatch(nn.Module):
+    """N independent models of one architecture, trained as one.
+
+    The models' parameters and buffers are stacked along a new leading axis
+    (`[N, *shape]`) and registered on this module under `stacked.<name>`;
+    `forward` runs every model with one `torch.vmap` over `functional_call`.
+    The original modules are not kept: export them with `model(i)` or
+    `get_model_states()`.
+
+    Args:
+        models: N >= 1 models of one class, with the same parameter names,
+            shapes, dtypes, devices, training mode and configuration.
+        loss_fn: per-model loss `loss_fn(output [B, ...], target [B, ...]) -> scalar`,
+            applied with vmap. Defaults to `F.cross_entropy`.
+        optimizer_cls: if given, the batch owns an optimizer of this class
+            over the stacked parameters (`zero_grad()`, `step()`).
+        lr_list: N learning rates, one per model (needs `optimizer_cls`).
+        optimizer_kwargs: further optimizer arguments shared by all models.
+        per_model_dropout: accept models that differ only in their Dropout
+            `p`; each model then drops with its own rate.
+        history_size: how many `compute_loss` calls the loss history keeps.
+
+    Example:
+        >>> models = [nn.Linear(4, 3) for _ in range(8)]
+        >>> mb = ModelBatch(models)
+        >>> mb(torch.randn(16, 4)).shape
+        torch.Size([8, 16, 3])
+
+    Warning:
+        Every tensor leaf of the inputs is either shared by all models
+        (`[B, ...]`, the default) or split across them (`[N, B, ...]`,
+        with `per_model=True`); mixing the two in one call is not supported.
+    """
+
+    active: Tensor
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        loss_fn: LossFn | None = None,
+        *,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
+        lr_list: Sequence[float] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        per_model_dropout: bool = False,
+        history_size: int = 10_000,
+    ) -> None:
+        super().__init__()
+        from .nn._convert import prepare_models
+
+        check_compatible(models, ignore_dropout_p=per_model_dropout)
+        models = list(models)
+        original = models[0]
+        models = prepare_models(models, per_model_dropout=per_model_dropout)
+        self.num_models = len(models)
+        tree, self._param_names, self._buffer_names = build_stacked_tree(models)
+        self.stacked = tree
+        ref_param = next(iter(tree.parameters()), None)
+        device = ref_param.device if ref_param is not None else torch.device("cpu")
+        self.register_buffer("active", torch.ones(self.num_models, dtype=torch.bool, device=device))
+        # Kept outside the module tree (object.__setattr__) so that .to(),
+        # state_dict() and frameworks see only the stacked tensors.
+        object.__setattr__(self, "_skeleton", meta_skeleton(models[0]))
+        object.__setattr__(self, "_export_skeleton", meta_skeleton(original))
+        self.train(original.training)
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.latest_losses: Tensor | None = None
+        self._history: deque[Tensor] = deque(maxlen=history_size)
+        self.grad_scaler: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        if optimizer_cls is not None or lr_list is not None:
+            self.optimizer = self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def skeleton(self) -> nn.Module:
+        """Model 0's structure on the `meta` device (no memory), used by `functional_call`."""
+        return self._skeleton
+
+    def stacked_params(self) -> dict[str, Tensor]:
+        """The stacked parameters by the user's names, each `[N, *shape]`."""
+        return {name: self.stacked.get_parameter(name) for name in self._param_names}
+
+    def stacked_buffers(self) -> dict[str, Tensor]:
+        """The stacked buffers by the user's names, each `[N, *shape]`."""
+        return {name: self.stacked.get_buffer(name) for name in self._buffer_names}
+
+    def train(self, mode: bool = True) -> ModelBatch:
+        super().train(mode)
+        self._skeleton.train(mode)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"num_models={self.num_models}, model={type(self._export_skeleton).__name__}"
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, *args: Any, per_model: bool = False, **kwargs: Any) -> Any:
+        """Run every model on the inputs.
+
+        Args:
+            *args, **kwargs: the model's inputs. Shared by all models
+                (`[B, ...]`) by default; with `per_model=True` every tensor
+                is `[N, B, ...]` and model i sees slice i.
+            per_model: whether the inputs carry a leading model axis.
+
+        Returns:
+            The model's output with a leading model axis: `[N, B, ...]`
+            (any pytree of tensors).
+        """
+        n = self.num_models
+        if per_model:
+            leaves, _ = tree_flatten((args, kwargs))
+            for leaf in leaves:
+                if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] != n):
+                    raise ValueError(
+                        f"ModelBatch.forward: per_model=True expects every input tensor to be "
+                        f"[N={n}, B, ...], got shape {tuple(leaf.shape)}; pass per_model=False "
+                        "for inputs shared by all models."
+                    )
+            in_dim: Any = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, (args, kwargs))
+        else:
+            in_dim = None
+        state = {**self.stacked_params(), **self.stacked_buffers()}
+        skeleton = self._skeleton
+
+        def run_one(state_i: dict[str, Tensor], inputs: tuple[tuple, dict]) -> Any:
+            a, kw = inputs
+            return functional_call(skeleton, state_i, a, kw)
+
+        vmapped = torch.vmap(run_one, in_dims=(0, in_dim), randomness="different")
+        return vmapped(state, (args, kwargs))
+
+    # ------------------------------------------------------------------ losses
+
+    def _targets_per_model(self, outputs: Tensor, targets: Tensor, per_model: bool | None) -> bool:
+        n = self.num_models
+        if per_model is not None:
+            if per_model and (targets.dim() == 0 or targets.shape[0] != n):
+                raise ValueError(
+                    f"ModelBatch: per_model=True expects targets [N={n}, B, ...], "
+                    f"got shape {tuple(targets.shape)}."
+                )
+            return per_model
+        batch = outputs.shape[1] if outputs.dim() > 1 else None
+        looks_per_model = targets.dim() >= 2 and tuple(targets.shape[:2]) == (n, batch)
+        looks_shared = targets.dim() >= 1 and targets.shape[0] == batch
+        if looks_per_model and looks_shared and targets.dim() >= 2 and targets.shape[1] == n:
+            raise ValueError(
+                f"ModelBatch: cannot tell whether targets of shape {tuple(targets.shape)} are "
+                f"shared or per model (N={n}, batch={batch}); pass per_model=True or False."
+            )
+        return looks_per_model
+
+    def per_model_losses(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn | None = None,
+        per_model: bool | None = None,
+    ) -> Tensor:
+        """Each model's loss, `[N]`, with graph; retired models are not masked here."""
+        fn = loss_fn if loss_fn is not None else self.loss_fn
+        n = self.num_models
+        if not isinstance(outputs, Tensor) or outputs.dim() == 0 or outputs.shape[0] != n:
+            shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+            raise ValueError(
+                f"ModelBatch.compute_loss: expected outputs [N={n}, B, ...] from this "
+                f"ModelBatch, got {shape}."
+            )
+        split = self._targets_per_model(outputs, targets, per_model)
+        losses = torch.vmap(fn, in_dims=(0, 0 if split else None), randomness="different")(
+            outputs, targets
+        )
+        if losses.shape != (n,):
+            raise ValueError(
+                f"ModelBatch.compute_loss: loss_fn must reduce to one scalar per model, "
+                f"got per-model shape {tuple(losses.shape[1:])}; use a loss with "
+                "reduction='mean' or 'sum'."
+            )
+        return losses
+
+    def compute_loss(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        loss_fn: LossFn | None = None,
+        reduction: str = "sum",
+        per_model: bool | None = None,
+    ) -> Tensor:
+        """Per-model losses, reduced so that backward gives each model its own gradient.
+
+        Args:
+            outputs: `[N, B, ...]` from `forward`.
+            targets: shared `[B, ...]` or per model `[N, B, ...]`.
+            loss_fn: overrides the loss given at construction.
+            reduction: `"sum"` (scalar; each model's gradient is exactly its
+                own loss's gradient), `"mean"` (scalar, the sum divided by N)
+                or `"none"` (`[N]`).
+            per_model: whether targets carry the model axis; inferred from
+                the shapes when None.
+
+        Returns:
+            A scalar, or `[N]` for `reduction="none"`. Retired models contribute 0.
+        """
+        if reduction not in ("sum", "mean", "none"):
+            raise ValueError(
+                f"ModelBatch.compute_loss: reduction must be 'sum', 'mean' or 'none', "
+                f"got {reduction!r}."
+            )
+        losses = self.per_model_losses(outputs, targets, loss_fn, per_model)
+        losses = torch.where(self.active, losses, torch.zeros_like(losses))
+        detached = losses.detach()
+        self.latest_losses = detached
+        self._history.append(detached)
+        if self.grad_scaler is not None:
+            losses = self.grad_scaler.attach(losses)
+        if reduction == "sum":
+            return losses.sum()
+        if reduction == "mean":
+            return losses.sum() / self.num_models
+        return losses
+
+    def loss_history(self) -> Tensor:
+        """The per-model losses of the recorded `compute_loss` calls: `[T, N]`."""
+        if not self._history:
+            return torch.empty(0, self.num_models, device=self.active.device)
+        return torch.stack(list(self._history))
+
+    def clear_history(self) -> None:
+        """Forget the recorded losses."""
+        self._history.clear()
+
+    # ------------------------------------------------------------------ metrics
+
+    def accuracy(self, outputs: Tensor, targets: Tensor, per_model: bool | None = None) -> Tensor:
+        """Per-model classification accuracy, `[N]` (outputs `[N, B, C]`, targets class indices)."""
+        split = self._targets_per_model(outputs, targets, per_model)
+        predictions = outputs.argmax(dim=-1)
+        target = targets if split else targets.unsqueeze(0)
+        return (predictions == target).float().mean(dim=tuple(range(1, predictions.dim())))
+
+    def summary(self, **columns: Tensor | Sequence[Any]) -> list[dict[str, Any]]:
+        """One row per model: index, active, latest loss and the given `[N]` columns."""
+        base: dict[str, Tensor | Sequence[Any]] = {"active": self.active}
+        if self.latest_losses is not None:
+            base["loss"] = self.latest_losses
+        return per_model_rows({**base, **columns}, self.num_models)
+
+    def format_summary(
+        self, sort_by: str | None = None, top: int | None = None, **columns: Any
+    ) -> str:
+        """`summary` as a table a person can read, optionally sorted and cut to `top` rows."""
+        return format_table(self.summary(**columns), sort_by=sort_by, top=top)
+
+    # ------------------------------------------------------------------ active mask
+
+    def _indices(self, indices: int | Sequence[int] | Tensor) -> Tensor:
+        idx = torch.as_tensor(indices, device=self.active.device).reshape(-1)
+        if idx.dtype == torch.bool:
+            if idx.numel() != self.num_models:
+                raise ValueError(
+                    f"ModelBatch: a boolean mask must have N={self.num_models} entries, "
+                    f"got {idx.numel()}."
+                )
+            return idx.nonzero().reshape(-1)
+        if idx.numel() and (int(idx.min()) < -self.num_models or int(idx.max()) >= self.num_models):
+            raise IndexError(
+                f"ModelBatch: model indices must be in [0, {self.num_models}), got {idx.tolist()}."
+            )
+        return idx.long()
+
+    def retire(self, indices: int | Sequence[int] | Tensor) -> None:
+        """Stop training these models: their loss is 0 and the optimizer leaves them unchanged."""
+        self.active[self._indices(indices)] = False
+
+    def activate(self, indices: int | Sequence[int] | Tensor) -> None:
+        """Train these models again."""
+        self.active[self._indices(indices)] = True
+
+    # ------------------------------------------------------------------ export
+
+    def get_model_states(self) -> list[dict[str, Tensor]]:
+        """N ordinary state dicts; each loads into the user's class with `load_state_dict`."""
+        return [self._model_state(i) for i in range(self.num_models)]
+
+    def _model_state(self, i: int) -> dict[str, Tensor]:
+        own = {**self.stacked_params(), **self.stacked_buffers()}
+        keys = self._export_skeleton.state_dict(keep_vars=True).keys()
+        return {k: own[k][i].detach().clone() for k in keys}
+
+    def load_model_states(self, states: Sequence[Mapping[str, Tensor]]) -> None:
+        """Load N per-model state dicts (as from `get_model_states`) into the stack."""
+        if len(states) != self.num_models:
+            raise ValueError(
+                f"ModelBatch.load_model_states: expected {self.num_models} state dicts, "
+                f"got {len(states)}."
+            )
+        own = {**self.stacked_params(), **self.stacked_buffers()}
+        keys = set(self._export_skeleton.state_dict(keep_vars=True).keys())
+        for i, state in enumerate(states):
+            if set(state.keys()) != keys:
+                raise ValueError(
+                    f"ModelBatch.load_model_states: state {i} has keys "
+                    f"{sorted(set(state.keys()) ^ keys)} that do not match the model's."
+                )
+            for k in keys:
+                if tuple(state[k].shape) != tuple(own[k].shape[1:]):
+                    raise ValueError(
+                        f"ModelBatch.load_model_states: state {i} has {k!r} of shape "
+                        f"{tuple(state[k].shape)}, expected {tuple(own[k].shape[1:])}."
+                    )
+        with torch.no_grad():
+            for k in keys:
+                own[k].copy_(torch.stack([s[k] for s in states]).to(own[k]))
+
+    def model(self, i: int) -> nn.Module:
+        """A fresh module of the user's class holding model i's weights and buffers."""
+        if not -self.num_models <= i < self.num_models:
+            raise IndexError(f"ModelBatch.model: index {i} out of range for N={self.num_models}.")
+        i = i % self.num_models
+        device = self.active.device
+        module = copy.deepcopy(self._export_skeleton).to_empty(device=device)
+        module.load_state_dict(self._model_state(i))
+        module.train(self.training)
+        return module
+
+    # ------------------------------------------------------------------ optimizer
+
+    def _build_optimizer(
+        self,
+        optimizer_cls: type[torch.optim.Optimizer] | None,
+        lr_list: Sequence[float] | None,
+        optimizer_kwargs: Mapping[str, Any] | None,
+    ) -> torch.optim.Optimizer:
+        if optimizer_cls is None:
+            optimizer_cls = torch.optim.Adam
+        kwargs = dict(optimizer_kwargs or {})
+        if lr_list is not None:
+            lrs = [float(lr) for lr in lr_list]
+            if len(lrs) != self.num_models:
+                raise ValueError(
+                    f"ModelBatch: lr_list has {len(lrs)} entries, expected one per model "
+                    f"(N={self.num_models})."
+                )
+            if "lr" in kwargs:
+                raise ValueError(
+                    "ModelBatch: give the learning rate in lr_list or in "
+                    "optimizer_kwargs['lr'], not both."
+                )
+            if len(set(lrs)) > 1:
+                raise NotImplementedError(
+                    "ModelBatch: per-model learning rates (differing values in lr_list) need "
+                    "the vectorized optimizers (modelbatch.optim.OptimizerFactory)."
+                )
+            kwargs["lr"] = lrs[0]
+        return optimizer_cls(self.parameters(), **kwargs)
+
+    def step(self) -> None:
+        """One optimizer step of every active model."""
+        if self.optimizer is None:
+            raise RuntimeError(
+                "ModelBatch.step: this batch owns no optimizer; pass optimizer_cls (and "
+                "lr_list) to ModelBatch, or step your own optimizer."
+            )
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of the stacked parameters."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+        else:
+            super().zero_grad(set_to_none=set_to_none)

@@ -1,0 +1,203 @@
+"""Compatibility checks, stacking and export of single models.
+
+Everything here runs once, at construction or export, never in the training
+step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "build_stacked_tree",
+    "check_compatible",
+    "meta_skeleton",
+    "stack_tensors",
+]
+
+
+def _describe(module: nn.Module) -> str:
+    extra = module.extra_repr()
+    return f"{type(module).__name__}({extra})"
+
+
+def _config_of(module: nn.Module) -> dict[str, object]:
+    """The non-tensor attributes that shape a module's behaviour.
+
+    `extra_repr` covers what torch shows (Dropout p, Conv stride); plain
+    attributes of user classes (an activation name, a flag) are compared
+    too, so that no configuration of model 0 is silently applied to another.
+    """
+    skip = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+    config: dict[str, object] = {}
+    for key, value in vars(module).items():
+        if key in skip or key.startswith("_"):
+            continue
+        if isinstance(value, (bool, int, float, str, tuple, type(None))):
+            config[key] = value
+    return config
+
+
+def check_compatible(models: Sequence[nn.Module], *, ignore_dropout_p: bool = False) -> None:
+    """Raise a ValueError naming the first difference between model 0 and another model.
+
+    Checks: same class of every submodule, same parameter and buffer names,
+    shapes, dtypes and devices, same train/eval mode, same non-parameter
+    configuration (`extra_repr` and plain attributes).
+
+    Args:
+        models: the N models to stack.
+        ignore_dropout_p: accept Dropout modules whose `p` differs (per-model
+            dropout rates are handled by the caller).
+    """
+    if isinstance(models, nn.Module) and not isinstance(models, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(
+            "ModelBatch: expected a sequence of models, got a single "
+            f"{type(models).__name__}; pass [model] or a list of N models."
+        )
+    models = list(models)
+    if len(models) == 0:
+        raise ValueError("ModelBatch: expected at least one model, got an empty sequence.")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                f"ModelBatch: model {i} is a {type(m).__name__}, expected an nn.Module."
+            )
+    ref = models[0]
+    ref_modules = dict(ref.named_modules())
+    ref_params = dict(ref.named_parameters())
+    ref_buffers = dict(ref.named_buffers())
+    for i, m in enumerate(models[1:], start=1):
+        if type(m) is not type(ref):
+            raise ValueError(
+                f"ModelBatch: model {i} is a {type(m).__name__}, model 0 a {type(ref).__name__}; "
+                "every model must be of one class."
+            )
+        modules = dict(m.named_modules())
+        if modules.keys() != ref_modules.keys():
+            extra = sorted(modules.keys() - ref_modules.keys())
+            missing = sorted(ref_modules.keys() - modules.keys())
+            raise ValueError(
+                f"ModelBatch: model {i} has different submodules than model 0 "
+                f"(only in model {i}: {extra}; only in model 0: {missing})."
+            )
+        for name, sub in modules.items():
+            r = ref_modules[name]
+            where = repr(name) if name else "the top-level module"
+            if type(sub) is not type(r):
+                raise ValueError(
+                    f"ModelBatch: model {i} differs from model 0 in {where} "
+                    f"({type(sub).__name__} vs {type(r).__name__})."
+                )
+            if sub.training != r.training:
+                raise ValueError(
+                    f"ModelBatch: model {i} differs from model 0 in {where} in training mode "
+                    f"(training={sub.training} vs {r.training}); call .train() or .eval() on "
+                    "every model before stacking."
+                )
+            is_dropout = isinstance(sub, nn.modules.dropout._DropoutNd)
+            if is_dropout and ignore_dropout_p:
+                if sub.inplace != r.inplace:
+                    raise ValueError(
+                        f"ModelBatch: model {i} differs from model 0 in {where} "
+                        f"(inplace={sub.inplace} vs {r.inplace})."
+                    )
+                continue
+            if sub.extra_repr() != r.extra_repr() or _config_of(sub) != _config_of(r):
+                hint = ""
+                if is_dropout:
+                    hint = " Pass per_model_dropout=True or give all models the same p."
+                raise ValueError(
+                    f"ModelBatch: model {i} differs from model 0 in {where} "
+                    f"({_describe(sub)} vs {_describe(r)}); model {i}'s configuration would "
+                    f"be replaced by model 0's.{hint}"
+                )
+        for kind, ref_tensors, tensors in (
+            ("parameter", ref_params, dict(m.named_parameters())),
+            ("buffer", ref_buffers, dict(m.named_buffers())),
+        ):
+            if tensors.keys() != ref_tensors.keys():
+                extra = sorted(tensors.keys() - ref_tensors.keys())
+                missing = sorted(ref_tensors.keys() - tensors.keys())
+                raise ValueError(
+                    f"ModelBatch: model {i} has different {kind} names than model 0 "
+                    f"(only in model {i}: {extra}; only in model 0: {missing})."
+                )
+            for name, t in tensors.items():
+                r = ref_tensors[name]
+                for attr in ("shape", "dtype", "device"):
+                    if getattr(t, attr) != getattr(r, attr):
+                        raise ValueError(
+                            f"ModelBatch: model {i} differs from model 0 in {kind} {name!r} "
+                            f"({attr} {getattr(t, attr)} vs {getattr(r, attr)})."
+                        )
+                if kind == "parameter" and t.requires_grad != r.requires_grad:
+                    raise ValueError(
+                        f"ModelBatch: model {i} differs from model 0 in parameter {name!r} "
+                        f"(requires_grad={t.requires_grad} vs {r.requires_grad})."
+                    )
+
+
+def stack_tensors(models: Sequence[nn.Module], name: str, kind: str) -> torch.Tensor:
+    """Stack one named parameter or buffer of every model along a new axis 0: `[N, ...]`."""
+    getter = "get_parameter" if kind == "parameter" else "get_buffer"
+    with torch.no_grad():
+        return torch.stack([getattr(m, getter)(name).detach() for m in models]).contiguous()
+
+
+def _split(name: str) -> tuple[str, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return prefix, leaf
+
+
+def build_stacked_tree(
+    models: Sequence[nn.Module],
+) -> tuple[nn.Module, list[str], list[str]]:
+    """An `nn.Module` tree mirroring model 0 that holds the stacked tensors.
+
+    Returns:
+        (tree, parameter names, buffer names). The tree's parameters and
+        buffers carry the user's names and have shape `[N, ...]`.
+    """
+    ref = models[0]
+    tree = nn.Module()
+    containers: dict[str, nn.Module] = {"": tree}
+
+    def container(path: str) -> nn.Module:
+        if path in containers:
+            return containers[path]
+        parent_path, leaf = _split(path)
+        node = nn.Module()
+        container(parent_path).add_module(leaf, node)
+        containers[path] = node
+        return node
+
+    param_names = [n for n, _ in ref.named_parameters()]
+    buffer_names = [n for n, _ in ref.named_buffers()]
+    persistent = set(ref.state_dict(keep_vars=True).keys())
+    for name in param_names:
+        prefix, leaf = _split(name)
+        t = stack_tensors(models, name, "parameter")
+        requires_grad = ref.get_parameter(name).requires_grad
+        container(prefix).register_parameter(leaf, nn.Parameter(t, requires_grad=requires_grad))
+    for name in buffer_names:
+        prefix, leaf = _split(name)
+        container(prefix).register_buffer(
+            leaf, stack_tensors(models, name, "buffer"), persistent=name in persistent
+        )
+    return tree, param_names, buffer_names
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose tensors live on the `meta` device (no memory)."""
+    skeleton = copy.deepcopy(model) if not _has_meta_only(model) else model
+    return skeleton.to("meta")
+
+
+def _has_meta_only(model: nn.Module) -> bool:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return bool(tensors) and all(t.is_meta for t in tensors)
