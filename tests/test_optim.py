@@ -416,7 +416,7 @@ def test_unknown_optimizer_classes_are_refused():
 
     with pytest.raises(ValueError, match="cannot tell whether Custom updates each element"):
         OptimizerFactory(Custom)
-    with pytest.raises(TypeError, match="expected a torch.optim.Optimizer class"):
+    with pytest.raises(TypeError, match=r"expected a torch\.optim\.Optimizer class"):
         OptimizerFactory(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))  # type: ignore[arg-type]
 
 
