@@ -13,37 +13,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.amp import BatchGradScaler
-from modelbatch.optim import clip_grad_norm_
+from modelbatch.optim import BatchSGD, clip_grad_norm_
 
 N = 4
 LRS = [0.05, 0.1, 0.2, 0.03]
 INIT_SCALES = [2.0**10, 2.0**16, 2.0**8, 2.0**12]
 
 
-class _StandInSGD(torch.optim.Optimizer):
-    """Plain SGD following the optimizer contract: effective lr group["lr"] * hparams["lr"][i]."""
-
-    def __init__(self, params: Any, lrs: list[float]) -> None:
-        super().__init__(params, {"lr": 1.0})
-        device = self.param_groups[0]["params"][0].device
-        self.hparams = {"lr": torch.tensor(lrs, dtype=torch.float64, device=device)}
-
-    @torch.no_grad()
-    def step(self, closure: Any = None, *, skip: torch.Tensor | None = None) -> None:
-        group = self.param_groups[0]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            lr = (group["lr"] * self.hparams["lr"]).view(-1, *([1] * (p.dim() - 1)))
-            new = p - lr * p.grad
-            keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            if skip is not None:
-                keep = keep | skip
-            p.copy_(torch.where(keep.view_as(lr), p, new))
-
-
-def make_sgd(mb: ModelBatch, lrs: list[float]) -> Any:
-    return _StandInSGD(mb.parameters(), lrs)
+def make_sgd(params: Any, lrs: list[float], model_batch: Any = None) -> BatchSGD:
+    """The vectorized SGD with model i's lr = lrs[i] (stacked params or a ModelBatch)."""
+    if isinstance(params, ModelBatch):
+        params, model_batch = params.parameters(), params
+    return BatchSGD(params, [{"lr": lr} for lr in lrs], model_batch=model_batch)
 
 
 def _models(n: int = N, seed: int = 0) -> list[nn.Module]:

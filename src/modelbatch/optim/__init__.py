@@ -1,25 +1,48 @@
-"""Vectorized optimizers over stacked parameters, per-model schedules and clipping."""
+"""Vectorized optimizers over stacked parameters, with per-model hyperparameters."""
 
-__all__: list[str] = []
+from ._factory import ELEMENTWISE, NOT_SEPARABLE, VECTORIZED, OptimizerFactory
+from ._hparams import per_model
+from ._optimizers import (
+    BatchAdagrad,
+    BatchAdam,
+    BatchAdamW,
+    BatchOptimizer,
+    BatchRMSprop,
+    BatchSGD,
+)
 
-# --- per-model schedules and gradient clipping (sched-amp) ---
-from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
-from ._schedule import (
-    CosineAnnealingLR,
-    ExponentialLR,
-    MultiStepLR,
-    PerModelScheduler,
-    StepLR,
-    WarmupCosineLR,
+__all__ = [
+    "OptimizerFactory",
+    "BatchOptimizer",
+    "BatchSGD",
+    "BatchAdam",
+    "BatchAdamW",
+    "BatchRMSprop",
+    "BatchAdagrad",
+    "VECTORIZED",
+    "ELEMENTWISE",
+    "NOT_SEPARABLE",
+    "per_model",
+]
+
+# --- per-model LR schedules and gradient clipping (sched-amp) ---
+from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm  # noqa: E402
+from ._schedule import (  # noqa: E402
+    BatchCosineAnnealingLR,
+    BatchExponentialLR,
+    BatchLRScheduler,
+    BatchMultiStepLR,
+    BatchStepLR,
+    BatchWarmupCosineLR,
 )
 
 __all__ += [
-    "CosineAnnealingLR",
-    "ExponentialLR",
-    "MultiStepLR",
-    "PerModelScheduler",
-    "StepLR",
-    "WarmupCosineLR",
+    "BatchStepLR",
+    "BatchMultiStepLR",
+    "BatchExponentialLR",
+    "BatchCosineAnnealingLR",
+    "BatchWarmupCosineLR",
+    "BatchLRScheduler",
     "clip_grad_norm_",
     "clip_grad_value_",
     "per_model_grad_norm",
