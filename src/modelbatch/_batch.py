@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._metrics import format_table, per_model_rows
 from ._stack import build_stacked_tree, check_compatible, meta_skeleton
+from .nn._convert import vmap_forward_context
 
 __all__ = ["ModelBatch"]
 
@@ -154,7 +155,8 @@ class ModelBatch(nn.Module):
 
         vmapped = torch.vmap(run_one, in_dims=(0, in_dim), randomness="different")
         try:
-            return vmapped(state, (args, kwargs))
+            with vmap_forward_context(self.active.device):
+                return vmapped(state, (args, kwargs))
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
             from .nn._errors import explain_forward_error
 

@@ -5,7 +5,7 @@ twins below (same parameter names, same math); the twins also work on their
 own, like the torch layers they mirror.
 """
 
-from ._convert import prepare_models, restore_config
+from ._convert import prepare_models, restore_config, vmap_forward_context
 from ._dropout import (
     AlphaDropout,
     Dropout,
@@ -15,25 +15,29 @@ from ._dropout import (
     FeatureAlphaDropout,
 )
 from ._errors import UnbatchableLayerError
-from ._norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, RReLU
-from ._rnn import GRU, LSTM, RNN, LSTMCell
+from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
 
 __all__ = [
     "AlphaDropout",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "Bilinear",
     "Dropout",
     "Dropout1d",
     "Dropout2d",
     "Dropout3d",
     "FeatureAlphaDropout",
     "GRU",
+    "GRUCell",
     "LSTM",
     "LSTMCell",
     "RNN",
+    "RNNCell",
     "RReLU",
     "UnbatchableLayerError",
     "prepare_models",
     "restore_config",
+    "vmap_forward_context",
 ]

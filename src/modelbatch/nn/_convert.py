@@ -10,6 +10,7 @@ Substitutions (torch type -> `modelbatch.nn` twin, same parameter names):
 | torch layer | when | why |
 | --- | --- | --- |
 | `nn.LSTM`, `nn.GRU`, `nn.RNN`, `nn.LSTMCell` | always | no vmap batching rule |
+| `nn.GRUCell`, `nn.RNNCell`, `nn.Bilinear` | always | vmap would loop over the models |
 | `nn.BatchNorm1d/2d/3d` | `momentum=None` and tracking stats | reads a tensor as a float |
 | `nn.RReLU` | always | no vmap batching rule |
 | `nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, `FeatureAlphaDropout` | `per_model_dropout=True` | p must be a per-model tensor |
@@ -17,18 +18,19 @@ Substitutions (torch type -> `modelbatch.nn` twin, same parameter names):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
-from ._norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, RReLU
-from ._rnn import GRU, LSTM, RNN, LSTMCell
+from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
 
-__all__ = ["prepare_models", "restore_config", "substitution_for"]
+__all__ = ["prepare_models", "restore_config", "substitution_for", "vmap_forward_context"]
 
 logger = logging.getLogger("modelbatch")
 
@@ -38,8 +40,11 @@ _ALWAYS: dict[type[nn.Module], Substitute] = {
     nn.LSTM: lambda m, _: LSTM.from_torch(m),
     nn.GRU: lambda m, _: GRU.from_torch(m),
     nn.RNN: lambda m, _: RNN.from_torch(m),
-    nn.LSTMCell: lambda m, _: LSTMCell.from_torch(m),  # type: ignore[arg-type]
+    nn.LSTMCell: lambda m, _: LSTMCell.from_torch(m),
+    nn.GRUCell: lambda m, _: GRUCell.from_torch(m),
+    nn.RNNCell: lambda m, _: RNNCell.from_torch(m),
     nn.RReLU: lambda m, _: RReLU.from_torch(m),
+    nn.Bilinear: lambda m, _: Bilinear.from_torch(m),
 }
 _BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -156,3 +161,27 @@ def restore_config(module: nn.Module, buffers: Mapping[str, Tensor], index: int)
         key = f"{name}.p" if name else "p"
         if isinstance(sub, nn.modules.dropout._DropoutNd) and key in buffers:
             sub.p = float(buffers[key][index])
+
+
+@contextlib.contextmanager
+def vmap_forward_context(device: torch.device) -> Iterator[None]:
+    """Route attention through kernels that vmap batches, for one vmapped forward.
+
+    - The fused "fast path" of `nn.MultiheadAttention` and
+      `nn.TransformerEncoderLayer` (eval mode) has no batching rule and no
+      backward: vmap would run it model by model and gradients would fail.
+    - On CPU, `scaled_dot_product_attention` picks a flash kernel without a
+      batching rule; the math backend is made of batched matmuls.
+    """
+    was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if device.type == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was_enabled)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["GRU", "LSTM", "RNN", "LSTMCell"]
+__all__ = ["GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RNNCell"]
 
 _TORCH_TYPES: dict[str, type[nn.Module]] = {
     "LSTM": nn.LSTM,
@@ -396,13 +396,11 @@ class RNN(_RNNBase):
         return y, h_n
 
 
-class LSTMCell(nn.Module):
-    """`torch.nn.LSTMCell` that runs under `torch.vmap`; same arguments and parameter names.
+class _CellBase(nn.Module):
+    """Shared parameters of the single-step cells (torch's names and initialisation)."""
 
-    Shapes:
-        input `[B, I]` (or `[I]`); `hx = (h [B, H], c [B, H])`, optional.
-        Returns `(h' [B, H], c' [B, H])`.
-    """
+    gates = 4
+    torch_type: type[nn.Module] = nn.LSTMCell
 
     def __init__(
         self,
@@ -417,11 +415,12 @@ class LSTMCell(nn.Module):
         self.hidden_size = hidden_size
         self.bias = bias
         factory = {"device": device, "dtype": dtype}
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **factory))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **factory))
+        rows = self.gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(rows, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size, **factory))
         if bias:
-            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **factory))
-            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+            self.bias_ih = nn.Parameter(torch.empty(rows, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(rows, **factory))
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
@@ -433,21 +432,100 @@ class LSTMCell(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
 
     @classmethod
-    def from_torch(cls, module: nn.LSTMCell) -> LSTMCell:
-        """The vmappable twin of a torch `nn.LSTMCell`, sharing its parameters."""
-        twin = cls(module.input_size, module.hidden_size, module.bias, device="meta")
+    def from_torch(cls, module: nn.Module) -> _CellBase:
+        """The vmappable twin of the torch cell, sharing its parameters (nothing is copied)."""
+        if type(module) is not cls.torch_type:
+            raise TypeError(
+                f"modelbatch.nn.{cls.__name__}.from_torch: expected a torch "
+                f"{cls.torch_type.__name__}, got {type(module).__name__}."
+            )
+        kwargs = {}
+        if isinstance(module, nn.RNNCell):
+            kwargs["nonlinearity"] = module.nonlinearity
+        twin = cls(module.input_size, module.hidden_size, module.bias, device="meta", **kwargs)
         twin._parameters = dict(module._parameters)
         twin.train(module.training)
         return twin
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> Any:
+    def _prepare(self, input: Tensor, hx: Tensor | None) -> tuple[Tensor, Tensor, bool]:
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"modelbatch.nn.{type(self).__name__}: expected input [B, {self.input_size}] "
+                f"or [{self.input_size}], got {tuple(input.shape)}."
+            )
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         if hx is None:
-            zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
-            h, c = zeros, zeros
-        else:
-            h, c = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+            hx = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
+        elif not batched:
+            hx = hx.unsqueeze(0)
+        return x, hx, batched
+
+
+class LSTMCell(_CellBase):
+    """`torch.nn.LSTMCell` that runs under `torch.vmap`; same arguments and parameter names.
+
+    Shapes:
+        input `[B, I]` (or `[I]`); `hx = (h [B, H], c [B, H])`, optional.
+        Returns `(h' [B, H], c' [B, H])`.
+    """
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> Any:
+        x, h, batched = self._prepare(input, None if hx is None else hx[0])
+        c = torch.zeros_like(h) if hx is None else (hx[1] if batched else hx[1].unsqueeze(0))
         bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
         h, c = _lstm_cell(F.linear(x, self.weight_ih, bias), h, c, self.weight_hh.t(), None)
         return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+class GRUCell(_CellBase):
+    """`torch.nn.GRUCell` that runs under `torch.vmap` without a per-model fallback loop.
+
+    Shapes:
+        input `[B, I]` (or `[I]`); `hx` `[B, H]`, optional. Returns `h' [B, H]`.
+    """
+
+    gates = 3
+    torch_type = nn.GRUCell
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, h, batched = self._prepare(input, hx)
+        h = _gru_cell(
+            F.linear(x, self.weight_ih, self.bias_ih), h, self.weight_hh.t(), self.bias_hh
+        )
+        return h if batched else h.squeeze(0)
+
+
+class RNNCell(_CellBase):
+    """`torch.nn.RNNCell` (tanh or relu) that runs under `torch.vmap` without a fallback loop.
+
+    Shapes:
+        as `GRUCell`.
+    """
+
+    gates = 1
+    torch_type = nn.RNNCell
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(
+                f"modelbatch.nn.RNNCell: nonlinearity must be 'tanh' or 'relu', got "
+                f"{nonlinearity!r}."
+            )
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        x, h, batched = self._prepare(input, hx)
+        bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
+        pre = torch.addmm(F.linear(x, self.weight_ih, bias), h, self.weight_hh.t())
+        h = torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
+        return h if batched else h.squeeze(0)

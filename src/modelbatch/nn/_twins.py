@@ -1,10 +1,12 @@
-"""BatchNorm and RReLU twins for the cases torch cannot run under `torch.vmap`.
+"""BatchNorm, RReLU and Bilinear twins for the cases torch cannot batch under `torch.vmap`.
 
 - `BatchNorm*d(momentum=None)` (cumulative average) computes its factor with
   `float(num_batches_tracked)`, a Python read of a tensor that vmap refuses;
   the twins compute the factor as a tensor, so each model uses its own count.
 - `RReLU` calls `aten::rrelu`, which has no batching rule; the twin draws its
   slopes with `torch.rand_like`.
+- `Bilinear` calls `aten::bilinear`, which vmap runs one model at a time (its
+  fallback); the twin is one `einsum`.
 
 With an exponential `momentum` the BatchNorm twins are torch's own forward.
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "RReLU"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "RReLU"]
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -82,4 +84,21 @@ class RReLU(nn.RReLU):
     @classmethod
     def from_torch(cls, module: nn.Module) -> RReLU:
         """The twin of a torch `nn.RReLU` with the same bounds."""
+        return _twin(module, cls)
+
+
+class Bilinear(nn.Bilinear):
+    """`torch.nn.Bilinear` as one `einsum`, which vmap batches without a per-model loop.
+
+    Shapes:
+        `x1 [*, in1]`, `x2 [*, in2]` -> `[*, out]`.
+    """
+
+    def forward(self, input1: Tensor, input2: Tensor) -> Tensor:
+        out = torch.einsum("...i,oij,...j->...o", input1, self.weight, input2)
+        return out if self.bias is None else out + self.bias
+
+    @classmethod
+    def from_torch(cls, module: nn.Module) -> Bilinear:
+        """The twin of a torch `nn.Bilinear`, sharing its parameters."""
         return _twin(module, cls)
