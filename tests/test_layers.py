@@ -256,6 +256,12 @@ CASES = [
     ),
     Case("LocalResponseNorm", lambda: conv(nn.LocalResponseNorm(2)), image()),
     Case("Embedding", lambda: Seq(nn.Embedding(11, 8), nn.Linear(8, 3)), tokens()),
+    Case(
+        "Embedding (max_norm)",
+        lambda: Seq(nn.Embedding(11, 8, max_norm=1.0)),
+        tokens(),
+        fallback=True,
+    ),
     Case("Embedding (padding_idx)", lambda: Seq(nn.Embedding(11, 8, padding_idx=0)), tokens()),
     Case("EmbeddingBag (mean)", lambda: Seq(nn.EmbeddingBag(11, 8)), tokens(), fallback=True),
     Case("MultiheadAttention (self, weights)", SelfAttention, seq()),
@@ -330,6 +336,8 @@ def test_forward_and_gradients_match_each_model(case: Case) -> None:
             assert torch.equal(v, reference[i][k]), f"model {i} {k} was modified"
         own = model(x)
         assert rel_err(out[i], own) <= FORWARD_RTOL, f"model {i} forward"
+        for name, p in model.named_parameters():  # in-place changes (Embedding max_norm)
+            assert rel_err(mb.stacked_params()[name][i], p) <= FORWARD_RTOL, name
         (own * weight).sum().backward()
         for name, p in model.named_parameters():
             assert grads[name] is not None, name
@@ -550,6 +558,11 @@ def test_unsupported_cumulative_batchnorm_subclass_is_refused_at_construction() 
 
     with pytest.raises(ValueError, match=r"MyBN\(momentum=None\).*momentum=0.1"):
         ModelBatch([nn.Sequential(nn.Linear(4, 4), MyBN(4, momentum=None)) for _ in range(2)])
+
+
+def test_sparse_embedding_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"Embedding\(sparse=True\).*sparse=False"):
+        ModelBatch([nn.Embedding(5, 3, sparse=True) for _ in range(2)])
 
 
 def test_rrelu_train_mode_slopes_in_bounds_and_differ_per_model() -> None:

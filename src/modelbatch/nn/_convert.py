@@ -72,6 +72,11 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
             "cumulative average reads num_batches_tracked as a Python float); use "
             "nn.BatchNorm1d/2d/3d or give a momentum, e.g. momentum=0.1."
         )
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+        raise ValueError(
+            f"ModelBatch: {kind.__name__}(sparse=True) cannot be stacked (sparse gradients "
+            "have no model axis under torch.vmap); use sparse=False."
+        )
     if per_model_dropout and kind in DROPOUT_TWINS:
         twin = DROPOUT_TWINS[kind]
         return lambda m, device: twin.from_torch(m, device)
