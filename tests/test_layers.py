@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -577,3 +578,10 @@ def test_rrelu_train_mode_slopes_in_bounds_and_differ_per_model() -> None:
     assert bool((slopes >= 0.1 - 1e-6).all() & (slopes <= 0.3 + 1e-6).all())
     assert not torch.equal(slopes[0], slopes[1])
     assert torch.equal(out[:, ~neg], pre[~neg].expand(2, -1))
+
+
+def test_coverage_page_lists_every_case() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "coverage.md").read_text()
+    rows = {line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")}
+    missing = [c.name for c in CASES if c.name not in rows]
+    assert not missing, f"docs/coverage.md lacks rows for {missing}"
