@@ -24,3 +24,26 @@ __all__ = [
     "NOT_SEPARABLE",
     "per_model",
 ]
+
+# --- per-model LR schedules and gradient clipping (sched-amp) ---
+from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
+from ._schedule import (
+    BatchCosineAnnealingLR,
+    BatchExponentialLR,
+    BatchLRScheduler,
+    BatchMultiStepLR,
+    BatchStepLR,
+    BatchWarmupCosineLR,
+)
+
+__all__ += [
+    "BatchStepLR",
+    "BatchMultiStepLR",
+    "BatchExponentialLR",
+    "BatchCosineAnnealingLR",
+    "BatchWarmupCosineLR",
+    "BatchLRScheduler",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "per_model_grad_norm",
+]
