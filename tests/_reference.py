@@ -15,20 +15,25 @@ from modelbatch import ModelBatch
 IN, HIDDEN, CLASSES, BATCH = 6, 8, 3, 16
 
 
-def make_models(n: int, seed: int = 0) -> list[nn.Module]:
+def make_models(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[nn.Module]:
     """N small MLPs (Linear-Tanh-Linear), each with its own random init."""
     torch.manual_seed(seed)
     return [
-        nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+        nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)).to(dtype)
         for _ in range(n)
     ]
 
 
-def make_batches(n: int, steps: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+def make_batches(
+    n: int, steps: int, seed: int = 1, dtype: torch.dtype = torch.float32
+) -> list[tuple[Tensor, Tensor]]:
     """Fresh random per-model data for each step: x `[N, B, IN]`, y `[N, B]`."""
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(n, BATCH, IN, generator=g), torch.randint(0, CLASSES, (n, BATCH), generator=g))
+        (
+            torch.randn(n, BATCH, IN, generator=g, dtype=dtype),
+            torch.randint(0, CLASSES, (n, BATCH), generator=g),
+        )
         for _ in range(steps)
     ]
 

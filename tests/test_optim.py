@@ -119,13 +119,23 @@ def _build(cls, configs, seed=0):
 # ---------------------------------------------------------------------- equivalence
 
 
+# fp32 to the suite's multi-step tolerance; fp64 shows the math is the same, not just close.
+DTYPES = [
+    pytest.param(torch.float32, TOL, id="fp32"),
+    pytest.param(torch.float64, 1e-12, id="fp64"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES)
 @pytest.mark.parametrize(("cls", "configs"), ALL_CASES)
-def test_matches_torch_one_by_one(cls, configs):
-    models, batches = make_models(N), make_batches(N, STEPS)
+def test_matches_torch_one_by_one(cls, configs, dtype, tol):
+    models, batches = make_models(N, dtype=dtype), make_batches(N, STEPS, dtype=dtype)
     reference = train_one_by_one(models, cls, configs, batches)
-    mb, opt = _build(cls, configs)
+    mb = ModelBatch(models)
+    opt = OptimizerFactory(cls).create_optimizer(mb, configs)
     train_batched(mb, opt, batches)
-    assert max_rel_diff(mb, reference) <= TOL
+    assert mb.stacked_params()["0.weight"].dtype == dtype
+    assert max_rel_diff(mb, reference) <= tol
     # the run moved the weights, so the comparison above can fail
     assert max_rel_diff(mb, models) > 1e-3
 
