@@ -520,3 +520,19 @@ def test_param_groups_share_per_model_hparams_and_scale_by_their_own_factor():
     assert opt.param_groups[1]["hparams"]["lr"] is not opt.hparams["lr"]
     train_batched(mb, opt, batches)
     assert max_rel_diff(mb, reference) <= TOL
+
+
+def test_tensor_lr_factor_works_like_a_float():
+    # A 0-dim tensor factor lets a torch scheduler change the lr of a captured step (fill_).
+    configs = [{"lr": 1e-2 * (i + 1)} for i in range(N)]
+    batches = make_batches(N, 5)
+    runs = []
+    for factor in (1.0, torch.tensor(1.0)):
+        mb, opt = _build(Adam, configs)
+        opt.param_groups[0]["lr"] = factor
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
+        train_batched(mb, opt, batches, lambda t, o, s=sched: s.step() if t > 0 else None)
+        runs.append(snapshot(mb, opt))
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
