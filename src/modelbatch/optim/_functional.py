@@ -78,7 +78,7 @@ def _masked_grad(grad: Tensor, param: Tensor, c: Coefficients, out: Tensor) -> T
     nd = param.dim()
     torch.addcmul(grad, param, per_model(c["wd"], nd), out=out)
     # After the decay term, so that not even an inf weight of a held model reaches its state.
-    return torch.where(per_model(c["mask"], nd), out, c["zero"], out=out)
+    return torch.where(per_model(c["mask"], nd), out, per_model(c["zero"], nd), out=out)
 
 
 # ---------------------------------------------------------------------- Adam / AdamW
@@ -101,7 +101,7 @@ def adam_coefficients(
     c["w1"] = torch.where(mask, 1.0 - beta1, zero)
     c["w2"] = torch.where(mask, 1.0 - beta2, zero)
     c["amsgrad"] = hp["amsgrad"].to(lr.dtype)
-    c.update(mask=mask, zero=zero.new_zeros(()))
+    c.update(mask=mask, zero=zero)
     if decoupled:
         c["wd"] = zero
         c["decay"] = torch.where(mask, 1.0 - lr * hp["weight_decay"], 1.0)
@@ -127,7 +127,7 @@ def adam_update(
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     if decoupled:
         param.mul_(per_model(c["decay"], nd))
-        u = torch.where(per_model(c["mask"], nd), grad, c["zero"], out=scratch[0])
+        u = torch.where(per_model(c["mask"], nd), grad, per_model(c["zero"], nd), out=scratch[0])
     else:
         u = _masked_grad(grad, param, c, scratch[0])
     exp_avg.lerp_(u, per_model(c["w1"], nd))
@@ -164,7 +164,7 @@ def sgd_coefficients(
     plain = first | (momentum == 0)
     return {
         "mask": mask,
-        "zero": zero.new_zeros(()),
+        "zero": zero,
         "wd": hp["weight_decay"] * sign,
         "rate": rate,
         "momentum": torch.where(mask, torch.where(first, zero, momentum), one),
@@ -209,7 +209,7 @@ def rmsprop_coefficients(
     c = _denominator(mask, one, hp["eps"], rate)
     c.update(
         mask=mask,
-        zero=zero.new_zeros(()),
+        zero=zero,
         wd=hp["weight_decay"] * sign,
         rate=rate,
         weight=weight,
@@ -269,7 +269,7 @@ def adagrad_coefficients(
     clr = hp["lr"] * lr_factor / (1.0 + (step - 1.0) * hp["lr_decay"])
     rate = torch.where(mask, -clr * sign, zero)
     c = _denominator(mask, torch.ones_like(zero), hp["eps"], rate)
-    c.update(mask=mask, zero=zero.new_zeros(()), wd=hp["weight_decay"] * sign)
+    c.update(mask=mask, zero=zero, wd=hp["weight_decay"] * sign)
     return c
 
 

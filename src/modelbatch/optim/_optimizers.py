@@ -349,17 +349,20 @@ class BatchOptimizer(torch.optim.Optimizer):
                         state[key] = self._state_init(key, group, p)
                 c = by_dtype.get(p.dtype)
                 if c is None:
-                    c = {
-                        k: v.to(p.dtype) if v.is_floating_point() else v
-                        for k, v in coefficients.items()
-                    }
-                    by_dtype[p.dtype] = c
+                    c = by_dtype[p.dtype] = _cast(coefficients, p.dtype)
                 scratch = self._scratch.get(p)
                 if scratch is None or scratch[0].device != p.device:
                     scratch = [torch.empty_like(p) for _ in range(self.scratch_count)]
                     self._scratch[p] = scratch
                 self._update(p, p.grad, state, c, scratch)
         return loss
+
+
+def _cast(coefficients: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """The `[N]` float coefficients in `dtype`, cast in one op (stacked) rather than one each."""
+    floats = [k for k, v in coefficients.items() if v.is_floating_point()]
+    packed = torch.stack([coefficients[k] for k in floats]).to(dtype)
+    return {**coefficients, **dict(zip(floats, packed.unbind(0)))}
 
 
 def _first_device(params: list[Any]) -> torch.device:
