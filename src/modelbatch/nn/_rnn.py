@@ -170,6 +170,9 @@ class _RNNBase(nn.Module):
         twin.train(module.training)
         return twin
 
+    def flatten_parameters(self) -> None:
+        """No-op, for models that call it in their forward (it packs weights for cuDNN)."""
+
     # ------------------------------------------------------------------ forward
 
     def _directions(self) -> int:
