@@ -242,24 +242,27 @@ class _RNNBase(nn.Module):
         # The input projection of every step is one matmul outside the loop.
         fold_hh = self.mode != "GRU"  # GRU keeps b_hn inside the reset product
         bias = b_ih + b_hh if (b_ih is not None and b_hh is not None and fold_hh) else b_ih
-        x_gates = F.linear(x, w_ih, bias)
+        # unbind, not x_t: the backward of T selects would build T full-size
+        # zero tensors; unbind's backward is one stack.
+        x_steps = F.linear(x, w_ih, bias).unbind(0)
+        if reverse:
+            x_steps = x_steps[::-1]
         w_hh_t = w_hh.t()
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
         outputs: list[Tensor] = []
         if self.mode == "LSTM":
             w_hr = p.get(f"weight_hr{suffix}")
             w_hr_t = None if w_hr is None else w_hr.t()
-            for t in steps:
-                h, c = _lstm_cell(x_gates[t], h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]
+            for x_t in x_steps:
+                h, c = _lstm_cell(x_t, h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]
                 outputs.append(h)
         elif self.mode == "GRU":
-            for t in steps:
-                h = _gru_cell(x_gates[t], h, w_hh_t, b_hh)
+            for x_t in x_steps:
+                h = _gru_cell(x_t, h, w_hh_t, b_hh)
                 outputs.append(h)
         else:
             act = torch.tanh if self.mode == "RNN_TANH" else torch.relu
-            for t in steps:
-                h = act(torch.addmm(x_gates[t], h, w_hh_t))
+            for x_t in x_steps:
+                h = act(torch.addmm(x_t, h, w_hh_t))
                 outputs.append(h)
         if reverse:
             outputs.reverse()
