@@ -504,6 +504,16 @@ def test_alpha_dropout_per_model_rate(kind: type[nn.Module]) -> None:
         )
 
 
+def test_dropout_subclass_without_twin_refuses_differing_rates() -> None:
+    class MyDropout(nn.Dropout):
+        pass
+
+    with pytest.raises(ValueError, match=r"no per-model version of MyDropout \('drop'\)"):
+        ModelBatch([DropNet(p, MyDropout) for p in (0.1, 0.2)], per_model_dropout=True)
+    mb = ModelBatch([DropNet(0.3, MyDropout) for _ in range(2)], per_model_dropout=True)
+    assert "drop.p" not in mb.stacked_buffers()  # equal rates: torch's own layer runs
+
+
 def test_per_model_dropout_export_keeps_each_p_out_of_the_state_dict() -> None:
     models = [DropNet(p) for p in RATES]
     mb = ModelBatch(models, per_model_dropout=True)
