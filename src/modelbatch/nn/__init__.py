@@ -6,7 +6,7 @@ own, like the torch layers they mirror.
 """
 
 from ._cells import GRUCell, LSTMCell, RNNCell
-from ._convert import prepare_models, restore_config, vmap_forward_context
+from ._convert import prepare_models
 from ._dropout import (
     AlphaDropout,
     Dropout,
@@ -39,6 +39,4 @@ __all__ = [
     "RReLU",
     "UnbatchableLayerError",
     "prepare_models",
-    "restore_config",
-    "vmap_forward_context",
 ]
