@@ -137,6 +137,11 @@ class _VectorSchedule(LRScheduler):
         """The per-model learning rates now in the optimizer: one `[N]` tensor per param group."""
         return [lr.detach().clone() for lr in _lr_tensors(type(self).__name__, self.optimizer)]
 
+    @property
+    def base_lrs(self) -> list[Tensor]:  # type: ignore[override]
+        """The per-model base rates the schedules start from: one `[N]` per param group."""
+        return list(self.initial_lr)
+
     def get_lr(self) -> list[Tensor]:  # type: ignore[override]
         """The per-model learning rates at the current steps: one `[N]` (float64) per group."""
         return list(self._lr_at(self.steps.to(_F64)))
