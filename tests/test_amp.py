@@ -387,3 +387,23 @@ def test_reset_models_restores_only_their_scale() -> None:
     assert scaler.get_growth_tracker()[[1, 3]].tolist() == [0, 0]
     scaler.reset_models(torch.tensor([False, False, True, False]), init_scale=8.0)
     assert scaler.get_scale()[2].item() == 8.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_found_inf_flags_exactly_the_models_with_a_non_finite_gradient(dtype) -> None:
+    n = 64
+    mb = ModelBatch(_models(n)).to(dtype)
+    opt = make_sgd(mb, [0.1] * n)
+    scaler = BatchGradScaler(mb)
+    scaler.scale(
+        mb.compute_loss(mb(torch.randn(8, 6, dtype=dtype)), torch.randint(0, 3, (8,)))
+    ).backward()
+    gen = torch.Generator().manual_seed(5)
+    bad = torch.rand(n, generator=gen) < 0.5
+    values = [float("nan"), float("inf"), float("-inf")]
+    for i in bad.nonzero().reshape(-1).tolist():
+        grads = [p.grad for p in mb.parameters()]
+        g = grads[int(torch.randint(0, len(grads), (), generator=gen))][i].reshape(-1)
+        g[int(torch.randint(0, g.numel(), (), generator=gen))] = values[i % 3]
+    scaler.unscale_(opt)
+    assert torch.equal(scaler.found_inf(opt) > 0, bad)

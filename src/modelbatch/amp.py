@@ -258,7 +258,10 @@ class BatchGradScaler:
                     )
                 if g.is_sparse:
                     raise TypeError("BatchGradScaler.unscale_: sparse gradients are not supported.")
-                bad = ~torch.isfinite(g.reshape(n, -1)).all(dim=1)
+                # The max-abs norm is inf/nan exactly when some entry is (nan
+                # propagates through max), and is cheaper than isfinite().all().
+                peak = torch.linalg.vector_norm(g.reshape(n, -1), float("inf"), dim=1)
+                bad = ~torch.isfinite(peak)
                 found_inf.masked_fill_(bad.to(found_inf.device), 1.0)
                 g.mul_(inv_scale.to(g.device).view(n, *([1] * (g.dim() - 1))))
         state["found_inf"] = found_inf
