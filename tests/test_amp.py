@@ -416,3 +416,33 @@ def test_unscale_clip_update_do_not_synchronize_with_the_host() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert norms.shape == (N,)
+
+
+def test_model_batch_step_runs_the_scaler_recipe() -> None:
+    """mb.step() with a scaler attached equals scaler.step(opt) + scaler.update()."""
+    from modelbatch import ModelBatch
+    from modelbatch.amp import BatchGradScaler
+
+    def run(use_mb_step: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(6, 3) for _ in range(4)]
+        mb = ModelBatch(models, lr_list=[0.1, 0.05, 0.02, 0.01], optimizer_cls=torch.optim.SGD)
+        scaler = BatchGradScaler(mb, init_scale=2.0**8, growth_interval=2)
+        for step in range(5):
+            x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+            mb.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            if step == 2:
+                mb.stacked_params()["weight"].grad[1, 0, 0] = float("inf")
+            if use_mb_step:
+                mb.step()
+            else:
+                scaler.step(mb.optimizer)
+                scaler.update()
+        return [p.detach().clone() for p in mb.parameters()], scaler.get_scale()
+
+    params_a, scale_a = run(True)
+    params_b, scale_b = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert torch.equal(scale_a, scale_b)
+    assert scale_a[1] < scale_a[0]  # model 1 overflowed once and backed off

@@ -407,13 +407,23 @@ class ModelBatch(nn.Module):
         return OptimizerFactory(optimizer_cls, kwargs).create_optimizer(self, configs)
 
     def step(self) -> None:
-        """One optimizer step of every active model."""
+        """One optimizer step of every active model.
+
+        With a `modelbatch.amp.BatchGradScaler` attached, this is the AMP
+        recipe: `scaler.step(optimizer)` (unscale, skip the models whose
+        gradients overflowed) then `scaler.update()`.
+        """
         if self.optimizer is None:
             raise RuntimeError(
                 "ModelBatch.step: this batch owns no optimizer; pass optimizer_cls (and "
                 "lr_list) to ModelBatch, or step your own optimizer."
             )
-        self.optimizer.step()
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the stacked parameters."""
