@@ -224,7 +224,8 @@ def rewrite(path: Path, drop: str | None = None) -> None:
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f if k != drop}
+        names = [k for k in f.keys() if k != drop]  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in names}
     st.save_file(tensors, str(path), metadata=meta)
 
 
