@@ -132,8 +132,8 @@ def _rng_state(tensors: dict[str, Tensor]) -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     for i, s in enumerate(cuda):
         tensors[f"rng/cuda/{i}"] = s.cpu()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     version, internal, gauss_next = random.getstate()
     tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
     return {

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,7 +119,7 @@ class EarlyStopping:
         self.stopped |= stop
         return stop
 
-    def reset(self, indices: int | Iterable[int] | Tensor) -> None:
+    def reset(self, indices: int | Sequence[int] | Tensor) -> None:
         """Forget these models' history (after `replace_model`)."""
         idx = self.model_batch._indices(indices)
         self._best[idx] = math.inf
