@@ -25,6 +25,9 @@ from modelbatch.checkpoint import (
 )
 from modelbatch.data import PerModelLoader
 
+# Tiny tensors: intra-op threads only add contention on a shared machine.
+torch.set_num_threads(1)
+
 N, D, C = 4, 6, 3
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -99,7 +102,7 @@ def make_run(seed: int, family: str):
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
     else:
         opt = getattr(mb_optim, family)(list(mb.parameters()), configs(family), model_batch=mb)
-        sched = mb_optim.StepLR(opt, step_size=[2, 3, 4, 5], gamma=[0.5, 0.6, 0.7, 0.8])
+        sched = mb_optim.BatchStepLR(opt, step_size=[2, 3, 4, 5], gamma=[0.5, 0.6, 0.7, 0.8])
         if family in ("BatchAdam", "BatchSGD"):
             scaler = BatchGradScaler(
                 mb, init_scale=[2.0**8, 2.0**10, 2.0**12, 2.0**14], growth_interval=2

@@ -16,6 +16,9 @@ from modelbatch.amp import BatchGradScaler
 from modelbatch.data import PerModelLoader
 from modelbatch.lifecycle import EarlyStopping, NaNGuard, replace_model
 
+# Tiny tensors: intra-op threads only add contention on a shared machine.
+torch.set_num_threads(1)
+
 N, D, C = 4, 5, 3
 
 
@@ -40,7 +43,7 @@ CONFIGS = [{"lr": 0.01 * (i + 1), "betas": (0.9, 0.95 + 0.01 * i)} for i in rang
 def make_run(seed: int = 0):
     mb = make_batch(seed)
     opt = mb_optim.BatchAdam(list(mb.parameters()), CONFIGS, model_batch=mb)
-    sched = mb_optim.StepLR(opt, step_size=[2, 3, 2, 3], gamma=[0.5, 0.7, 0.9, 0.6])
+    sched = mb_optim.BatchStepLR(opt, step_size=[2, 3, 2, 3], gamma=[0.5, 0.7, 0.9, 0.6])
     return mb, opt, sched
 
 
