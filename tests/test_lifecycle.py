@@ -281,3 +281,53 @@ def test_progress_bar_without_tqdm_is_silent(monkeypatch, capsys):
     bar.update()
     bar.close()
     assert not bar.enabled and capsys.readouterr().err == ""
+
+
+def test_replace_model_restarts_a_per_model_torch_scheduler():
+    mb = make_batch()
+    opt = mb_optim.BatchSGD(
+        list(mb.parameters()), [{"lr": 0.1 * (i + 1)} for i in range(N)], model_batch=mb
+    )
+    sched = mb_optim.BatchLRScheduler(
+        opt, torch.optim.lr_scheduler.StepLR, [{"step_size": 1, "gamma": 0.5}] * N
+    )
+    for _ in range(3):
+        sched.step()
+    before = opt.hparams["lr"].clone()
+    replace_model(
+        mb,
+        2,
+        Net(),
+        config={"lr": 0.7},
+        schedule={"step_size": 1, "gamma": 0.9},
+        optimizer=opt,
+        scheduler=sched,
+    )
+    assert torch.equal(opt.hparams["lr"][[0, 1, 3]], before[[0, 1, 3]])
+    assert opt.hparams["lr"][2].item() == pytest.approx(0.7)
+    sched.step()
+    assert opt.hparams["lr"][2].item() == pytest.approx(0.63)
+    assert opt.hparams["lr"][0].item() == pytest.approx(0.1 * 0.5**4)
+
+
+def test_callback_state_round_trips_through_a_checkpoint(tmp_path):
+    from modelbatch.checkpoint import load, save
+
+    mb = make_batch()
+    stopper, guard = EarlyStopping(mb, patience=2), NaNGuard(mb)
+    stopper.step(torch.tensor([0.5, 0.4, 0.3, 0.2]))
+    stopper.step(torch.tensor([0.6, 0.3, 0.3, 0.1]))
+    guard.step(torch.tensor([0.1, float("nan"), 0.1, 0.1]))
+    save(tmp_path / "c.safetensors", mb, states={"stopper": stopper, "guard": guard})
+    mb2 = make_batch(1)
+    stopper2, guard2 = EarlyStopping(mb2, patience=2), NaNGuard(mb2)
+    load(tmp_path / "c.safetensors", mb2, states={"stopper": stopper2, "guard": guard2})
+    for a, b in zip(stopper.state_dict().values(), stopper2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert guard2.events == [(1, [1])] and guard2.diverged.tolist() == [0, 1, 0, 0]
+    assert mb2.active.tolist() == [True, False, True, True]
+    with pytest.raises(
+        ValueError,
+        match=r"holds states\['guard'\] state \(NaNGuard\) but no states\['guard'\] was given",
+    ):
+        load(tmp_path / "c.safetensors", mb2, states={"stopper": stopper2})

@@ -191,6 +191,7 @@ def save(
     scheduler: Any = None,
     scaler: Any = None,
     loader: Any = None,
+    states: Mapping[str, Any] | None = None,
     step: int = 0,
     configs: Iterable[Any] | None = None,
     extra: Any = None,
@@ -206,6 +207,8 @@ def save(
         scheduler: any object with `state_dict()`.
         scaler: defaults to `model_batch.grad_scaler`.
         loader: a data loader with `state_dict()` (its position and seeds).
+        states: further objects with `state_dict()` by name, e.g.
+            `{"early_stopping": stopper}`.
         step: the step count, returned by `load`.
         configs: N per-model configs (JSON values), returned by `load`.
         extra: any JSON value, returned by `load`.
@@ -239,15 +242,14 @@ def save(
         "library_version": _library_version(),
         "torch_version": torch.__version__,
     }
-    components = dict(zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)))
-    for key, obj in components.items():
-        if obj is None:
-            meta[key] = None
-            continue
-        meta[key] = {
+    meta["components"] = {
+        key: {
             "class": type(obj).__qualname__,
-            "state": _encode(obj.state_dict(), key, tensors, f"{key}.state_dict()"),
+            "state": _encode(obj.state_dict(), key, tensors, f"{_label(key)}.state_dict()"),
         }
+        for key, obj in _components(optimizer, scheduler, scaler, loader, states).items()
+        if obj is not None
+    }
     meta["rng"] = _rng_state(tensors) if rng else None
     meta["checksums"] = {name: _crc(t) for name, t in tensors.items()}
     try:
@@ -259,6 +261,25 @@ def save(
         ) from e
     metadata = {_META_KEY: text, _META_CRC_KEY: str(zlib.crc32(text.encode()))}
     _atomic_write(path, tensors, metadata)
+
+
+def _components(
+    optimizer: Any, scheduler: Any, scaler: Any, loader: Any, states: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    found = dict(zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)))
+    for name, obj in (states or {}).items():
+        if not isinstance(name, str) or not hasattr(obj, "state_dict"):
+            raise TypeError(
+                f"checkpoint: states must map names to objects with state_dict(), got "
+                f"{name!r}: {type(obj).__name__}."
+            )
+        found[f"states/{name}"] = obj
+    return found
+
+
+def _label(key: str) -> str:
+    """How a component is named in messages: `optimizer`, or `states['name']`."""
+    return f"states[{key.removeprefix('states/')!r}]" if key.startswith("states/") else key
 
 
 def _library_version() -> str:
@@ -395,6 +416,7 @@ def load(
     scheduler: Any = None,
     scaler: Any = None,
     loader: Any = None,
+    states: Mapping[str, Any] | None = None,
     restore_rng: bool = True,
     strict: bool = True,
 ) -> Checkpoint:
@@ -407,6 +429,7 @@ def load(
         optimizer: defaults to `model_batch.optimizer`.
         scheduler, scaler, loader: receive their saved state (`scaler`
             defaults to `model_batch.grad_scaler`).
+        states: further objects with `load_state_dict()`, by the names given to `save`.
         restore_rng: restore the saved RNG states, so that training on is
             bitwise the same as never stopping.
         strict: refuse a checkpoint holding state for a component that was
@@ -425,28 +448,30 @@ def load(
     scaler = model_batch.grad_scaler if scaler is None else scaler
     meta, tensors = read_checkpoint(path)
     _check_model(path, meta, model_batch)
-    states: dict[str, Any] = {}
-    for key, obj in zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)):
-        entry = meta.get(key)
+    given = _components(optimizer, scheduler, scaler, loader, states)
+    saved = meta["components"]
+    restoring: dict[str, Any] = {}
+    for key in sorted(set(given) | set(saved), key=lambda k: (k.startswith("states/"), k)):
+        obj, entry, label = given.get(key), saved.get(key), _label(key)
         if obj is None:
             if entry is not None and strict:
                 raise _bad(
                     path,
-                    f"holds {key} state ({entry['class']}) but no {key} was given; pass "
-                    f"{key}=... to restore it, or strict=False to skip it.",
+                    f"holds {label} state ({entry['class']}) but no {label} was given; pass "
+                    f"it to restore it, or strict=False to skip it.",
                 )
             continue
         if entry is None:
-            raise _bad(path, f"holds no {key} state, but a {key} was given; pass {key}=None.")
+            raise _bad(path, f"holds no {label} state, but a {label} was given; leave it out.")
         if entry["class"] != type(obj).__qualname__:
             raise _bad(
                 path,
-                f"holds {key} state of a {entry['class']}, the given {key} is a "
-                f"{type(obj).__qualname__}; build the same {key} as the saved run.",
+                f"holds {label} state of a {entry['class']}, the given {label} is a "
+                f"{type(obj).__qualname__}; build the same {label} as the saved run.",
             )
-        states[key] = (obj, _decode(entry["state"], tensors))
-    if "optimizer" in states:
-        _check_optimizer(path, states["optimizer"][1], optimizer, model_batch.num_models)
+        restoring[key] = (obj, _decode(entry["state"], tensors))
+    if "optimizer" in restoring:
+        _check_optimizer(path, restoring["optimizer"][1], optimizer, model_batch.num_models)
     if restore_rng and meta.get("rng") is None:
         raise _bad(path, "holds no RNG states; pass restore_rng=False.")
 
@@ -454,7 +479,7 @@ def load(
     backup = {
         "model": {k: t.detach().clone() for k, t in own.items()},
         "active": model_batch.active.clone(),
-        **{k: copy.deepcopy(obj.state_dict()) for k, (obj, _) in states.items()},
+        **{k: copy.deepcopy(obj.state_dict()) for k, (obj, _) in restoring.items()},
     }
     rng_backup: dict[str, Tensor] = {}
     rng_meta = _rng_state(rng_backup) if restore_rng else None
@@ -463,7 +488,7 @@ def load(
             for name, t in own.items():
                 t.copy_(tensors[f"model/{name}"])
             model_batch.active.copy_(tensors["active"])
-        for obj, state in states.values():
+        for obj, state in restoring.values():
             obj.load_state_dict(state)
         if restore_rng:
             _set_rng_state(meta["rng"], tensors)
@@ -472,7 +497,7 @@ def load(
             for name, t in own.items():
                 t.copy_(backup["model"][name])
             model_batch.active.copy_(backup["active"])
-        for key, (obj, _) in states.items():
+        for key, (obj, _) in restoring.items():
             obj.load_state_dict(backup[key])
         if rng_meta is not None:
             _set_rng_state(rng_meta, rng_backup)
