@@ -189,6 +189,12 @@ def test_load_restores_numpy_and_python_rng(tmp_path):
 # ---------------------------------------------------------------------- atomic writes
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_failed_rename_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
     path = tmp_path / "c.safetensors"
     mb = make_batch(0)
@@ -205,6 +211,7 @@ def test_failed_rename_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path,
         save(path, mb)
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~current_umask()
     load(path, mb)
     assert_same(before, weights(mb))
 
@@ -368,6 +375,10 @@ def test_missing_and_mismatched_components_are_named(saved):
         ValueError, match="holds optimizer state of a Adam, the given optimizer is a SGD"
     ):
         load(saved, mb, optimizer=torch.optim.SGD(mb.parameters(), lr=0.1))
+    with pytest.raises(
+        ValueError, match=r"optimizer param groups of sizes \[6\], the optimizer \[2\]"
+    ):
+        load(saved, mb, optimizer=torch.optim.Adam(list(mb.parameters())[:2]))
     with pytest.raises(ValueError, match="holds no scheduler state"):
         sched = torch.optim.lr_scheduler.StepLR(torch.optim.Adam(mb.parameters()), 2)
         load(saved, mb, optimizer=torch.optim.Adam(mb.parameters()), scheduler=sched)

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import random
-import tempfile
+import secrets
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -119,7 +119,8 @@ def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
 
 
 def _crc(t: Tensor) -> int:
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # zlib reads the array's buffer directly: no copy of the tensor's bytes.
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _class_path(model_batch: ModelBatch) -> str:
@@ -160,10 +161,18 @@ def _set_rng_state(meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> No
 
 def _atomic_write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     st = _safetensors()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint.save: the directory {path.parent} does not exist; create it first."
+        )
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    # The mode a new file gets here (0o666 less the umask); the writer may create
+    # its file privately, and the checkpoint should have ordinary permissions.
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         st.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -380,6 +389,19 @@ def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -
             )
 
 
+def _shape_mismatch(saved: Any, live: Any, where: str) -> str | None:
+    """The first tensor whose shape differs between a saved and a live structure, described."""
+    if isinstance(saved, Tensor) and isinstance(live, Tensor):
+        if saved.shape != live.shape:
+            return f"{where} is {tuple(saved.shape)} in the checkpoint, {tuple(live.shape)} here"
+    elif isinstance(saved, Mapping) and isinstance(live, Mapping):
+        for k in saved.keys() & live.keys():
+            problem = _shape_mismatch(saved[k], live[k], f"{where}[{k!r}]")
+            if problem:
+                return problem
+    return None
+
+
 def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: int) -> None:
     groups = state.get("param_groups")
     if not isinstance(groups, list) or not isinstance(optimizer, torch.optim.Optimizer):
@@ -393,6 +415,11 @@ def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: in
             f"has optimizer param groups of sizes {[len(g['params']) for g in groups]}, the "
             f"optimizer {[len(o['params']) for o in own]}; build it over the same parameters.",
         )
+    for g, o in zip(groups, own):
+        for key, value in g.items():
+            problem = _shape_mismatch(value, o.get(key), f"param group entry {key!r}")
+            if key != "params" and problem:
+                raise _bad(path, f"does not match the optimizer: {problem}.")
     params = {i: p for g, o in zip(groups, own) for i, p in zip(g["params"], o["params"])}
     for pid, entries in state.get("state", {}).items():
         p = params.get(pid)

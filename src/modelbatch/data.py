@@ -272,13 +272,13 @@ class PerModelLoader:
                 f"got sampling={sampling!r}."
             )
         self._bags: Tensor | None = None
+        self.samples_per_epoch = self._samples_per_epoch()
         _check_batch_size("PerModelLoader", batch_size, self.samples_per_epoch)
         self.epoch, self.batch = 0, 0
 
     # ------------------------------------------------------------------ index plans
 
-    @property
-    def samples_per_epoch(self) -> int:
+    def _samples_per_epoch(self) -> int:
         """How many samples each model sees per epoch (the same for all models)."""
         if self.sample_folds is None:
             return self.num_samples
