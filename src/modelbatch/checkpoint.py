@@ -39,7 +39,15 @@ from torch import Tensor
 
 from ._batch import ModelBatch
 
-__all__ = ["Checkpoint", "export_best", "export_model", "load", "load_model_state", "save"]
+__all__ = [
+    "Checkpoint",
+    "export_best",
+    "export_model",
+    "load",
+    "load_model_state",
+    "read_checkpoint",
+    "save",
+]
 
 FORMAT = "modelbatch.checkpoint"
 FORMAT_VERSION = 1
@@ -454,8 +462,9 @@ def load(
         model_batch: receives the weights, buffers and active mask (same N,
             model class and tensor shapes as the checkpoint).
         optimizer: defaults to `model_batch.optimizer`.
-        scheduler, scaler, loader: receive their saved state (`scaler`
-            defaults to `model_batch.grad_scaler`).
+        scheduler: receives its saved state.
+        scaler: receives its saved state; defaults to `model_batch.grad_scaler`.
+        loader: receives its saved position and seeds.
         states: further objects with `load_state_dict()`, by the names given to `save`.
         restore_rng: restore the saved RNG states, so that training on is
             bitwise the same as never stopping.

@@ -150,7 +150,9 @@ class NaNGuard:
         init_fn: for `"reset"`: a function returning a new model of the batch's class.
         check_weights: also check the stacked parameters (one reduction per
             parameter tensor); otherwise only the losses are checked.
-        optimizer, scheduler, scaler: reset along with the weights.
+        optimizer: for `"reset"`: its state for the model is reset (`reset_models`).
+        scheduler: for `"reset"`: the model's schedule restarts.
+        scaler: for `"reset"`: the model's scale is reset.
 
     State: `events`, a list of `(call number, [model indices])`, one entry per
     call that found diverged models; `diverged` `[N]` counts each model's events.
