@@ -332,3 +332,21 @@ def test_callback_state_round_trips_through_a_checkpoint(tmp_path):
         match=r"holds states\['guard'\] state \(NaNGuard\) but no states\['guard'\] was given",
     ):
         load(tmp_path / "c.safetensors", mb2, states={"stopper": stopper2})
+
+
+def test_replace_model_sets_the_new_models_own_dropout_rate():
+    class Drop(nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.fc = nn.Linear(D, C)
+            self.drop = nn.Dropout(p)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.fc(x))
+
+    mb = ModelBatch([Drop(0.1 * i) for i in range(N)], per_model_dropout=True)
+    replace_model(mb, 2, Drop(0.55))
+    assert torch.allclose(mb.stacked_buffers()["drop.p"], torch.tensor([0.0, 0.1, 0.55, 0.3]))
+    same_p = ModelBatch([Drop(0.1) for _ in range(N)])
+    with pytest.raises(ValueError, match=r"replace_model: .* differs from model 0 in 'drop'"):
+        replace_model(same_p, 1, Drop(0.3))
