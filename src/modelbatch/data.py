@@ -221,6 +221,11 @@ class PerModelLoader:
         drop_last: drop the last, smaller batch of each epoch.
         device: move the data set there once (default: where it is).
 
+    Iteration yields the rest of the current epoch and then moves to the next
+    one, so `for epoch in range(E): for xb, yb in loader: ...` sees a new
+    order every epoch, and a loader restored from `state_dict()` continues
+    mid-epoch exactly where the saved one stopped.
+
     Warning:
         An epoch's orders are built at once as `[N, L]` int64 indices.
     """
