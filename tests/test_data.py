@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from modelbatch.data import PerModelLoader, SharedLoader, kfold_assignment, model_seeds
+from modelbatch.data import (
+    PerModelLoader,
+    PerModelSampler,
+    SharedLoader,
+    kfold_assignment,
+    model_seeds,
+)
 
 # Tiny tensors: intra-op threads only add contention on a shared machine.
 torch.set_num_threads(1)
@@ -146,6 +152,21 @@ def test_map_style_dataset_is_collated_once(data):
 
     loader = PerModelLoader(Pairs(), num_models=2, batch_size=8)
     assert torch.equal(loader.tensors[0], x) and torch.equal(loader.tensors[1], y)
+
+
+def test_sampler_drives_torch_dataloader_with_the_same_batches(data):
+    x, y = data
+    kwargs = {"num_models": 3, "batch_size": 8, "sampling": "kfold", "num_folds": 3, "seed": 4}
+    sampler = PerModelSampler(L, **kwargs)
+    loader = PerModelLoader(x, y, **kwargs)
+    batches = list(DataLoader(TensorDataset(x, y), batch_sampler=sampler))
+    expected = list(loader)
+    assert len(batches) == len(expected) == len(sampler)
+    for (xb, yb), (xe, ye) in zip(batches, expected):
+        assert torch.equal(xb.unflatten(0, (3, -1)), xe) and torch.equal(
+            yb.unflatten(0, (3, -1)), ye
+        )
+    assert sampler.epoch == loader.epoch == 1
 
 
 def test_set_seed_changes_only_that_models_samples(data):
