@@ -351,3 +351,17 @@ def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:
             scaler.update()
         counts.append((ops.count, ops_update.count))
     assert counts[0] == counts[1]
+
+
+def test_docs_page_snippets_run() -> None:
+    """The python blocks of docs/schedules-clipping-amp.md, run in order in one namespace."""
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).parent.parent / "docs" / "schedules-clipping-amp.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 6
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
+    assert namespace["scaler"].get_scale().shape == (4,)

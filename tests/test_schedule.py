@@ -366,3 +366,31 @@ def test_vectorized_step_launch_count_does_not_grow_with_n(kind: str) -> None:
             sched.step()
         counts.append(ops.count)
     assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("kind", ["step", "warmup_cosine", "any_torch_onecycle"])
+def test_every_param_group_follows_its_own_base_rates(kind: str) -> None:
+    ours_fn, theirs_fn = SCHEDULES[kind]
+    first, second = nn.Parameter(torch.randn(N, 3)), nn.Parameter(torch.randn(N, 2))
+    opt = make_sgd([first], LRS)
+    opt.add_param_group({"params": [second]})
+    group_lrs = [0.5 * lr + 0.01 for lr in LRS]
+    opt.param_groups[1]["hparams"]["lr"].copy_(torch.tensor(group_lrs))
+    sched = ours_fn(opt)
+    singles = []
+    for i in range(N):
+        groups = [
+            {"params": [nn.Parameter(torch.randn(3))], "lr": LRS[i]},
+            {"params": [nn.Parameter(torch.randn(2))], "lr": group_lrs[i]},
+        ]
+        single = torch.optim.SGD(groups, lr=LRS[i])
+        singles.append((single, theirs_fn(single, i)))
+    for step in range(1, 12):
+        for o, s in singles:
+            o.step()
+            s.step()
+        sched.step()
+        for g in range(2):
+            expected = [o.param_groups[g]["lr"] for o, _ in singles]
+            _assert_lr_close(opt.param_groups[g]["hparams"]["lr"], expected, step)
+    assert [t.shape for t in sched.get_last_lr()] == [(N,), (N,)]

@@ -26,8 +26,8 @@ __all__ = [
 ]
 
 # --- per-model LR schedules and gradient clipping (sched-amp) ---
-from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm  # noqa: E402
-from ._schedule import (  # noqa: E402
+from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
+from ._schedule import (
     BatchCosineAnnealingLR,
     BatchExponentialLR,
     BatchLRScheduler,
