@@ -128,7 +128,7 @@ def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
 
 def _crc(t: Tensor) -> int:
     # zlib reads the array's buffer directly: no copy of the tensor's bytes.
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _class_path(model_batch: ModelBatch) -> str:
