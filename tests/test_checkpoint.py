@@ -553,3 +553,11 @@ def test_the_batchs_own_optimizer_and_scaler_are_saved_and_restored_by_default(t
     assert torch.equal(mb2.optimizer.param_groups[0]["step"], mb.optimizer.param_groups[0]["step"])
     assert torch.equal(mb2.grad_scaler.get_scale(), mb.grad_scaler.get_scale())
     assert_same(weights(mb), weights(mb2))
+
+
+def test_readers_name_themselves_in_errors(saved):
+    not_ours(saved)
+    with pytest.raises(ValueError, match=r"^checkpoint\.read_checkpoint: .* not a modelbatch"):
+        read_checkpoint(saved)
+    with pytest.raises(ValueError, match=r"^checkpoint\.load_model_state: .* not a modelbatch"):
+        load_model_state(saved, 0)

@@ -93,8 +93,12 @@ def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor], where: str) -> An
         tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": name}
     if isinstance(obj, Mapping):
-        return {"__dict__": [[_encode(k, prefix, tensors, where), _encode(v, prefix, tensors,
-                f"{where}[{k!r}]")] for k, v in obj.items()]}  # fmt: skip
+        # Pairs, not a JSON object: optimizer states are keyed by int, which JSON cannot keep.
+        items = [
+            [_encode(k, prefix, tensors, where), _encode(v, prefix, tensors, f"{where}[{k!r}]")]
+            for k, v in obj.items()
+        ]
+        return {"__dict__": items}
     if isinstance(obj, tuple):
         return {"__tuple__": [_encode(v, prefix, tensors, where) for v in obj]}
     if isinstance(obj, list):
@@ -308,34 +312,57 @@ def _library_version() -> str:
 # ---------------------------------------------------------------------- load
 
 
-def _bad(path: Path, problem: str) -> ValueError:
-    return ValueError(f"checkpoint.load: {path} {problem}")
+def _bad(path: Path, problem: str, owner: str = "checkpoint.load") -> ValueError:
+    return ValueError(f"{owner}: {path} {problem}")
 
 
-def _read_meta(path: Path, handle: Any) -> dict[str, Any]:
+def _read_meta(path: Path, handle: Any, owner: str) -> dict[str, Any]:
     raw = handle.metadata() or {}
     if _META_KEY not in raw:
-        raise _bad(path, "is a safetensors file but not a modelbatch checkpoint (no metadata).")
+        raise _bad(
+            path, "is a safetensors file but not a modelbatch checkpoint (no metadata).", owner
+        )
     text = raw[_META_KEY]
     if str(zlib.crc32(text.encode())) != raw.get(_META_CRC_KEY):
-        raise _bad(path, "is corrupted: its metadata fails the checksum.")
+        raise _bad(path, "is corrupted: its metadata fails the checksum.", owner)
     meta = json.loads(text)
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise _bad(
             path,
             f"has format {meta.get('format')!r} version {meta.get('format_version')}; this "
             f"modelbatch reads {FORMAT!r} up to version {FORMAT_VERSION}.",
+            owner,
         )
     return meta
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path, owner: str) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint.load: no checkpoint file at {path}.")
+        raise FileNotFoundError(f"{owner}: no checkpoint file at {path}.")
     try:
         return _safetensors().safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:
-        raise _bad(path, f"is not a readable checkpoint (truncated or corrupted): {e}") from e
+        problem = f"is not a readable checkpoint (truncated or corrupted): {e}"
+        raise _bad(path, problem, owner) from e
+
+
+def _read_all(path: Path, owner: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    with _open(path, owner) as handle:
+        meta = _read_meta(path, handle, owner)
+        missing = sorted(set(meta["checksums"]) - set(handle.keys()))
+        if missing:
+            raise _bad(path, f"is incomplete: tensors {missing} are missing.", owner)
+        tensors = {}
+        for name in meta["checksums"]:
+            try:
+                tensors[name] = handle.get_tensor(name)
+            except Exception as e:
+                problem = f"is truncated or corrupted: cannot read {name!r} ({e})."
+                raise _bad(path, problem, owner) from e
+    for name, t in tensors.items():
+        if _crc(t) != meta["checksums"][name]:
+            raise _bad(path, f"is corrupted: tensor {name!r} fails its checksum.", owner)
+    return meta, tensors
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -345,23 +372,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         ValueError: the file is truncated, corrupted (a checksum fails), or
             a tensor is missing; the message names the problem.
     """
-    path = Path(path)
-    with _open(path) as handle:
-        meta = _read_meta(path, handle)
-        names = set(handle.keys())
-        missing = sorted(set(meta["checksums"]) - names)
-        if missing:
-            raise _bad(path, f"is incomplete: tensors {missing} are missing.")
-        tensors = {}
-        for name in meta["checksums"]:
-            try:
-                tensors[name] = handle.get_tensor(name)
-            except Exception as e:
-                raise _bad(path, f"is truncated or corrupted: cannot read {name!r} ({e}).") from e
-    for name, t in tensors.items():
-        if _crc(t) != meta["checksums"][name]:
-            raise _bad(path, f"is corrupted: tensor {name!r} fails its checksum.")
-    return meta, tensors
+    return _read_all(Path(path), "checkpoint.read_checkpoint")
 
 
 def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -> None:
@@ -482,7 +493,7 @@ def load(
     path = Path(path)
     optimizer = model_batch.optimizer if optimizer is None else optimizer
     scaler = model_batch.grad_scaler if scaler is None else scaler
-    meta, tensors = read_checkpoint(path)
+    meta, tensors = _read_all(path, "checkpoint.load")
     _check_model(path, meta, model_batch)
     given = _components(optimizer, scheduler, scaler, loader, states)
     saved = meta["components"]
@@ -552,17 +563,16 @@ def load_model_state(path: str | os.PathLike[str], index: int) -> dict[str, Tens
     The per-tensor checksums cover whole tensors and are not verified here.
     """
     path = Path(path)
-    with _open(path) as handle:
-        meta = _read_meta(path, handle)
+    owner = "checkpoint.load_model_state"
+    with _open(path, owner) as handle:
+        meta = _read_meta(path, handle, owner)
         n = meta["num_models"]
         if not -n <= index < n:
-            raise IndexError(
-                f"checkpoint.load_model_state: index {index} out of range for N={n} models."
-            )
+            raise IndexError(f"{owner}: index {index} out of range for N={n} models.")
         try:
             return {k: handle.get_slice(f"model/{k}")[index % n] for k in meta["export_keys"]}
         except Exception as e:
-            raise _bad(path, f"is truncated or corrupted: {e}") from e
+            raise _bad(path, f"is truncated or corrupted: {e}", owner) from e
 
 
 def export_model(
