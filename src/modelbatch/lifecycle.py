@@ -35,9 +35,6 @@ __all__ = ["EarlyStopping", "NaNGuard", "replace_model"]
 
 logger = logging.getLogger("modelbatch")
 
-# torch.amp.GradScaler's default initial scale, for scalers without reset_models.
-_DEFAULT_INIT_SCALE = 2.0**16
-
 
 def _per_model(owner: str, values: Any, model_batch: ModelBatch) -> Tensor:
     n = model_batch.num_models
@@ -355,7 +352,7 @@ def replace_model(
     i = index % n
     optimizer = model_batch.optimizer if optimizer is None else optimizer
     scaler = model_batch.grad_scaler if scaler is None else scaler
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
+    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and not hasattr(obj, "reset_models"):
             raise TypeError(
                 f"replace_model: the {name} ({type(obj).__name__}) cannot reset one model "
@@ -389,11 +386,7 @@ def replace_model(
             if t.grad is not None:
                 t.grad[i].zero_()
     if scaler is not None:
-        if hasattr(scaler, "reset_models"):
-            scaler.reset_models([i])
-        else:
-            scaler._scale[i] = _DEFAULT_INIT_SCALE
-            scaler._growth_tracker[i] = 0
+        scaler.reset_models([i])
     if loader is not None and seed is not None:
         loader.set_seed(i, seed)
     for callback in callbacks:
