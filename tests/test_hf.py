@@ -18,10 +18,10 @@ from torch import nn
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import TrainingArguments  # noqa: E402
+from transformers import TrainingArguments
 
-from modelbatch import ModelBatch  # noqa: E402
-from modelbatch.integrations.huggingface import (  # noqa: E402
+from modelbatch import ModelBatch
+from modelbatch.integrations.huggingface import (
     BatchTrainer,
     export_model,
     load_model_state,
@@ -469,7 +469,7 @@ def test_tiny_bert_sequence_classification(tmp_path):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(
-        TypeError, match="BatchTrainer: expected model to be a modelbatch.ModelBatch"
+        TypeError, match=r"BatchTrainer: expected model to be a modelbatch\.ModelBatch"
     ):
         BatchTrainer(MLP(), make_args(tmp_path))
     mb = ModelBatch(make_models())
