@@ -391,6 +391,32 @@ def test_overflow_in_one_model_skips_only_that_model(tmp_path):
     assert max_rel_diff(clean.model_batch, ref) <= 1e-5
 
 
+def test_resume_restores_the_per_model_scaler(tmp_path):
+    amp = pytest.importorskip("modelbatch.amp")
+    k = 1
+
+    def trainer_for(out, seed):
+        models = make_models(seed=seed)
+        with torch.no_grad():
+            # Non-finite at every scale: model k skips every step, in both runs alike.
+            models[k].net[2].weight.fill_(float("inf"))
+        mb = ModelBatch(models)
+        # growth_interval=2: the others' scales grow while model k's backs off, so the
+        # scaler state differs per model by the checkpoint.
+        scaler = amp.BatchGradScaler(mb, init_scale=2.0**10, growth_interval=2)
+        args = make_args(out, max_steps=6, save_strategy="steps", save_steps=3)
+        return BatchTrainer(mb, args, configs=CONFIGS, grad_scaler=scaler, train_dataset=Blobs())
+
+    full = trainer_for(tmp_path / "full", seed=9)
+    full.train()
+    resumed = trainer_for(tmp_path / "resumed", seed=9)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert torch.equal(full.grad_scaler.get_scale(), resumed.grad_scaler.get_scale())
+    assert float(full.grad_scaler.get_scale()[k]) < 2.0**10 < float(full.grad_scaler.get_scale()[0])
+    for name, p in full.model_batch.stacked_params().items():
+        assert torch.equal(p, resumed.model_batch.stacked_params()[name]), name
+
+
 # ---------------------------------------------------------------------- PreTrainedModel
 
 
