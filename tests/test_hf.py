@@ -391,6 +391,41 @@ def test_overflow_in_one_model_skips_only_that_model(tmp_path):
     assert max_rel_diff(clean.model_batch, ref) <= 1e-5
 
 
+def test_fp16_global_scaler_is_replaced_by_the_per_model_one(tmp_path, monkeypatch):
+    amp = pytest.importorskip("modelbatch.amp")
+    from transformers import Trainer
+
+    # accelerate makes a torch GradScaler for fp16 on GPUs only; give the CPU run one,
+    # configured as args.fp16 would, and check BatchTrainer swaps it for the per-model one.
+    original = Trainer.create_accelerator_and_postprocess
+
+    def with_torch_scaler(self):
+        original(self)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=7)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_torch_scaler)
+    k = 3
+    models = make_models(seed=10)
+    with torch.no_grad():
+        models[k].net[2].weight.fill_(float("inf"))
+    mb = ModelBatch(models)
+    start = mb.get_model_states()
+    trainer = BatchTrainer(
+        mb, make_args(tmp_path, max_steps=3), configs=CONFIGS, train_dataset=Blobs()
+    )
+    assert isinstance(trainer.grad_scaler, amp.BatchGradScaler)
+    assert mb.grad_scaler is trainer.grad_scaler
+    assert trainer.grad_scaler.get_scale().tolist() == [2.0**12] * N
+    trainer.train()
+    scale = trainer.grad_scaler.get_scale()
+    assert float(scale[k]) == 2.0**9  # backed off at each of the 3 steps
+    assert all(float(scale[i]) == 2.0**12 for i in range(N) if i != k)
+    after = mb.get_model_states()
+    for i in range(N):
+        same = all(torch.equal(after[i][n], start[i][n]) for n in start[i])
+        assert same == (i == k), i
+
+
 def test_resume_restores_the_per_model_scaler(tmp_path):
     amp = pytest.importorskip("modelbatch.amp")
     k = 1

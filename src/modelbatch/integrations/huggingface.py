@@ -94,6 +94,8 @@ class _AcceleratorScaler:
         self.scaler.unscale_(_unwrap_optimizer(optimizer))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "scaler":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.scaler, name)
 
 
