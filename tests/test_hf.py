@@ -343,7 +343,7 @@ def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
     for i in range(N):
         logits = export_model(trainer, i)(data.x)
         assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
-        losses.append(float(F.cross_entropy(logits, data.y)))
+        losses.append(float(F.cross_entropy(logits, data.y).detach()))
     best = min(range(N), key=lambda i: losses[i])
     assert out.metrics["test_best_model"] == best
     assert math.isclose(out.metrics["test_loss_best"], losses[best], rel_tol=1e-5)
@@ -536,6 +536,12 @@ def test_clear_errors(tmp_path):
     mb = ModelBatch(make_models())
     with pytest.raises(ValueError, match="BatchTrainer: configs has 2 entries"):
         BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS[:2])
+    with pytest.raises(ValueError, match=r"BatchTrainer: args\.optim='sgd' is not used"):
+        BatchTrainer(mb, make_args(tmp_path, optim="sgd"), configs=CONFIGS)
+    with pytest.raises(ValueError, match=r"BatchTrainer: label_smoothing_factor=0\.1"):
+        BatchTrainer(mb, make_args(tmp_path, label_smoothing_factor=0.1), configs=CONFIGS)
+    with pytest.raises(ValueError, match="BatchTrainer: compute_loss_func is not used"):
+        BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, compute_loss_func=F.cross_entropy)
     trainer = BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, label_key="target")
     with pytest.raises(ValueError, match="BatchTrainer: the batch has no 'target' entry"):
         trainer.compute_loss(mb, {"x": torch.randn(2, 8), "labels": torch.zeros(2).long()})

@@ -196,6 +196,18 @@ class BatchTrainer(Trainer):
                 f"BatchTrainer: configs has {len(configs)} entries, expected one per model "
                 f"(N={model.num_models})."
             )
+        # Checked before Trainer.__init__, which already acts on them.
+        if args is not None and getattr(args, "label_smoothing_factor", 0.0):
+            raise ValueError(
+                f"BatchTrainer: label_smoothing_factor={args.label_smoothing_factor} is not "
+                "applied; give the ModelBatch a loss_fn with label smoothing instead, e.g. "
+                "functools.partial(F.cross_entropy, label_smoothing=0.1)."
+            )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "BatchTrainer: compute_loss_func is not used; the loss is the ModelBatch's "
+                "loss_fn applied per model. Pass your loss as ModelBatch(models, loss_fn=...)."
+            )
         # Set before Trainer.__init__, which calls create_accelerator_and_postprocess.
         self.model_batch = model
         self.optimizer_cls = optimizer_cls
@@ -211,6 +223,7 @@ class BatchTrainer(Trainer):
         self._table: tuple[str, list[dict[str, Any]]] | None = None
         self._pending_eval: tuple[str, list[dict[str, Any]]] | None = None
         super().__init__(model=model, args=args, **kwargs)
+        self._refuse_unsupported_args()
         # ModelBatch.forward takes **kwargs, which Trainer reads as "the model normalizes
         # the loss over the accumulated batch itself" and then skips its division by the
         # accumulation steps. Our loss is a per-batch mean per model: Trainer must divide.
@@ -222,6 +235,28 @@ class BatchTrainer(Trainer):
             self.add_callback(PerModelCSVCallback(self, per_model_csv))
 
     # ------------------------------------------------------------------ setup
+
+    def _refuse_unsupported_args(self) -> None:
+        # Settings the stock loop would apply and this one would not: refuse them
+        # rather than train silently without them.
+        args = self.args
+        optim = str(getattr(args.optim, "value", args.optim))
+        if optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"BatchTrainer: args.optim={optim!r} is not used; the optimizer is "
+                "optimizer_cls with per-model configs. Pass e.g. optimizer_cls=torch.optim.SGD."
+            )
+        if (
+            args.n_gpu > 1
+            or args.world_size > 1
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            raise ValueError(
+                f"BatchTrainer: expected one process on one device, got n_gpu={args.n_gpu}, "
+                f"world_size={args.world_size}; run on a single device (e.g. "
+                "CUDA_VISIBLE_DEVICES=0), without DeepSpeed or FSDP."
+            )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
