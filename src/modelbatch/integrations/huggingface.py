@@ -197,9 +197,10 @@ class BatchTrainer(Trainer):
                 f"(N={model.num_models})."
             )
         # Checked before Trainer.__init__, which already acts on them.
-        if args is not None and getattr(args, "label_smoothing_factor", 0.0):
+        smoothing = 0.0 if args is None else float(args.label_smoothing_factor)
+        if smoothing:
             raise ValueError(
-                f"BatchTrainer: label_smoothing_factor={args.label_smoothing_factor} is not "
+                f"BatchTrainer: label_smoothing_factor={smoothing} is not "
                 "applied; give the ModelBatch a loss_fn with label smoothing instead, e.g. "
                 "functools.partial(F.cross_entropy, label_smoothing=0.1)."
             )
