@@ -365,3 +365,25 @@ def test_docs_page_snippets_run() -> None:
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)
     assert namespace["scaler"].get_scale().shape == (4,)
+
+
+def test_reset_models_restores_only_their_scale() -> None:
+    mb = ModelBatch(_models())
+    opt = make_sgd(mb, LRS)
+    scaler = BatchGradScaler(mb, init_scale=torch.tensor(INIT_SCALES), growth_interval=1)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
+        if step == 2:
+            next(iter(mb.parameters())).grad[3, 0, 0] = float("nan")
+        scaler.step(opt)
+        scaler.update()
+    before = scaler.get_scale()
+    assert not torch.equal(before, torch.tensor(INIT_SCALES))
+    scaler.reset_models([1, 3])
+    after = scaler.get_scale()
+    assert after[[1, 3]].tolist() == [INIT_SCALES[1], INIT_SCALES[3]]
+    assert torch.equal(after[[0, 2]], before[[0, 2]])
+    assert scaler.get_growth_tracker()[[1, 3]].tolist() == [0, 0]
+    scaler.reset_models(torch.tensor([False, False, True, False]), init_scale=8.0)
+    assert scaler.get_scale()[2].item() == 8.0

@@ -394,3 +394,12 @@ def test_every_param_group_follows_its_own_base_rates(kind: str) -> None:
             expected = [o.param_groups[g]["lr"] for o, _ in singles]
             _assert_lr_close(opt.param_groups[g]["hparams"]["lr"], expected, step)
     assert [t.shape for t in sched.get_last_lr()] == [(N,), (N,)]
+
+
+def test_is_a_torch_lr_scheduler_with_per_model_base_rates() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchCosineAnnealingLR(opt, T_max=10)
+    assert isinstance(sched, tls.LRScheduler)
+    assert torch.equal(sched.base_lrs[0], torch.tensor(LRS, dtype=torch.float64))
+    generic = BatchLRScheduler(opt, tls.ExponentialLR, gamma=0.5)
+    assert isinstance(generic, tls.LRScheduler)

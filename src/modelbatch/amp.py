@@ -134,6 +134,7 @@ class BatchGradScaler:
                 f"{tuple(scale.shape)}."
             )
         self._scale = scale.expand(n).clone()
+        self._init_scale = self._scale.clone()
         self._growth_tracker = torch.zeros(n, dtype=torch.int32, device=device)
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         self._attached = False
@@ -368,6 +369,35 @@ class BatchGradScaler:
         scale.copy_(new)
 
     # ------------------------------------------------------------------ state
+
+    def reset_models(self, indices: Any, init_scale: float | Tensor | None = None) -> None:
+        """Give these models a fresh scale and growth tracker (a model replaced in place).
+
+        Args:
+            indices: model indices (int, sequence, `[K]` tensor or `[N]` bool mask).
+            init_scale: their new scale (a float or `[K]`); by default the
+                `init_scale` this scaler was created with.
+        """
+        n = self.num_models
+        idx = torch.as_tensor(indices, device=self._scale.device).reshape(-1)
+        if idx.dtype == torch.bool:
+            if idx.numel() != n:
+                raise ValueError(
+                    f"BatchGradScaler.reset_models: a boolean mask must have N={n} entries, "
+                    f"got {idx.numel()}."
+                )
+            idx = idx.nonzero().reshape(-1)
+        elif idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(
+                f"BatchGradScaler.reset_models: model indices must be in [0, {n}), got "
+                f"{idx.tolist()}."
+            )
+        value = self._init_scale if init_scale is None else init_scale
+        scale = torch.as_tensor(value, dtype=torch.float32, device=self._scale.device)
+        if scale.dim() == 1 and scale.shape[0] == n and init_scale is None:
+            scale = scale[idx]
+        self._scale[idx] = scale
+        self._growth_tracker[idx] = 0
 
     def get_scale(self) -> Tensor:
         """The current per-model scales: `[N]` (ones when disabled). No host synchronization."""
