@@ -379,9 +379,11 @@ def test_overflow_in_one_model_skips_only_that_model(tmp_path):
             mb,
             make_args(out, max_steps=5),
             configs=CONFIGS,
-            grad_scaler=scaler,
+            # Passed, or picked up from the batch it is attached to: both paths.
+            grad_scaler=scaler if blow_up else None,
             train_dataset=Blobs(),
         )
+        assert trainer.grad_scaler is scaler
         trainer.train()
         return trainer, start, scaler
 
