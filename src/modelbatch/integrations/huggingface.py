@@ -249,11 +249,8 @@ class BatchTrainer(Trainer):
         # rather than train silently without them.
         args = self.args
         optim = str(getattr(args.optim, "value", args.optim))
-        if optim not in (
-            "adamw_torch",
-            "adamw_torch_fused",
-            "adamw_hf",
-        ):  # defaults across versions
+        # The defaults of the supported transformers versions: the user chose nothing.
+        if optim not in ("adamw_torch", "adamw_torch_fused", "adamw_hf"):
             raise ValueError(
                 f"BatchTrainer: args.optim={optim!r} is not used; the optimizer is "
                 "optimizer_cls with per-model configs. Pass e.g. optimizer_cls=torch.optim.SGD."
