@@ -555,3 +555,13 @@ def test_clear_errors(tmp_path):
     trainer = BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, label_key="target")
     with pytest.raises(ValueError, match="BatchTrainer: the batch has no 'target' entry"):
         trainer.compute_loss(mb, {"x": torch.randn(2, 8), "labels": torch.zeros(2).long()})
+
+
+def test_dataset_columns_follow_the_users_forward(tmp_path):
+    # Trainer prunes `datasets` columns by the model's forward signature; it must be
+    # MLP.forward(x), not ModelBatch.forward(*args, **kwargs).
+    trainer = BatchTrainer(ModelBatch(make_models()), make_args(tmp_path), configs=CONFIGS)
+    trainer._set_signature_columns_if_needed()
+    assert "x" in trainer._signature_columns
+    assert "labels" in trainer._signature_columns
+    assert "kwargs" not in trainer._signature_columns
