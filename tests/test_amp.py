@@ -353,15 +353,96 @@ def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:
     assert counts[0] == counts[1]
 
 
-def test_docs_page_snippets_run() -> None:
-    """The python blocks of docs/schedules-clipping-amp.md, run in order in one namespace."""
-    import pathlib
-    import re
+def test_reset_models_restores_only_their_scale() -> None:
+    mb = ModelBatch(_models())
+    opt = make_sgd(mb, LRS)
+    scaler = BatchGradScaler(mb, init_scale=torch.tensor(INIT_SCALES), growth_interval=1)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
+        if step == 2:
+            next(iter(mb.parameters())).grad[3, 0, 0] = float("nan")
+        scaler.step(opt)
+        scaler.update()
+    before = scaler.get_scale()
+    assert not torch.equal(before, torch.tensor(INIT_SCALES))
+    scaler.reset_models([1, 3])
+    after = scaler.get_scale()
+    assert after[[1, 3]].tolist() == [INIT_SCALES[1], INIT_SCALES[3]]
+    assert torch.equal(after[[0, 2]], before[[0, 2]])
+    assert scaler.get_growth_tracker()[[1, 3]].tolist() == [0, 0]
+    scaler.reset_models(torch.tensor([False, False, True, False]), init_scale=8.0)
+    assert scaler.get_scale()[2].item() == 8.0
 
-    page = pathlib.Path(__file__).parent.parent / "docs" / "schedules-clipping-amp.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 6
-    namespace: dict[str, Any] = {}
-    for block in blocks:
-        exec(compile(block, str(page), "exec"), namespace)
-    assert namespace["scaler"].get_scale().shape == (4,)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_found_inf_flags_exactly_the_models_with_a_non_finite_gradient(dtype) -> None:
+    n = 64
+    mb = ModelBatch(_models(n)).to(dtype)
+    opt = make_sgd(mb, [0.1] * n)
+    scaler = BatchGradScaler(mb)
+    scaler.scale(
+        mb.compute_loss(mb(torch.randn(8, 6, dtype=dtype)), torch.randint(0, 3, (8,)))
+    ).backward()
+    gen = torch.Generator().manual_seed(5)
+    bad = torch.rand(n, generator=gen) < 0.5
+    values = [float("nan"), float("inf"), float("-inf")]
+    for i in bad.nonzero().reshape(-1).tolist():
+        grads = [p.grad for p in mb.parameters()]
+        g = grads[int(torch.randint(0, len(grads), (), generator=gen))][i].reshape(-1)
+        g[int(torch.randint(0, g.numel(), (), generator=gen))] = values[i % 3]
+    scaler.unscale_(opt)
+    assert torch.equal(scaler.found_inf(opt) > 0, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unscale_clip_update_do_not_synchronize_with_the_host() -> None:
+    mb = ModelBatch(_models()).to("cuda")
+    opt = make_sgd(mb, LRS)
+    scaler = BatchGradScaler(mb)
+    max_norm = torch.rand(N, device="cuda") + 0.1
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = mb.compute_loss(
+            mb(torch.randn(8, 6, device="cuda")), torch.randint(0, 3, (8,)).cuda()
+        )
+    scaler.scale(loss).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scaler.unscale_(opt)
+        norms = clip_grad_norm_(mb, max_norm)
+        scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert norms.shape == (N,)
+
+
+def test_model_batch_step_runs_the_scaler_recipe() -> None:
+    """mb.step() with a scaler attached equals scaler.step(opt) + scaler.update()."""
+    from modelbatch import ModelBatch
+    from modelbatch.amp import BatchGradScaler
+
+    def run(use_mb_step: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        torch.manual_seed(0)
+        models = [torch.nn.Linear(6, 3) for _ in range(4)]
+        mb = ModelBatch(models, lr_list=[0.1, 0.05, 0.02, 0.01], optimizer_cls=torch.optim.SGD)
+        scaler = BatchGradScaler(mb, init_scale=2.0**8, growth_interval=2)
+        for step in range(5):
+            x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+            mb.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            if step == 2:
+                mb.stacked_params()["weight"].grad[1, 0, 0] = float("inf")
+            if use_mb_step:
+                mb.step()
+            else:
+                scaler.step(mb.optimizer)
+                scaler.update()
+        return [p.detach().clone() for p in mb.parameters()], scaler.get_scale()
+
+    params_a, scale_a = run(True)
+    params_b, scale_b = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert torch.equal(scale_a, scale_b)
+    assert scale_a[1] < scale_a[0]  # model 1 overflowed once and backed off
