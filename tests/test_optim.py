@@ -536,3 +536,32 @@ def test_tensor_lr_factor_works_like_a_float():
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_compiled_update_matches_eager_and_keeps_held_models_exact():
+    configs = [
+        {"lr": 1e-2 * (i + 1), "amsgrad": i % 2 == 0, "weight_decay": 0.1 * i} for i in range(N)
+    ]
+    batches, k = make_batches(N, 6), 2
+    runs = []
+    for compile in (False, True):
+        mb = ModelBatch(make_models(N))
+        opt = OptimizerFactory(Adam, compile=compile).create_optimizer(mb, configs)
+        assert opt.compiled is compile
+        for t, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+            if t == 3:
+                mb.retire(k)
+                held = snapshot(mb, opt)
+            if t >= 3:
+                for p in mb.parameters():
+                    p.grad[k] = float("nan")
+            opt.step()
+        after = snapshot(mb, opt)
+        for key in held:
+            assert torch.equal(after[key][k], held[key][k]), key
+        runs.append(mb)
+    assert max_rel_diff(runs[1], [runs[0].model(i) for i in range(N)]) <= TOL
+    with pytest.raises(ValueError, match="compile=True needs a vectorized optimizer"):
+        OptimizerFactory(torch.optim.NAdam, compile=True)

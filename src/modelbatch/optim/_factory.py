@@ -67,6 +67,8 @@ class OptimizerFactory:
         optimizer_cls: a `torch.optim` class (or a `modelbatch.optim.Batch*` class).
         base_config: hyperparameters shared by all models; each model's
             config is merged over it.
+        compile: build the vectorized optimizer with `compile=True` (each
+            parameter's update as one `torch.compile`d kernel).
 
     Example:
         >>> factory = OptimizerFactory(torch.optim.Adam, {"weight_decay": 1e-4})
@@ -79,6 +81,8 @@ class OptimizerFactory:
         self,
         optimizer_cls: type[torch.optim.Optimizer],
         base_config: Mapping[str, Any] | None = None,
+        *,
+        compile: bool = False,
     ) -> None:
         if not (
             isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)
@@ -104,8 +108,16 @@ class OptimizerFactory:
                 f"(separable over the stacked model axis). Use one of {supported} (per-model "
                 f"hyperparameters) or {_names(ELEMENTWISE)} (shared hyperparameters)."
             )
+        if compile and not (
+            issubclass(optimizer_cls, BatchOptimizer) or optimizer_cls in VECTORIZED
+        ):
+            raise ValueError(
+                f"OptimizerFactory: compile=True needs a vectorized optimizer ({supported}); "
+                f"torch.optim.{name} runs as torch's own class. Drop compile=True."
+            )
         self.optimizer_cls = optimizer_cls
         self.base_config = dict(base_config or {})
+        self.compile = compile
 
     def create_optimizer(
         self, model_batch: Any, configs: Sequence[Mapping[str, Any]] | None = None
@@ -134,7 +146,11 @@ class OptimizerFactory:
         if batch_cls is not None:
             try:
                 return batch_cls(
-                    params, configs, model_batch=model_batch, base_config=self.base_config
+                    params,
+                    configs,
+                    model_batch=model_batch,
+                    base_config=self.base_config,
+                    compile=self.compile,
                 )
             except (ValueError, TypeError) as error:
                 # Re-raise at the public entry, under the name the user called.

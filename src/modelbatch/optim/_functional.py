@@ -115,8 +115,8 @@ def adam_update(
     grad: Tensor,
     state: Mapping[str, Tensor],
     c: Coefficients,
-    decoupled: bool,
     scratch: Sequence[Tensor],
+    decoupled: bool = False,
 ) -> None:
     """One Adam/AdamW step of a stacked parameter `[N, *shape]`.
 
