@@ -10,7 +10,9 @@ Each optimizer is two functions:
   `[N, *shape]` and its state in place with a fixed number of ops, every
   coefficient broadcast as `[N, 1, ...]`. `scratch` holds one or two tensors
   shaped like the parameter that the update may overwrite: kept between steps,
-  they spare a fresh allocation (and, on CPU, its page faults) per step.
+  they spare a fresh allocation (and, on CPU, its page faults) per step. None
+  entries make the update allocate its temporaries (under `torch.compile`,
+  where they vanish into one kernel).
 
 Models outside the mask are left bitwise unchanged: their gradient is replaced
 by 0 (so NaN or inf cannot leak into their state) and their coefficients make
@@ -73,12 +75,12 @@ def _denominator(mask: Tensor, scale: Tensor, eps: Tensor, rate: Tensor) -> Coef
     return {"A": a, "B": b}
 
 
-def _masked_grad(grad: Tensor, param: Tensor, c: Coefficients, out: Tensor) -> Tensor:
+def _masked_grad(grad: Tensor, param: Tensor, c: Coefficients, out: Tensor | None) -> Tensor:
     """`sign * (sign * g + wd * p)` for updating models, exactly 0 for the others, into `out`."""
     nd = param.dim()
-    torch.addcmul(grad, param, per_model(c["wd"], nd), out=out)
+    u = torch.addcmul(grad, param, per_model(c["wd"], nd), out=out)
     # After the decay term, so that not even an inf weight of a held model reaches its state.
-    return torch.where(per_model(c["mask"], nd), out, per_model(c["zero"], nd), out=out)
+    return torch.where(per_model(c["mask"], nd), u, per_model(c["zero"], nd), out=u)
 
 
 # ---------------------------------------------------------------------- Adam / AdamW
@@ -115,7 +117,7 @@ def adam_update(
     grad: Tensor,
     state: Mapping[str, Tensor],
     c: Coefficients,
-    scratch: Sequence[Tensor],
+    scratch: Sequence[Tensor | None],
     decoupled: bool = False,
 ) -> None:
     """One Adam/AdamW step of a stacked parameter `[N, *shape]`.
@@ -179,7 +181,7 @@ def sgd_update(
     grad: Tensor,
     state: Mapping[str, Tensor],
     c: Coefficients,
-    scratch: Sequence[Tensor],
+    scratch: Sequence[Tensor | None],
 ) -> None:
     """One SGD step of a stacked parameter; state `momentum_buffer` `[N, *shape]` if any model uses momentum."""
     nd = param.dim()
@@ -227,7 +229,7 @@ def rmsprop_update(
     grad: Tensor,
     state: Mapping[str, Tensor],
     c: Coefficients,
-    scratch: Sequence[Tensor],
+    scratch: Sequence[Tensor | None],
 ) -> None:
     """One RMSprop step of a stacked parameter.
 
@@ -278,7 +280,7 @@ def adagrad_update(
     grad: Tensor,
     state: Mapping[str, Tensor],
     c: Coefficients,
-    scratch: Sequence[Tensor],
+    scratch: Sequence[Tensor | None],
 ) -> None:
     """One Adagrad step of a stacked parameter; state `sum` `[N, *shape]`."""
     nd = param.dim()

@@ -359,11 +359,18 @@ class BatchOptimizer(torch.optim.Optimizer):
                 c = by_dtype.get(p.dtype)
                 if c is None:
                     c = by_dtype[p.dtype] = _cast(coefficients, p.dtype)
-                scratch = self._scratch.get(p)
-                if scratch is None or scratch[0].device != p.device:
-                    scratch = [torch.empty_like(p) for _ in range(self.scratch_count)]
-                    self._scratch[p] = scratch
-                update(p, p.grad, state, c, scratch)
+                if self.compiled:
+                    # Inside one compiled kernel temporaries cost nothing; a scratch
+                    # buffer would be an output the kernel must write.
+                    scratch: list[Tensor | None] = [None] * self.scratch_count
+                else:
+                    scratch = self._scratch.get(p)  # type: ignore[assignment]
+                    if scratch is None or scratch[0].device != p.device:  # type: ignore[union-attr]
+                        scratch = [torch.empty_like(p) for _ in range(self.scratch_count)]
+                        self._scratch[p] = scratch  # type: ignore[assignment]
+                # A compiled update sees a plain tensor: torch.compile specializes on
+                # the shape of each nn.Parameter, but not on that of a detached view.
+                update(p.detach() if self.compiled else p, p.grad, state, c, scratch)
         return loss
 
 
