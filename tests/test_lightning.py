@@ -1,0 +1,273 @@
+"""Lightning integration: training through the Trainer equals training by hand, per model."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+L = pytest.importorskip("lightning.pytorch")
+
+from modelbatch import ModelBatch  # noqa: E402
+from modelbatch.integrations.lightning import (  # noqa: E402
+    BatchLightningModule,
+    batch_precision_plugin,
+)
+from modelbatch.optim import OptimizerFactory, clip_grad_norm_  # noqa: E402
+
+N = 4
+STEPS = 20
+CONFIGS = [{"lr": 10 ** (-3 + 0.5 * i), "weight_decay": 0.03 * (i + 1)} for i in range(N)]
+
+
+def make_models(seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)) for _ in range(N)]
+
+
+def make_loader(seed: int = 1, n: int = 100, batch: int = 20) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g) * 2
+    y = torch.randint(0, 3, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def batches(loader: DataLoader, steps: int):
+    out = []
+    while len(out) < steps:
+        out.extend(loader)
+    return out[:steps]
+
+
+def trainer(tmp_path=None, **kwargs) -> L.Trainer:
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_steps=STEPS,
+        default_root_dir=tmp_path,
+    )
+    base.update(kwargs)
+    return L.Trainer(**base)
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -> None:
+    scale = expected.abs().max().clamp(min=1e-12)
+    diff = (actual - expected).abs().max() / scale
+    assert diff <= rel, f"max relative difference {diff.item():.3e} > {rel:g}"
+
+
+def plain_torch_reference(init: list[nn.Module], loader, steps, max_norm=None, precision=None):
+    """Each model alone, with torch.optim.AdamW and torch's clip_grad_norm_."""
+    out = []
+    for model, cfg in zip(init, CONFIGS):
+        model = copy.deepcopy(model)
+        opt = torch.optim.AdamW(model.parameters(), **cfg)
+        for x, y in batches(loader, steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if max_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+        out.append(model)
+    return out
+
+
+def assert_batch_equals(mb: ModelBatch, refs: list[nn.Module], rel: float) -> None:
+    for i, ref in enumerate(refs):
+        for name, value in ref.state_dict().items():
+            assert_close_rel(mb.stacked_params()[name][i].detach(), value, rel)
+
+
+def test_fit_matches_plain_torch_and_own_loop():
+    init = make_models()
+    loader = make_loader()
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS)
+    trainer().fit(module, loader)
+    mb = module.model_batch
+
+    # Not "it ran": every model moved, and each moved as its own torch.optim run.
+    for i in range(N):
+        moved = mb.stacked_params()["0.weight"][i] - init[i].state_dict()["0.weight"]
+        assert moved.abs().max() > 1e-3
+    assert_batch_equals(mb, plain_torch_reference(init, loader, STEPS), 1e-5)
+
+    # And as the library's own loop on the same batches.
+    own = ModelBatch(copy.deepcopy(init))
+    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(own, CONFIGS)
+    for x, y in batches(loader, STEPS):
+        opt.zero_grad()
+        own.compute_loss(own(x), y).backward()
+        opt.step()
+    for name, value in own.stacked_params().items():
+        assert_close_rel(mb.stacked_params()[name].detach(), value.detach(), 1e-5)
+
+    # The optimizer Lightning stepped carries each model's own hyperparameters.
+    hp = module.trainer.optimizers[0].hparams
+    assert torch.allclose(hp["lr"], torch.tensor([c["lr"] for c in CONFIGS]))
+    assert torch.allclose(hp["weight_decay"], torch.tensor([c["weight_decay"] for c in CONFIGS]))
+
+
+def test_gradient_clipping_is_per_model_not_global():
+    init = make_models()
+    loader = make_loader()
+    max_norm = 0.3
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS)
+    trainer(gradient_clip_val=max_norm).fit(module, loader)
+    mb = module.model_batch
+    assert_batch_equals(mb, plain_torch_reference(init, loader, STEPS, max_norm=max_norm), 1e-5)
+    assert module.grad_norms is not None and module.grad_norms.shape == (N,)
+
+    # The same run with one global norm over all models gives other weights,
+    # so the comparison above can fail.
+    glob = ModelBatch(copy.deepcopy(init))
+    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(glob, CONFIGS)
+    for x, y in batches(loader, STEPS):
+        opt.zero_grad()
+        glob.compute_loss(glob(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(glob.parameters(), max_norm)
+        opt.step()
+    diff = (glob.stacked_params()["0.weight"] - mb.stacked_params()["0.weight"]).abs().max()
+    assert diff > 1e-4
+
+
+def test_max_grad_norm_argument_clips_per_model():
+    init = make_models()
+    loader = make_loader()
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS, max_grad_norm=0.3)
+    trainer().fit(module, loader)
+    own = ModelBatch(copy.deepcopy(init))
+    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(own, CONFIGS)
+    for x, y in batches(loader, STEPS):
+        opt.zero_grad()
+        own.compute_loss(own(x), y).backward()
+        clip_grad_norm_(own, 0.3)
+        opt.step()
+    for name, value in own.stacked_params().items():
+        assert_close_rel(module.model_batch.stacked_params()[name].detach(), value.detach(), 1e-5)
+
+
+def _scheduled_module(init):
+    return BatchLightningModule(
+        ModelBatch(copy.deepcopy(init)),
+        CONFIGS,
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+    )
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    init = make_models()
+    loader = make_loader()  # 5 batches an epoch: 4 epochs are STEPS steps
+    epochs = STEPS // len(loader)
+
+    straight = _scheduled_module(init)
+    trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=epochs).fit(straight, loader)
+
+    # Stop at an epoch boundary: Lightning restarts a plain DataLoader's epoch on resume.
+    first = _scheduled_module(init)
+    t1 = trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=epochs // 2)
+    t1.fit(first, loader)
+    ckpt = tmp_path / "half.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    # A fresh module from other weights: everything must come from the checkpoint.
+    resumed = _scheduled_module(make_models(seed=123))
+    t2 = trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=epochs)
+    t2.fit(resumed, loader, ckpt_path=ckpt)
+    assert resumed.trainer.global_step == STEPS
+    for name, value in straight.model_batch.stacked_params().items():
+        assert torch.equal(resumed.model_batch.stacked_params()[name], value), name
+    s_opt, r_opt = straight.trainer.optimizers[0], resumed.trainer.optimizers[0]
+    assert r_opt.param_groups[0]["lr"] == s_opt.param_groups[0]["lr"]
+    for key, value in s_opt.hparams.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(r_opt.hparams[key], value), key
+
+
+def test_bf16_mixed_matches_own_autocast_loop():
+    init = make_models()
+    loader = make_loader()
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS)
+    trainer(precision="bf16-mixed", max_steps=8).fit(module, loader)
+    own = ModelBatch(copy.deepcopy(init))
+    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(own, CONFIGS)
+    for x, y in batches(loader, 8):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            loss = own.compute_loss(own(x), y)
+        loss.backward()
+        opt.step()
+    for name, value in own.stacked_params().items():
+        got = module.model_batch.stacked_params()[name].detach()
+        assert got.dtype == torch.float32
+        assert_close_rel(got, value.detach(), 1e-5)
+    moved = module.model_batch.stacked_params()["2.weight"] - torch.stack(
+        [m.state_dict()["2.weight"] for m in init]
+    )
+    assert moved.abs().max() > 1e-3
+
+
+def test_logs_aggregates_and_per_model_table(tmp_path):
+    init = make_models()
+    loader = make_loader()
+    val = make_loader(seed=7, n=40)
+    logger = L.loggers.CSVLogger(tmp_path, name="run")
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS)
+    trainer(logger=logger, max_steps=10, log_every_n_steps=1).fit(module, loader, val)
+
+    # Validation metrics are each model's own loss on the whole validation set.
+    x_val = torch.cat([x for x, _ in val])
+    y_val = torch.cat([y for _, y in val])
+    mb = module.model_batch
+    with torch.no_grad():
+        expected = mb.per_model_losses(mb(x_val), y_val)
+        expected_acc = mb.accuracy(mb(x_val), y_val)
+    assert_close_rel(module.val_metrics["loss"], expected, 1e-6)
+    assert_close_rel(module.val_metrics["acc"], expected_acc, 1e-6)
+    logged = module.trainer.callback_metrics
+    assert torch.isclose(logged["val/loss"], expected.mean(), rtol=1e-5)
+    assert torch.isclose(logged["val/loss_best"], expected.min(), rtol=1e-5)
+    assert torch.isclose(logged["val/acc_best"], expected_acc.max(), rtol=1e-5)
+
+    with open(logger.log_dir + "/metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert "train/loss" in header and "val/loss" in header
+
+    with open(logger.log_dir + "/per_model.csv") as f:
+        rows = list(csv.DictReader(f))
+    last_epoch = max(int(r["epoch"]) for r in rows)
+    last = [r for r in rows if int(r["epoch"]) == last_epoch]
+    assert [int(r["model"]) for r in last] == list(range(N))
+    for row, cfg in zip(last, CONFIGS):
+        assert float(row["lr"]) == pytest.approx(cfg["lr"], rel=1e-6)
+        assert float(row["weight_decay"]) == pytest.approx(cfg["weight_decay"], rel=1e-6)
+        assert "val_loss" in row
+
+
+def test_retired_model_is_left_unchanged_by_the_trainer():
+    init = make_models()
+    mb = ModelBatch(copy.deepcopy(init))
+    mb.retire(2)
+    module = BatchLightningModule(mb, CONFIGS)
+    trainer(max_steps=5, gradient_clip_val=0.3).fit(module, make_loader())
+    for name, value in init[2].state_dict().items():
+        assert torch.equal(mb.stacked_params()[name][2], value)
+    assert not torch.equal(mb.stacked_params()["0.weight"][1], init[1].state_dict()["0.weight"])
+
+
+def test_bad_configs_give_clear_errors():
+    mb = ModelBatch(make_models())
+    with pytest.raises(ValueError, match=r"^BatchLightningModule: expected one optimizer config"):
+        BatchLightningModule(mb, CONFIGS[:2])
+    with pytest.raises(TypeError, match=r"^BatchLightningModule: expected a modelbatch.ModelBatch"):
+        BatchLightningModule(nn.Linear(2, 2), CONFIGS)
+    with pytest.raises(ValueError, match=r"^batch_precision_plugin: precision must be"):
+        batch_precision_plugin(mb, "32-true")
