@@ -1,0 +1,239 @@
+"""Optuna integration: run a study N trials at a time in one ModelBatch.
+
+`optimize_batched` asks the study for N trials, builds one ModelBatch whose
+model i trains with trial i's suggested hyperparameters (one vectorized
+optimizer, `[N]` hyperparameter tensors), trains them together, reports each
+model's intermediate value to its own trial, prunes per trial, and tells each
+trial its own result. A slot freed by a pruned or finished trial is refilled
+in place with a newly asked trial (weights re-initialized, optimizer state and
+hyperparameters reset for that slot only) or, with `refill=False`, retired
+until the whole batch is done.
+
+Requires `pip install modelbatch[optuna]` (CMA-ES also needs `cmaes`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._batch import ModelBatch
+
+try:
+    import optuna
+except ImportError as exc:  # pragma: no cover - exercised only without optuna
+    raise ImportError(
+        "modelbatch.integrations.optuna: Optuna is not installed; install it with "
+        "`pip install modelbatch[optuna]` (or `pip install optuna`)."
+    ) from exc
+
+__all__ = ["BatchedTrials", "optimize_batched"]
+
+
+@dataclass
+class BatchedTrials:
+    """What runs at one report point, passed to `on_report`.
+
+    Attributes:
+        model_batch: the N models (slot i holds `trials[i]`).
+        optimizer: the vectorized optimizer; `optimizer.hparams[k][i]` is
+            trial i's hyperparameter `k`.
+        trials: the trial in each slot, None for a retired slot.
+        steps: `[N]` training steps each slot's trial has taken.
+        values: `[N]` the values just reported (NaN for empty slots).
+    """
+
+    model_batch: ModelBatch
+    optimizer: torch.optim.Optimizer
+    trials: list[optuna.trial.Trial | None]
+    steps: Tensor
+    values: Tensor
+
+
+def _batches(data: Iterable[Any]) -> Iterator[Any]:
+    # Re-iterate (a DataLoader reshuffles each pass) rather than itertools.cycle,
+    # which would keep every batch of the first pass in memory.
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(
+                "optimize_batched: train_data yielded no batches; pass (x, y) batches."
+            )
+
+
+def _load_slot(mb: ModelBatch, index: int, model: nn.Module) -> None:
+    """Overwrite slot `index` of the stack with `model`'s parameters and buffers."""
+    own = {**mb.stacked_params(), **mb.stacked_buffers()}
+    state = model.state_dict()
+    missing = set(own) - set(state)
+    if missing:
+        raise ValueError(
+            f"optimize_batched: model_fn returned a model without {sorted(missing)}; it must "
+            "build the same architecture for every trial."
+        )
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor[index].copy_(state[name])
+
+
+def optimize_batched(
+    study: optuna.Study,
+    model_fn: Callable[[optuna.trial.Trial], nn.Module],
+    suggest: Callable[[optuna.trial.Trial], Mapping[str, Any]],
+    train_data: Iterable[Any],
+    evaluate: Callable[[ModelBatch], Tensor],
+    *,
+    n_trials: int,
+    batch_size: int,
+    steps: int,
+    report_every: int,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    base_config: Mapping[str, Any] | None = None,
+    loss_fn: Callable[..., Tensor] | None = None,
+    refill: bool = True,
+    on_report: Callable[[BatchedTrials], None] | None = None,
+) -> list[optuna.trial.FrozenTrial]:
+    """Run `n_trials` trials of a study, `batch_size` at a time, in one ModelBatch.
+
+    Args:
+        study: the study to ask and tell (any sampler: TPE, CMA-ES, random...;
+            any pruner).
+        model_fn: `trial -> nn.Module`, a freshly initialized model; the same
+            architecture for every trial (seed it from `trial.number` to make
+            a trial reproducible).
+        suggest: `trial -> {name: value}`, calls `trial.suggest_*` and returns
+            the optimizer hyperparameters of that trial (e.g. `lr`, `weight_decay`).
+        train_data: re-iterable of `(inputs, targets)` batches shared by all
+            models (a DataLoader, or `[(x, y)]` for full-batch training).
+        evaluate: `model_batch -> [N]` per-model objective values (run under
+            `torch.no_grad()` in eval mode), e.g. the validation loss.
+        n_trials: trials to run in this call.
+        batch_size: N, the models trained at once.
+        steps: training steps of each trial.
+        report_every: steps between intermediate reports (and pruning checks);
+            must divide `steps`.
+        optimizer_cls: the torch optimizer whose vectorized version runs.
+        base_config: hyperparameters shared by all trials.
+        loss_fn: per-model training loss; defaults to the ModelBatch default
+            (cross-entropy).
+        refill: give a slot freed by a pruned or finished trial to a new
+            trial at once (True), or retire it until the whole batch is done.
+        on_report: called at every report point with a `BatchedTrials`.
+
+    Returns:
+        The trials this call ran, as frozen trials (COMPLETE, PRUNED or FAIL).
+
+    Example:
+        >>> study = optuna.create_study(sampler=optuna.samplers.TPESampler(constant_liar=True))
+        >>> trials = optimize_batched(study, make_model, lambda t: {"lr": t.suggest_float(
+        ...     "lr", 1e-4, 1e-1, log=True)}, [(x, y)], val_loss, n_trials=32, batch_size=8,
+        ...     steps=100, report_every=10)
+        >>> len(trials)
+        32
+
+    Warning:
+        A value that is not finite fails its trial (Optuna's rule); the other
+        models are unaffected. Per-step schedules are not applied here: a
+        refilled slot starts mid-run, so schedules would need per-slot steps.
+    """
+    if n_trials < 1 or batch_size < 1:
+        raise ValueError(
+            f"optimize_batched: n_trials and batch_size must be >= 1, got n_trials={n_trials}, "
+            f"batch_size={batch_size}."
+        )
+    if report_every < 1 or steps < report_every or steps % report_every:
+        raise ValueError(
+            f"optimize_batched: report_every must divide steps, got steps={steps}, "
+            f"report_every={report_every}; e.g. steps={report_every * max(1, steps // max(report_every, 1))}."
+        )
+    from ..optim import OptimizerFactory
+
+    n = min(batch_size, n_trials)
+    trials: list[optuna.trial.Trial | None] = [study.ask() for _ in range(n)]
+    configs = [dict(suggest(t)) for t in trials if t is not None]
+    mb = ModelBatch([model_fn(t) for t in trials if t is not None], loss_fn)
+    optimizer = OptimizerFactory(optimizer_cls, dict(base_config or {})).create_optimizer(
+        mb, configs
+    )
+    asked = n
+    done: list[int] = []
+    slot_steps = torch.zeros(n, dtype=torch.long, device=mb.active.device)
+    data = _batches(train_data)
+
+    def start(slots: Sequence[int]) -> None:
+        nonlocal asked
+        new_configs = []
+        for i in slots:
+            trial = study.ask()
+            asked += 1
+            trials[i] = trial
+            new_configs.append(dict(suggest(trial)))
+            _load_slot(mb, i, model_fn(trial))
+        optimizer.reset_models(list(slots), new_configs)
+        slot_steps[list(slots)] = 0
+        mb.activate(list(slots))
+
+    def finish(i: int, state: optuna.trial.TrialState, value: float | None) -> None:
+        trial = trials[i]
+        assert trial is not None
+        study.tell(trial, value, state=state)
+        done.append(trial.number)
+        trials[i] = None
+
+    while any(t is not None for t in trials):
+        for _ in range(report_every):
+            inputs, targets = next(data)
+            optimizer.zero_grad()
+            mb.compute_loss(mb(inputs), targets).backward()
+            optimizer.step()
+        slot_steps += mb.active.long() * report_every
+
+        was_training = mb.training
+        mb.eval()
+        with torch.no_grad():
+            values = evaluate(mb).detach().float()
+        mb.train(was_training)
+        if values.shape != (n,):
+            raise ValueError(
+                f"optimize_batched: evaluate must return one value per model, shape ({n},), got "
+                f"{tuple(values.shape)}; reduce over the batch but not over models."
+            )
+        values = torch.where(mb.active, values, torch.full_like(values, math.nan))
+        if on_report is not None:
+            on_report(BatchedTrials(mb, optimizer, list(trials), slot_steps.clone(), values))
+
+        # Optuna's report/prune/tell are per-trial calls: this loop runs once
+        # per report point, not per training step.
+        freed = []
+        for i, (value, step) in enumerate(zip(values.tolist(), slot_steps.tolist())):
+            trial = trials[i]
+            if trial is None:
+                continue
+            if not math.isfinite(value):
+                finish(i, optuna.trial.TrialState.FAIL, None)
+            elif step >= steps:
+                trial.report(value, step)
+                finish(i, optuna.trial.TrialState.COMPLETE, value)
+            else:
+                trial.report(value, step)
+                if trial.should_prune():
+                    finish(i, optuna.trial.TrialState.PRUNED, None)
+            if trials[i] is None:
+                freed.append(i)
+        if freed:
+            mb.retire(freed)
+        idle = [i for i, t in enumerate(trials) if t is None]
+        if idle and (refill or len(idle) == n):
+            slots = idle[: max(0, n_trials - asked)]
+            if slots:
+                start(slots)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [by_number[i] for i in done]
