@@ -1,0 +1,568 @@
+"""Checkpoints of a whole run in one safetensors file, and export of single models.
+
+A checkpoint holds the stacked weights and buffers `[N, ...]`, the active mask,
+and, when given, the optimizer, scheduler, grad scaler and data loader state,
+the step count and the random number generators' states. Tensors go into the
+safetensors body under prefixed names (`model/`, `optimizer/`, ...); the
+structure around them, per-model configs and versions go into its JSON
+metadata, with a CRC32 of every tensor and of the metadata itself.
+
+Writes are atomic: a temporary file in the same directory is written, synced
+and renamed over the target, so a crash leaves the previous checkpoint whole.
+`load` validates the whole file against the objects it restores before
+changing any of them, and rolls back if restoring fails midway.
+
+Example:
+    >>> save("run.safetensors", mb, optimizer=opt, step=step, configs=configs)
+    >>> ckpt = load("run.safetensors", mb, optimizer=opt)  # mb, opt restored
+    >>> ckpt.step, load_model_state("run.safetensors", 3)["fc.weight"].shape
+    (1000, torch.Size([10, 64]))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import tempfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._batch import ModelBatch
+
+__all__ = ["Checkpoint", "export_best", "export_model", "load", "load_model_state", "save"]
+
+FORMAT = "modelbatch.checkpoint"
+FORMAT_VERSION = 1
+_META_KEY, _META_CRC_KEY = "modelbatch", "modelbatch_crc32"
+_COMPONENTS = ("optimizer", "scheduler", "scaler", "loader")
+
+
+@dataclass
+class Checkpoint:
+    """What `load` returns besides restoring the objects it was given.
+
+    Attributes:
+        step: the step count given to `save`.
+        configs: the per-model configs given to `save` (N JSON values), or None.
+        extra: any JSON value given to `save`.
+        metadata: the checkpoint's whole metadata (N, model class, versions, ...).
+    """
+
+    step: int
+    configs: list[Any] | None
+    extra: Any
+    metadata: dict[str, Any] = field(repr=False)
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def _safetensors() -> Any:
+    try:
+        import safetensors.torch as st
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "modelbatch.checkpoint needs safetensors; install it with "
+            "`pip install modelbatch[checkpoint]` or `pip install safetensors`."
+        ) from e
+    return st
+
+
+def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor], where: str) -> Any:
+    """A JSON value for `obj`, its tensors moved into `tensors` under `prefix/<k>`."""
+    if isinstance(obj, Tensor):
+        name = f"{prefix}/{len(tensors)}"
+        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[_encode(k, prefix, tensors, where), _encode(v, prefix, tensors,
+                f"{where}[{k!r}]")] for k, v in obj.items()]}  # fmt: skip
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, prefix, tensors, where) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, prefix, tensors, where) for v in obj]
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(
+        f"checkpoint.save: cannot store a {type(obj).__name__} at {where}; state dicts may "
+        "hold tensors, numbers, strings, None, and lists, tuples and dicts of those."
+    )
+
+
+def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+        if "__dtype__" in obj:
+            return getattr(torch, obj["__dtype__"])
+    return obj
+
+
+def _crc(t: Tensor) -> int:
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _class_path(model_batch: ModelBatch) -> str:
+    cls = type(model_batch._export_skeleton)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _rng_state(tensors: dict[str, Tensor]) -> dict[str, Any]:
+    tensors["rng/torch"] = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    for i, s in enumerate(cuda):
+        tensors[f"rng/cuda/{i}"] = s.cpu()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
+    return {
+        "cuda_devices": len(cuda),
+        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+        "python": [version, gauss_next],
+    }
+
+
+def _set_rng_state(meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    if meta["cuda_devices"] and torch.cuda.is_available():
+        states = [tensors[f"rng/cuda/{i}"] for i in range(meta["cuda_devices"])]
+        torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    keys = tensors["rng/numpy"].numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, gauss))
+    version, gauss_next = meta["python"]
+    random.setstate((version, tuple(tensors["rng/python"].tolist()), gauss_next))
+
+
+# ---------------------------------------------------------------------- save
+
+
+def _atomic_write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    st = _safetensors()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        st.save_file(tensors, tmp, metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    # The rename itself is durable only once the directory entry is synced.
+    if hasattr(os, "O_DIRECTORY"):
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save(
+    path: str | os.PathLike[str],
+    model_batch: ModelBatch,
+    *,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    loader: Any = None,
+    step: int = 0,
+    configs: Iterable[Any] | None = None,
+    extra: Any = None,
+    rng: bool = True,
+) -> None:
+    """Write the whole run to one safetensors file, atomically.
+
+    Args:
+        path: the checkpoint file; replaced only once the new one is complete.
+        model_batch: the ModelBatch whose stacked weights `[N, ...]`, buffers
+            and active mask `[N]` are saved.
+        optimizer: defaults to `model_batch.optimizer`.
+        scheduler: any object with `state_dict()`.
+        scaler: defaults to `model_batch.grad_scaler`.
+        loader: a data loader with `state_dict()` (its position and seeds).
+        step: the step count, returned by `load`.
+        configs: N per-model configs (JSON values), returned by `load`.
+        extra: any JSON value, returned by `load`.
+        rng: save the torch (CPU and CUDA), numpy and Python RNG states.
+    """
+    path = Path(path)
+    optimizer = model_batch.optimizer if optimizer is None else optimizer
+    scaler = model_batch.grad_scaler if scaler is None else scaler
+    tensors: dict[str, Tensor] = {}
+    spec: dict[str, list[Any]] = {}
+    for name, t in {**model_batch.stacked_params(), **model_batch.stacked_buffers()}.items():
+        tensors[f"model/{name}"] = t.detach().to("cpu", copy=True).contiguous()
+        spec[name] = [list(t.shape), str(t.dtype).removeprefix("torch.")]
+    tensors["active"] = model_batch.active.detach().to("cpu", copy=True)
+    configs = None if configs is None else list(configs)
+    if configs is not None and len(configs) != model_batch.num_models:
+        raise ValueError(
+            f"checkpoint.save: configs must have one entry per model "
+            f"(N={model_batch.num_models}), got {len(configs)}."
+        )
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "num_models": model_batch.num_models,
+        "model_class": _class_path(model_batch),
+        "tensors": spec,
+        "export_keys": list(model_batch._export_skeleton.state_dict(keep_vars=True).keys()),
+        "step": int(step),
+        "configs": configs,
+        "extra": extra,
+        "library_version": _library_version(),
+        "torch_version": torch.__version__,
+    }
+    components = dict(zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)))
+    for key, obj in components.items():
+        if obj is None:
+            meta[key] = None
+            continue
+        meta[key] = {
+            "class": type(obj).__qualname__,
+            "state": _encode(obj.state_dict(), key, tensors, f"{key}.state_dict()"),
+        }
+    meta["rng"] = _rng_state(tensors) if rng else None
+    meta["checksums"] = {name: _crc(t) for name, t in tensors.items()}
+    try:
+        text = json.dumps(meta)
+    except TypeError as e:
+        raise TypeError(
+            f"checkpoint.save: configs and extra must be JSON values (dicts, lists, numbers, "
+            f"strings); {e}."
+        ) from e
+    metadata = {_META_KEY: text, _META_CRC_KEY: str(zlib.crc32(text.encode()))}
+    _atomic_write(path, tensors, metadata)
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------- load
+
+
+def _bad(path: Path, problem: str) -> ValueError:
+    return ValueError(f"checkpoint.load: {path} {problem}")
+
+
+def _read_meta(path: Path, handle: Any) -> dict[str, Any]:
+    raw = handle.metadata() or {}
+    if _META_KEY not in raw:
+        raise _bad(path, "is a safetensors file but not a modelbatch checkpoint (no metadata).")
+    text = raw[_META_KEY]
+    if str(zlib.crc32(text.encode())) != raw.get(_META_CRC_KEY):
+        raise _bad(path, "is corrupted: its metadata fails the checksum.")
+    meta = json.loads(text)
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise _bad(
+            path,
+            f"has format {meta.get('format')!r} version {meta.get('format_version')}; this "
+            f"modelbatch reads {FORMAT!r} up to version {FORMAT_VERSION}.",
+        )
+    return meta
+
+
+def _open(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint.load: no checkpoint file at {path}.")
+    try:
+        return _safetensors().safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:
+        raise _bad(path, f"is not a readable checkpoint (truncated or corrupted): {e}") from e
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and verify a whole checkpoint file: (metadata, tensors on the CPU).
+
+    Raises:
+        ValueError: the file is truncated, corrupted (a checksum fails), or
+            a tensor is missing; the message names the problem.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        meta = _read_meta(path, handle)
+        names = set(handle.keys())
+        missing = sorted(set(meta["checksums"]) - names)
+        if missing:
+            raise _bad(path, f"is incomplete: tensors {missing} are missing.")
+        tensors = {}
+        for name in meta["checksums"]:
+            try:
+                tensors[name] = handle.get_tensor(name)
+            except Exception as e:
+                raise _bad(path, f"is truncated or corrupted: cannot read {name!r} ({e}).") from e
+    for name, t in tensors.items():
+        if _crc(t) != meta["checksums"][name]:
+            raise _bad(path, f"is corrupted: tensor {name!r} fails its checksum.")
+    return meta, tensors
+
+
+def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -> None:
+    n = model_batch.num_models
+    if meta["num_models"] != n:
+        raise _bad(
+            path,
+            f"holds N={meta['num_models']} models, this ModelBatch has N={n}; build the "
+            f"ModelBatch from {meta['num_models']} models.",
+        )
+    if meta["model_class"] != _class_path(model_batch):
+        raise _bad(
+            path,
+            f"holds models of class {meta['model_class']}, this ModelBatch holds "
+            f"{_class_path(model_batch)}; build it from the checkpoint's class.",
+        )
+    own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
+    saved = meta["tensors"]
+    if own.keys() != saved.keys():
+        raise _bad(
+            path,
+            f"has a different architecture: tensors only in the checkpoint "
+            f"{sorted(saved.keys() - own.keys())}, only in the ModelBatch "
+            f"{sorted(own.keys() - saved.keys())}.",
+        )
+    for name, t in own.items():
+        shape, dtype = saved[name]
+        if list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
+            raise _bad(
+                path,
+                f"has a different architecture: {name!r} is {dtype}{shape} in the checkpoint, "
+                f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} in the ModelBatch.",
+            )
+
+
+def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: int) -> None:
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(optimizer, torch.optim.Optimizer):
+        return
+    own = optimizer.param_groups
+    if len(groups) != len(own) or any(
+        len(g["params"]) != len(o["params"]) for g, o in zip(groups, own)
+    ):
+        raise _bad(
+            path,
+            f"has optimizer param groups of sizes {[len(g['params']) for g in groups]}, the "
+            f"optimizer {[len(o['params']) for o in own]}; build it over the same parameters.",
+        )
+    params = {i: p for g, o in zip(groups, own) for i, p in zip(g["params"], o["params"])}
+    for pid, entries in state.get("state", {}).items():
+        p = params.get(pid)
+        for key, value in entries.items():
+            if p is None or not isinstance(value, Tensor) or value.dim() == 0:
+                continue
+            bad = value.shape != p.shape if value.dim() == p.dim() else value.shape[0] != n
+            if bad:
+                raise _bad(
+                    path,
+                    f"has optimizer state {key!r} of shape {tuple(value.shape)} for a parameter "
+                    f"of shape {tuple(p.shape)}; the optimizer does not match the checkpoint.",
+                )
+
+
+def load(
+    path: str | os.PathLike[str],
+    model_batch: ModelBatch,
+    *,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    scaler: Any = None,
+    loader: Any = None,
+    restore_rng: bool = True,
+    strict: bool = True,
+) -> Checkpoint:
+    """Restore a run saved by `save` into existing objects, all or nothing.
+
+    Args:
+        path: the checkpoint file.
+        model_batch: receives the weights, buffers and active mask (same N,
+            model class and tensor shapes as the checkpoint).
+        optimizer: defaults to `model_batch.optimizer`.
+        scheduler, scaler, loader: receive their saved state (`scaler`
+            defaults to `model_batch.grad_scaler`).
+        restore_rng: restore the saved RNG states, so that training on is
+            bitwise the same as never stopping.
+        strict: refuse a checkpoint holding state for a component that was
+            not given (an optimizer, say), since training on without it would
+            not continue the run.
+
+    Returns:
+        The `Checkpoint`: step, per-model configs, extra, metadata.
+
+    Raises:
+        ValueError: the file is truncated or corrupted, or does not match
+            the objects; nothing has been changed.
+    """
+    path = Path(path)
+    optimizer = model_batch.optimizer if optimizer is None else optimizer
+    scaler = model_batch.grad_scaler if scaler is None else scaler
+    meta, tensors = read_checkpoint(path)
+    _check_model(path, meta, model_batch)
+    states: dict[str, Any] = {}
+    for key, obj in zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)):
+        entry = meta.get(key)
+        if obj is None:
+            if entry is not None and strict:
+                raise _bad(
+                    path,
+                    f"holds {key} state ({entry['class']}) but no {key} was given; pass "
+                    f"{key}=... to restore it, or strict=False to skip it.",
+                )
+            continue
+        if entry is None:
+            raise _bad(path, f"holds no {key} state, but a {key} was given; pass {key}=None.")
+        if entry["class"] != type(obj).__qualname__:
+            raise _bad(
+                path,
+                f"holds {key} state of a {entry['class']}, the given {key} is a "
+                f"{type(obj).__qualname__}; build the same {key} as the saved run.",
+            )
+        states[key] = (obj, _decode(entry["state"], tensors))
+    if "optimizer" in states:
+        _check_optimizer(path, states["optimizer"][1], optimizer, model_batch.num_models)
+    if restore_rng and meta.get("rng") is None:
+        raise _bad(path, "holds no RNG states; pass restore_rng=False.")
+
+    own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
+    backup = {
+        "model": {k: t.detach().clone() for k, t in own.items()},
+        "active": model_batch.active.clone(),
+        **{k: copy.deepcopy(obj.state_dict()) for k, (obj, _) in states.items()},
+    }
+    rng_backup: dict[str, Tensor] = {}
+    rng_meta = _rng_state(rng_backup) if restore_rng else None
+    try:
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(tensors[f"model/{name}"])
+            model_batch.active.copy_(tensors["active"])
+        for obj, state in states.values():
+            obj.load_state_dict(state)
+        if restore_rng:
+            _set_rng_state(meta["rng"], tensors)
+    except Exception:
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(backup["model"][name])
+            model_batch.active.copy_(backup["active"])
+        for key, (obj, _) in states.items():
+            obj.load_state_dict(backup[key])
+        if rng_meta is not None:
+            _set_rng_state(rng_meta, rng_backup)
+        raise
+    return Checkpoint(meta["step"], meta["configs"], meta["extra"], meta)
+
+
+# ---------------------------------------------------------------------- single models
+
+
+def load_model_state(path: str | os.PathLike[str], index: int) -> dict[str, Tensor]:
+    """Model `index`'s ordinary state dict, read from a checkpoint without the others.
+
+    Only slice `index` of each stacked tensor is read from disk (safetensors
+    slices); the result loads into the user's class with `load_state_dict`.
+    The per-tensor checksums cover whole tensors and are not verified here.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        meta = _read_meta(path, handle)
+        n = meta["num_models"]
+        if not -n <= index < n:
+            raise IndexError(
+                f"checkpoint.load_model_state: index {index} out of range for N={n} models."
+            )
+        try:
+            return {k: handle.get_slice(f"model/{k}")[index % n] for k in meta["export_keys"]}
+        except Exception as e:
+            raise _bad(path, f"is truncated or corrupted: {e}") from e
+
+
+def export_model(
+    source: ModelBatch | str | os.PathLike[str], index: int, path: str | os.PathLike[str]
+) -> Path:
+    """Write model `index` as an ordinary state dict file.
+
+    The file is a `torch.save`d dict of tensors (or safetensors when `path`
+    ends in `.safetensors`): `MyNet().load_state_dict(torch.load(path))` needs
+    no modelbatch.
+
+    Args:
+        source: a ModelBatch, or a checkpoint file (read via slices).
+        index: the model.
+        path: the output file.
+    """
+    if isinstance(source, ModelBatch):
+        if not -source.num_models <= index < source.num_models:
+            raise IndexError(
+                f"checkpoint.export_model: index {index} out of range for "
+                f"N={source.num_models} models."
+            )
+        state = {k: v.cpu() for k, v in source._model_state(index % source.num_models).items()}
+    else:
+        state = load_model_state(source, index)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        _safetensors().save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def export_best(
+    source: ModelBatch | str | os.PathLike[str],
+    metric: Tensor | Iterable[float],
+    k: int,
+    directory: str | os.PathLike[str],
+    *,
+    largest: bool = True,
+    suffix: str = ".pt",
+) -> list[tuple[int, Path]]:
+    """Export the best `k` models by a metric `[N]` as `model_<index><suffix>` files.
+
+    Args:
+        source: a ModelBatch or a checkpoint file.
+        metric: one value per model; NaN ranks last.
+        k: how many models.
+        directory: where the files go (created if needed).
+        largest: whether larger is better (accuracy) or smaller (loss).
+        suffix: `.pt` (torch.save) or `.safetensors`.
+
+    Returns:
+        `(index, path)` pairs, best first.
+    """
+    values = torch.as_tensor(metric, dtype=torch.float64).detach().cpu().reshape(-1)
+    values = -values if largest else values
+    values = torch.where(values.isnan(), torch.full_like(values, math.inf), values)
+    order = torch.argsort(values, stable=True).tolist()
+    if not 1 <= k <= len(order):
+        raise ValueError(f"checkpoint.export_best: k must be in [1, {len(order)}], got {k}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return [(i, export_model(source, i, directory / f"model_{i}{suffix}")) for i in order[:k]]

@@ -1,0 +1,376 @@
+"""Per-model data: shared batches, per-model shuffles, bootstrap bags and K folds.
+
+One data set is held once, as tensors on one device; each step gathers every
+model's batch with one indexing operation per tensor, `[N, B, ...]`, so no
+host round trip happens per model. The sample orders come from a counter-based
+hash of `(seed of model i, epoch, position)`: model i's order depends only on
+its own seed, it is reproducible, and it is computed for all N models at once
+on the data's device.
+
+Example:
+    >>> x, y = torch.randn(100, 8), torch.randint(0, 3, (100,))
+    >>> loader = PerModelLoader(x, y, num_models=4, batch_size=16, sampling="bootstrap")
+    >>> xb, yb = next(iter(loader))
+    >>> xb.shape, yb.shape
+    (torch.Size([4, 16, 8]), torch.Size([4, 16]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+__all__ = ["PerModelLoader", "SharedLoader", "as_tensors", "kfold_assignment", "model_seeds"]
+
+_M32 = 0xFFFFFFFF
+# Streams keep the random numbers of different uses independent of each other.
+_STREAM_SHUFFLE, _STREAM_BAG, _STREAM_FOLDS, _STREAM_SEEDS = 1, 2, 3, 4
+_SAMPLINGS = ("shuffle", "bootstrap", "kfold")
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    # (x * c) mod 2**32 for x in [0, 2**32), split in 16-bit halves so that no
+    # intermediate product overflows int64.
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    # "lowbias32" integer finalizer: a bijection on 32-bit values with good avalanche.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash(seeds: Tensor, epoch: int, stream: int, length: int) -> Tensor:
+    """Pseudo-random 32-bit keys `[N, length]` (int64) from per-model seeds `[N]`."""
+    pos = torch.arange(length, device=seeds.device, dtype=torch.int64)
+    h = _mix32((pos + 0x9E3779B9) & _M32)
+    h = _mix32(h ^ (epoch & _M32))
+    h = _mix32(h ^ stream)
+    s = seeds.to(torch.int64).reshape(-1, 1)
+    h = _mix32(h ^ (s & _M32))
+    return _mix32(h ^ ((s >> 32) & _M32))
+
+
+def model_seeds(seed: int | Sequence[int] | Tensor, num_models: int, device: Any = None) -> Tensor:
+    """Per-model seeds `[N]` (int64): given explicitly, or derived from one base seed.
+
+    Args:
+        seed: one int (model i gets a seed hashed from `(seed, i)`) or N ints.
+        num_models: N.
+        device: where the seeds live (the data's device).
+    """
+    if isinstance(seed, int):
+        base = torch.tensor([seed], dtype=torch.int64, device=device)
+        return _hash(base, 0, _STREAM_SEEDS, num_models).reshape(-1)
+    seeds = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
+    if seeds.numel() != num_models:
+        raise ValueError(
+            f"PerModelLoader: seeds must have one entry per model (N={num_models}), "
+            f"got {seeds.numel()}; pass N seeds or one int."
+        )
+    return seeds.clone()
+
+
+def kfold_assignment(num_samples: int, num_folds: int, seed: int = 0, device: Any = None) -> Tensor:
+    """The fold of every sample, `[L]` in `[0, K)`; fold sizes differ by at most one.
+
+    Example:
+        >>> kfold_assignment(10, 3).bincount().tolist()
+        [4, 3, 3]
+    """
+    if not 2 <= num_folds <= num_samples:
+        raise ValueError(
+            f"kfold_assignment: num_folds must be in [2, {num_samples}] for {num_samples} "
+            f"samples, got {num_folds}."
+        )
+    base = torch.tensor([seed], dtype=torch.int64, device=device)
+    order = torch.argsort(_hash(base, 0, _STREAM_FOLDS, num_samples).reshape(-1), stable=True)
+    folds = torch.empty(num_samples, dtype=torch.int64, device=device)
+    folds[order] = torch.arange(num_samples, device=device) % num_folds
+    return folds
+
+
+def as_tensors(data: Any, device: Any = None) -> tuple[Tensor, ...]:
+    """The data set as a tuple of tensors `[L, ...]` with one common length L.
+
+    Accepts tensors, a `TensorDataset`, or any map-style `Dataset` (its samples
+    are collated once with `default_collate`, so it must fit in memory).
+    """
+    if isinstance(data, Tensor):
+        tensors: tuple[Tensor, ...] = (data,)
+    elif isinstance(data, TensorDataset):
+        tensors = tuple(data.tensors)
+    elif isinstance(data, (tuple, list)) and data and all(isinstance(t, Tensor) for t in data):
+        tensors = tuple(data)
+    elif isinstance(data, Dataset) and hasattr(data, "__len__"):
+        collated = default_collate([data[i] for i in range(len(data))])
+        tensors = tuple(collated) if isinstance(collated, (tuple, list)) else (collated,)
+    else:
+        raise TypeError(
+            f"modelbatch.data: expected tensors, a TensorDataset or a map-style Dataset, "
+            f"got {type(data).__name__}."
+        )
+    lengths = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(lengths) != 1 or None in lengths:
+        raise ValueError(
+            f"modelbatch.data: every tensor must have the same first dimension (the samples), "
+            f"got shapes {[tuple(t.shape) for t in tensors]}."
+        )
+    return tuple(t.to(device) if device is not None else t for t in tensors)
+
+
+def _check_batch_size(name: str, batch_size: int, length: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{name}: batch_size must be a positive int, got {batch_size!r}.")
+    if length < 1:
+        raise ValueError(f"{name}: the data set has no samples usable for training.")
+
+
+class SharedLoader:
+    """Batches that every model sees alike: `[B, ...]` per tensor.
+
+    Args:
+        *data: tensors `[L, ...]`, a `TensorDataset` or a map-style `Dataset`.
+        batch_size: B.
+        shuffle: a new order of the samples every epoch.
+        seed: seed of the shuffles (epoch e's order depends on `(seed, e)` only).
+        drop_last: drop the last, smaller batch.
+        device: move the data set there once (default: where it is).
+    """
+
+    def __init__(
+        self,
+        *data: Any,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        device: Any = None,
+    ) -> None:
+        self.tensors = as_tensors(data[0] if len(data) == 1 else data, device)
+        self.num_samples = self.tensors[0].shape[0]
+        _check_batch_size("SharedLoader", batch_size, self.num_samples)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = (
+            batch_size,
+            shuffle,
+            seed,
+            drop_last,
+        )
+        self.epoch, self.batch = 0, 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def order(self, epoch: int) -> Tensor:
+        """The sample order of an epoch, `[L]`."""
+        device = self.tensors[0].device
+        if not self.shuffle:
+            return torch.arange(self.num_samples, device=device)
+        base = torch.tensor([self.seed], dtype=torch.int64, device=device)
+        keys = _hash(base, epoch, _STREAM_SHUFFLE, self.num_samples).reshape(-1)
+        return torch.argsort(keys, stable=True)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        order = self.order(self.epoch)
+        while self.batch < len(self):
+            idx = order[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+            self.batch += 1
+            yield tuple(t[idx] for t in self.tensors)
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the data: `epoch` and `batch` within it."""
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batch, self.seed = int(state["epoch"]), int(state["batch"]), state["seed"]
+
+
+class PerModelLoader:
+    """Per-model batches `[N, B, ...]`: each model draws from the one data set its own way.
+
+    Sampling:
+        - `"shuffle"`: every model sees every sample each epoch, in its own order.
+        - `"bootstrap"`: model i trains on its own bag, L draws with replacement
+          (bagging ensembles), in a new order each epoch; the samples left out
+          of the bag are its held-out set.
+        - `"kfold"`: model i trains on all folds but fold `i % num_folds`
+          (or `folds[i]`), which is its held-out set. Training sets differ in
+          size by at most one sample; every epoch each model takes a fresh
+          random subset of the common (smallest) size, so batches line up.
+
+    Args:
+        *data: tensors `[L, ...]`, a `TensorDataset` or a map-style `Dataset`.
+        num_models: N.
+        batch_size: B.
+        sampling: `"shuffle"`, `"bootstrap"` or `"kfold"`.
+        seed: one base seed, or N per-model seeds (model i's samples depend
+            only on its own seed and the epoch).
+        num_folds: K for `"kfold"`.
+        folds: the held-out fold of each model, `[N]` (default `i % K`).
+        fold_seed: seed of the assignment of samples to folds (shared by all models).
+        drop_last: drop the last, smaller batch of each epoch.
+        device: move the data set there once (default: where it is).
+
+    Warning:
+        An epoch's orders are built at once as `[N, L]` int64 indices.
+    """
+
+    def __init__(
+        self,
+        *data: Any,
+        num_models: int,
+        batch_size: int,
+        sampling: str = "shuffle",
+        seed: int | Sequence[int] | Tensor = 0,
+        num_folds: int | None = None,
+        folds: Sequence[int] | Tensor | None = None,
+        fold_seed: int = 0,
+        drop_last: bool = False,
+        device: Any = None,
+    ) -> None:
+        if sampling not in _SAMPLINGS:
+            raise ValueError(
+                f"PerModelLoader: sampling must be one of {_SAMPLINGS}, got {sampling!r}."
+            )
+        if not isinstance(num_models, int) or num_models < 1:
+            raise ValueError(f"PerModelLoader: num_models must be >= 1, got {num_models!r}.")
+        self.tensors = as_tensors(data[0] if len(data) == 1 else data, device)
+        self.device = self.tensors[0].device
+        self.num_models, self.num_samples = num_models, self.tensors[0].shape[0]
+        self.batch_size, self.sampling, self.drop_last = batch_size, sampling, drop_last
+        self.seeds = model_seeds(seed, num_models, self.device)
+        self.sample_folds: Tensor | None = None
+        self.model_folds: Tensor | None = None
+        if sampling == "kfold":
+            if num_folds is None:
+                raise ValueError("PerModelLoader: sampling='kfold' needs num_folds (K >= 2).")
+            self.sample_folds = kfold_assignment(
+                self.num_samples, num_folds, fold_seed, self.device
+            )
+            if folds is None:
+                folds = torch.arange(num_models, device=self.device) % num_folds
+            mf = torch.as_tensor(folds, dtype=torch.int64, device=self.device).reshape(-1)
+            if mf.numel() != num_models or int(mf.min()) < 0 or int(mf.max()) >= num_folds:
+                raise ValueError(
+                    f"PerModelLoader: folds must be N={num_models} fold ids in [0, {num_folds}), "
+                    f"got {mf.tolist()}."
+                )
+            self.model_folds = mf
+        elif num_folds is not None or folds is not None:
+            raise ValueError(
+                f"PerModelLoader: num_folds and folds apply to sampling='kfold', "
+                f"got sampling={sampling!r}."
+            )
+        self._bags: Tensor | None = None
+        _check_batch_size("PerModelLoader", batch_size, self.samples_per_epoch)
+        self.epoch, self.batch = 0, 0
+
+    # ------------------------------------------------------------------ index plans
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """How many samples each model sees per epoch (the same for all models)."""
+        if self.sample_folds is None:
+            return self.num_samples
+        sizes = self.sample_folds.bincount(minlength=int(self.sample_folds.max()) + 1)
+        return self.num_samples - int(sizes[self.model_folds].max())
+
+    def bags(self) -> Tensor:
+        """Each model's bootstrap bag, `[N, L]` sample indices (drawn with replacement)."""
+        if self.sampling != "bootstrap":
+            raise ValueError("PerModelLoader.bags: only sampling='bootstrap' has bags.")
+        if self._bags is None:
+            self._bags = _hash(self.seeds, 0, _STREAM_BAG, self.num_samples) % self.num_samples
+        return self._bags
+
+    def _train_mask(self) -> Tensor:
+        """`[N, L]` bool: which samples each model may train on."""
+        assert self.sample_folds is not None and self.model_folds is not None
+        return self.sample_folds.unsqueeze(0) != self.model_folds.unsqueeze(1)
+
+    def order(self, epoch: int) -> Tensor:
+        """The samples each model sees in an epoch, in order: `[N, samples_per_epoch]`."""
+        if self.sampling == "bootstrap":
+            keys = _hash(self.seeds, epoch, _STREAM_SHUFFLE, self.num_samples)
+            return self.bags().gather(1, torch.argsort(keys, dim=1, stable=True))
+        keys = _hash(self.seeds, epoch, _STREAM_SHUFFLE, self.num_samples)
+        if self.sampling == "kfold":
+            # Held-out samples sort last (keys are < 2**32), so the first columns
+            # are a uniformly random subset of each model's training samples.
+            keys = torch.where(self._train_mask(), keys, keys + (1 << 32))
+        order = torch.argsort(keys, dim=1, stable=True)
+        return order[:, : self.samples_per_epoch]
+
+    def held_out(self) -> tuple[Tensor, Tensor]:
+        """Each model's held-out samples (its fold, or out of its bag), padded.
+
+        Returns:
+            `(indices [N, V], mask [N, V])`: V is the largest held-out set;
+            `mask` is False on padding (whose indices point at sample 0).
+        """
+        if self.sampling == "kfold":
+            held = ~self._train_mask()
+        elif self.sampling == "bootstrap":
+            held = torch.ones(
+                self.num_models, self.num_samples, dtype=torch.bool, device=self.device
+            )
+            held.scatter_(1, self.bags(), False)
+        else:
+            raise ValueError(
+                "PerModelLoader.held_out: sampling='shuffle' holds nothing out; use "
+                "'kfold' or 'bootstrap', or keep a separate validation set."
+            )
+        width = max(int(held.sum(1).max()), 1)
+        idx = torch.argsort((~held).to(torch.int8), dim=1, stable=True)[:, :width]
+        mask = held.gather(1, idx)
+        return torch.where(mask, idx, torch.zeros_like(idx)), mask
+
+    def held_out_data(self) -> tuple[tuple[Tensor, ...], Tensor]:
+        """`held_out` gathered: (tensors `[N, V, ...]`, mask `[N, V]`)."""
+        idx, mask = self.held_out()
+        return tuple(t[idx] for t in self.tensors), mask
+
+    # ------------------------------------------------------------------ iteration
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.samples_per_epoch, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        """Yield the rest of the current epoch: one tuple of `[N, B, ...]` tensors per step."""
+        order = self.order(self.epoch)
+        while self.batch < len(self):
+            idx = order[:, self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+            self.batch += 1
+            yield tuple(t[idx] for t in self.tensors)
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def set_seed(self, index: int, seed: int) -> None:
+        """Give model `index` a new seed (a replaced model draws new samples)."""
+        self.seeds[index] = int(seed)
+        self._bags = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the data (`epoch`, `batch`) and the per-model `seeds` `[N]`."""
+        return {"epoch": self.epoch, "batch": self.batch, "seeds": self.seeds.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        seeds = torch.as_tensor(state["seeds"], dtype=torch.int64)
+        if seeds.shape != (self.num_models,):
+            raise ValueError(
+                f"PerModelLoader.load_state_dict: expected seeds [N={self.num_models}], "
+                f"got {tuple(seeds.shape)}."
+            )
+        self.seeds.copy_(seeds)
+        self._bags = None
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])

@@ -1,0 +1,441 @@
+"""Checkpoints: bitwise resume, atomic writes, corrupted files, single-model export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from modelbatch import ModelBatch
+from modelbatch.checkpoint import (
+    export_best,
+    export_model,
+    load,
+    load_model_state,
+    read_checkpoint,
+    save,
+)
+from modelbatch.data import PerModelLoader
+
+N, D, C = 4, 6, 3
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+class Net(nn.Module):
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(hidden, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+def make_batch(seed: int, n: int = N, hidden: int = 8) -> ModelBatch:
+    torch.manual_seed(seed)
+    return ModelBatch([Net(hidden) for _ in range(n)])
+
+
+def make_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(50, D, generator=g), torch.randint(0, C, (50,), generator=g)
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, amsgrad=True),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True),
+}
+
+
+def make_run(seed: int, family: str):
+    mb = make_batch(seed)
+    opt = OPTIMIZERS[family](mb.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    loader = PerModelLoader(*make_data(), num_models=N, batch_size=16, sampling="bootstrap")
+    return mb, opt, sched, loader
+
+
+def forever(loader):
+    while True:
+        yield from loader
+
+
+def train(mb, opt, sched, batches, steps: int) -> None:
+    for _ in range(steps):
+        xb, yb = next(batches)
+        loss = mb.compute_loss(mb(xb, per_model=True), yb, per_model=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def weights(mb: ModelBatch) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in mb.state_dict().items()}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("family", sorted(OPTIMIZERS))
+def test_resume_is_bitwise_the_same_as_never_stopping(tmp_path, family):
+    path = tmp_path / "run.safetensors"
+    mb, opt, sched, loader = make_run(0, family)
+    batches = forever(loader)
+    train(mb, opt, sched, batches, 6)
+    mb.retire(2)
+    save(
+        path,
+        mb,
+        optimizer=opt,
+        scheduler=sched,
+        loader=loader,
+        step=6,
+        configs=[{"i": i} for i in range(N)],
+    )
+    train(mb, opt, sched, batches, 5)
+    expected, expected_opt = weights(mb), opt.state_dict()
+
+    mb2, opt2, sched2, loader2 = make_run(123, family)
+    torch.manual_seed(999)  # the checkpoint's RNG state must win
+    ckpt = load(path, mb2, optimizer=opt2, scheduler=sched2, loader=loader2)
+    assert ckpt.step == 6 and ckpt.configs[3] == {"i": 3}
+    assert mb2.active.tolist() == [True, True, False, True]
+    train(mb2, opt2, sched2, forever(loader2), 5)
+    assert_same(expected, weights(mb2))
+    for pid, state in expected_opt["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, opt2.state_dict()["state"][pid][key]), key
+    assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_load_restores_numpy_and_python_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    mb = make_batch(0)
+    save(tmp_path / "c.safetensors", mb)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(7), random.random()
+    load(tmp_path / "c.safetensors", mb)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all()
+    assert expected[2] == got[2]
+
+
+# ---------------------------------------------------------------------- atomic writes
+
+
+def test_failed_rename_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.safetensors"
+    mb = make_batch(0)
+    save(path, mb)
+    before = weights(mb)
+    with torch.no_grad():
+        mb.stacked.fc1.weight.add_(1.0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        save(path, mb)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+    load(path, mb)
+    assert_same(before, weights(mb))
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {src!r})
+import torch
+import safetensors.torch as st
+from modelbatch import ModelBatch
+from modelbatch.checkpoint import save
+torch.manual_seed(0)
+mb = ModelBatch([torch.nn.Linear(6, 3) for _ in range(4)])
+with torch.no_grad():
+    mb.stacked.weight.add_(1.0)
+real_save = st.save_file
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+if {where!r} == "mid-write":
+    def partial(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        die()
+    st.save_file = partial
+else:
+    os.replace = die
+save({path!r}, mb)
+"""
+
+
+@pytest.mark.parametrize("where", ["mid-write", "before-rename"])
+def test_writer_killed_midway_leaves_the_previous_checkpoint(tmp_path, where):
+    path = tmp_path / "c.safetensors"
+    torch.manual_seed(0)
+    mb = ModelBatch([nn.Linear(6, 3) for _ in range(4)])
+    save(path, mb)
+    before = weights(mb)
+    script = CRASH_SCRIPT.format(src=SRC, where=where, path=str(path))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    assert len(list(tmp_path.iterdir())) == 2  # the killed writer's temp file is left over
+    with torch.no_grad():
+        mb.stacked.weight.zero_()
+    load(path, mb)
+    assert_same(before, weights(mb))
+
+
+# ---------------------------------------------------------------------- bad files
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "c.safetensors"
+    mb = make_batch(0)
+    opt = torch.optim.Adam(mb.parameters(), lr=0.01)
+    mb(torch.randn(5, D)).sum().backward()
+    opt.step()
+    save(path, mb, optimizer=opt)
+    return path
+
+
+def rewrite(path: Path, drop: str | None = None) -> None:
+    import safetensors.torch as st
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        names = [k for k in f.keys() if k != drop]  # noqa: SIM118
+        tensors = {k: f.get_tensor(k) for k in names}
+    st.save_file(tensors, str(path), metadata=meta)
+
+
+def patch_bytes(path: Path, offset: int, new: bytes) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset : offset + len(new)] = new
+    path.write_bytes(bytes(data))
+
+
+def corrupt_data(path: Path) -> None:
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    start = json.loads(data[8 : 8 + header_len])["model/fc1.weight"]["data_offsets"][0]
+    at = 8 + header_len + start + 1
+    patch_bytes(path, at, bytes([data[at] ^ 0x10]))
+
+
+def corrupt_metadata(path: Path) -> None:
+    data = path.read_bytes()
+    at = data.index(b'\\"num_models\\": 4')
+    patch_bytes(path, at + len(b'\\"num_models\\": '), b"5")
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def not_ours(path: Path) -> None:
+    import safetensors.torch as st
+
+    st.save_file({"w": torch.randn(3)}, str(path))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (truncate, "is not a readable checkpoint (truncated or corrupted)"),
+        (corrupt_data, "is corrupted: tensor 'model/fc1.weight' fails its checksum"),
+        (corrupt_metadata, "is corrupted: its metadata fails the checksum"),
+        (lambda p: rewrite(p, drop="model/fc2.bias"), "is incomplete: tensors ['model/fc2.bias']"),
+        (not_ours, "not a modelbatch checkpoint"),
+    ],
+)
+def test_damaged_files_are_refused_and_nothing_is_loaded(saved, damage, message):
+    damage(saved)
+    mb = make_batch(7)
+    opt = torch.optim.Adam(mb.parameters(), lr=0.01)
+    before = weights(mb)
+    with pytest.raises(ValueError, match=r"checkpoint\.load: ") as info:
+        load(saved, mb, optimizer=opt)
+    assert message in str(info.value)
+    assert_same(before, weights(mb))
+    assert opt.state_dict()["state"] == {}
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: make_batch(1, n=3), "holds N=4 models, this ModelBatch has N=3"),
+        (
+            lambda: make_batch(1, hidden=5),
+            "different architecture: 'fc1.weight' is float32[4, 8, 6] in the checkpoint, "
+            "float32[4, 5, 6] in the ModelBatch",
+        ),
+        (
+            lambda: ModelBatch([nn.Sequential(nn.Linear(D, C)) for _ in range(N)]),
+            "holds models of class test_checkpoint.Net",
+        ),
+    ],
+)
+def test_mismatched_models_are_refused_and_nothing_is_loaded(saved, build, message):
+    mb = build()
+    before = weights(mb)
+    with pytest.raises(ValueError, match=r"checkpoint\.load: ") as info:
+        load(saved, mb, strict=False)
+    assert message in str(info.value)
+    assert_same(before, weights(mb))
+
+
+def test_missing_and_mismatched_components_are_named(saved):
+    mb = make_batch(1)
+    with pytest.raises(ValueError, match=r"holds optimizer state .* but no optimizer was given"):
+        load(saved, mb)
+    with pytest.raises(
+        ValueError, match="holds optimizer state of a Adam, the given optimizer is a SGD"
+    ):
+        load(saved, mb, optimizer=torch.optim.SGD(mb.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="holds no scheduler state"):
+        sched = torch.optim.lr_scheduler.StepLR(torch.optim.Adam(mb.parameters()), 2)
+        load(saved, mb, optimizer=torch.optim.Adam(mb.parameters()), scheduler=sched)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint\.load: no checkpoint file"):
+        load(saved.with_name("nope.safetensors"), mb)
+
+
+def test_failure_while_restoring_rolls_everything_back(tmp_path):
+    class Exploding:
+        def state_dict(self):
+            return {"x": 1}
+
+        def load_state_dict(self, state):
+            if state == {"x": 1}:
+                raise RuntimeError("cannot restore")
+
+    path = tmp_path / "c.safetensors"
+    mb = make_batch(0)
+    opt = torch.optim.SGD(mb.parameters(), lr=0.1, momentum=0.9)
+    mb(torch.randn(5, D)).sum().backward()
+    opt.step()
+    save(path, mb, optimizer=opt, scheduler=Exploding())
+    mb2 = make_batch(3)
+    opt2 = torch.optim.SGD(mb2.parameters(), lr=0.1, momentum=0.9)
+    mb2(torch.randn(5, D)).sum().backward()
+    opt2.step()
+    before, before_opt = weights(mb2), opt2.state_dict()
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="cannot restore"):
+        load(path, mb2, optimizer=opt2, scheduler=Exploding())
+    assert_same(before, weights(mb2))
+    for pid, state in before_opt["state"].items():
+        assert torch.equal(
+            state["momentum_buffer"], opt2.state_dict()["state"][pid]["momentum_buffer"]
+        )
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+# ---------------------------------------------------------------------- single models
+
+
+def test_load_model_state_reads_one_model(saved):
+    meta, tensors = read_checkpoint(saved)
+    state = load_model_state(saved, 2)
+    assert list(state) == meta["export_keys"]
+    for k, v in state.items():
+        assert torch.equal(v, tensors[f"model/{k}"][2])
+    with pytest.raises(IndexError, match="index 4 out of range for N=4"):
+        load_model_state(saved, 4)
+
+
+PLAIN_SCRIPT = """
+import sys
+sys.modules["modelbatch"] = None  # modelbatch must not be importable here
+import torch
+from torch import nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear({D}, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(8, {C})
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+path, x_path, y_path, state_path = sys.argv[1:]
+if path.endswith(".safetensors"):
+    from safetensors.torch import load_file
+    state = load_file(path)
+else:
+    state = torch.load(path, weights_only=True)
+expected_state = torch.load(state_path)
+assert set(state) == set(expected_state)
+assert all(torch.equal(state[k], expected_state[k]) for k in state)
+net = Net()
+net.load_state_dict(state)
+net.eval()
+torch.testing.assert_close(net(torch.load(x_path)), torch.load(y_path), rtol=1e-6, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+@pytest.mark.parametrize("from_file", [False, True])
+def test_exported_model_loads_into_the_plain_class_without_modelbatch(tmp_path, suffix, from_file):
+    mb = make_batch(0)
+    mb(torch.randn(20, D))  # train-mode forward: running stats differ per model
+    mb.eval()
+    x = torch.randn(7, D)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(mb(x)[1], tmp_path / "y.pt")
+    torch.save(mb.get_model_states()[1], tmp_path / "state.pt")
+    source = tmp_path / "c.safetensors"
+    save(source, mb)
+    out = export_model(source if from_file else mb, 1, tmp_path / f"m1{suffix}")
+    script = PLAIN_SCRIPT.format(D=D, C=C)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(out),
+            *(str(tmp_path / f) for f in ("x.pt", "y.pt", "state.pt")),
+        ],
+        capture_output=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert proc.stdout.decode().strip() == "ok", proc.stderr.decode()
+
+
+def test_export_best_picks_the_top_k(tmp_path):
+    mb = make_batch(0)
+    paths = export_best(mb, torch.tensor([0.5, float("nan"), 0.9, 0.7]), 3, tmp_path / "best")
+    assert [i for i, _ in paths] == [2, 3, 0]
+    for i, p in paths:
+        assert_same(torch.load(p, weights_only=True), mb.get_model_states()[i])
+    lowest = export_best(mb, [0.5, float("nan"), 0.9, 0.7], 2, tmp_path / "low", largest=False)
+    assert [i for i, _ in lowest] == [0, 3]
+    with pytest.raises(ValueError, match="k must be in"):
+        export_best(mb, [1.0] * N, 0, tmp_path)
