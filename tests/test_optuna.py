@@ -43,8 +43,8 @@ def val_loss(val):
     return lambda mb: mb.per_model_losses(mb(x), y)
 
 
-def f32(value: float) -> float:
-    return torch.tensor(value, dtype=torch.float32).item()
+def as_stored(value: float, like: torch.Tensor) -> float:
+    return torch.tensor(value, dtype=like.dtype).item()
 
 
 def retrain_alone(params: dict, number: int, train, val, steps: int = STEPS) -> float:
@@ -80,7 +80,10 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill):
                 continue
             # What model i trained with, read back from the optimizer.
             used = (hp["lr"][i].item(), hp["weight_decay"][i].item())
-            assert used == (f32(trial.params["lr"]), f32(trial.params["weight_decay"]))
+            assert used == (
+                as_stored(trial.params["lr"], hp["lr"]),
+                as_stored(trial.params["weight_decay"], hp["weight_decay"]),
+            )
             seen[trial.number] = used
 
     trials = optimize_batched(
