@@ -23,7 +23,7 @@ def digits():
     y = torch.tensor(y, dtype=torch.long)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     x, y = x[perm], y[perm]
-    return (x[:1200], y[:1200]), (x[1200:], y[1200:])
+    return (x[:600], y[:600]), (x[1200:], y[1200:])
 
 
 def make_model(trial) -> nn.Module:
