@@ -272,3 +272,69 @@ def test_bad_configs_give_clear_errors():
         BatchLightningModule(nn.Linear(2, 2), CONFIGS)
     with pytest.raises(ValueError, match=r"^batch_precision_plugin: precision must be"):
         batch_precision_plugin(mb, "32-true")
+
+
+def _fp16_reference(init, loader, steps, max_norm):
+    from modelbatch.amp import BatchGradScaler
+
+    own = ModelBatch(copy.deepcopy(init))
+    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(own, CONFIGS)
+    scaler = BatchGradScaler(own)
+    for x, y in batches(loader, steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+            loss = own.compute_loss(own(x), y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        clip_grad_norm_(own, max_norm)
+        scaler.step(opt)
+        scaler.update()
+    return own, scaler
+
+
+@pytest.mark.parametrize("how", ["batch_plugin", "torch_scaler_swapped"])
+def test_16_mixed_uses_the_per_model_scaler_and_isolates_overflow(how):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from modelbatch.amp import BatchGradScaler
+
+    init = make_models()
+    # Model 2's output overflows fp16: its steps are skipped, the others' are not.
+    with torch.no_grad():
+        init[2][2].weight.mul_(1e4)
+    loader = make_loader()
+    mb = ModelBatch(copy.deepcopy(init))
+    module = BatchLightningModule(mb, CONFIGS)
+    # Lightning turns precision="16-mixed" into bf16 on CPU; a plugin keeps fp16.
+    if how == "batch_plugin":
+        plugin = batch_precision_plugin(mb, "16-mixed", device="cpu")
+    else:  # torch's global scaler, which the module must replace by the per-model one
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    tr = trainer(plugins=[plugin], max_steps=6, gradient_clip_val=0.3)
+    tr.fit(module, loader)
+    scaler = tr.precision_plugin.scaler
+    assert isinstance(scaler, BatchGradScaler)
+    assert scaler.get_scale().shape == (N,)
+
+    own, own_scaler = _fp16_reference(init, loader, 6, 0.3)
+    assert torch.equal(scaler.get_scale(), own_scaler.get_scale())
+    assert scaler.get_scale()[2] < scaler.get_scale()[0]  # only model 2 backed off
+    for name, value in own.stacked_params().items():
+        assert_close_rel(mb.stacked_params()[name].detach(), value.detach(), 1e-5)
+    for name, value in init[2].state_dict().items():
+        assert torch.equal(mb.stacked_params()[name][2], value), name  # skipped every step
+    for i in (0, 1, 3):
+        assert not torch.equal(mb.stacked_params()["0.weight"][i], init[i].state_dict()["0.weight"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_16_mixed_flag_on_cuda_gets_the_per_model_scaler():
+    from modelbatch.amp import BatchGradScaler
+
+    mb = ModelBatch(make_models())
+    module = BatchLightningModule(mb, CONFIGS)
+    tr = trainer(accelerator="cuda", precision="16-mixed", max_steps=3, gradient_clip_val=0.3)
+    tr.fit(module, make_loader())
+    assert isinstance(tr.precision_plugin.scaler, BatchGradScaler)
+    assert torch.isfinite(mb.stacked_params()["0.weight"]).all()

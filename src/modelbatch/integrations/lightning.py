@@ -283,16 +283,17 @@ class BatchLightningModule(pl.LightningModule):
         self.grad_norms = clip_grad_norm_(self.model_batch, max_norm)
 
     def setup(self, stage: str) -> None:
-        """Swap Lightning's global grad scaler for the per-model one under 16-mixed."""
+        """Give Lightning's 16-mixed precision plugin the per-model grad scaler."""
         plugin = self.trainer.precision_plugin
-        scaler = getattr(plugin, "scaler", None)
-        if not isinstance(plugin, MixedPrecision) or scaler is None:
+        if not isinstance(plugin, MixedPrecision) or plugin.precision != "16-mixed":
             return
         from ..amp import BatchGradScaler
 
-        if isinstance(scaler, BatchGradScaler):
+        if isinstance(plugin.scaler, BatchGradScaler):
             return
-        # torch's GradScaler skips every model's step when any one overflows.
+        # torch's GradScaler skips every model's step when any one model
+        # overflows. Lightning makes none on CPU; fp16 gradients underflow
+        # there too, so the per-model one is installed on every device.
         plugin.scaler = BatchGradScaler(self.model_batch)
 
     # ------------------------------------------------------------------ the per-model table
