@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 L = pytest.importorskip("lightning.pytorch")
 
 from modelbatch import ModelBatch  # noqa: E402
+from modelbatch import optim as mb_optim  # noqa: E402
 from modelbatch.integrations.lightning import (  # noqa: E402
     BatchLightningModule,
     batch_precision_plugin,
@@ -65,18 +66,25 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float) -
     assert diff <= rel, f"max relative difference {diff.item():.3e} > {rel:g}"
 
 
-def plain_torch_reference(init: list[nn.Module], loader, steps, max_norm=None, precision=None):
-    """Each model alone, with torch.optim.AdamW and torch's clip_grad_norm_."""
+STEP_SIZES = [2, 3, 4, 5]
+GAMMAS = [0.5, 0.7, 0.9, 0.3]
+
+
+def plain_torch_reference(init: list[nn.Module], loader, steps, max_norm=None, schedule=False):
+    """Each model alone, with torch.optim.AdamW, torch's StepLR and clip_grad_norm_."""
     out = []
-    for model, cfg in zip(init, CONFIGS):
+    for i, (model, cfg) in enumerate(zip(init, CONFIGS)):
         model = copy.deepcopy(model)
         opt = torch.optim.AdamW(model.parameters(), **cfg)
+        sched = torch.optim.lr_scheduler.StepLR(opt, STEP_SIZES[i], GAMMAS[i])
         for x, y in batches(loader, steps):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             if max_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             opt.step()
+            if schedule:
+                sched.step()
         out.append(model)
     return out
 
@@ -157,11 +165,24 @@ def test_max_grad_norm_argument_clips_per_model():
 
 
 def _scheduled_module(init):
+    """Per-model StepLR: model i decays by GAMMAS[i] every STEP_SIZES[i] steps."""
     return BatchLightningModule(
         ModelBatch(copy.deepcopy(init)),
         CONFIGS,
-        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+        scheduler=lambda opt: mb_optim.StepLR(opt, step_size=STEP_SIZES, gamma=GAMMAS),
     )
+
+
+def test_per_model_schedule_matches_torch_schedulers():
+    init = make_models()
+    loader = make_loader()
+    module = _scheduled_module(init)
+    trainer(gradient_clip_val=0.5).fit(module, loader)
+    refs = plain_torch_reference(init, loader, STEPS, max_norm=0.5, schedule=True)
+    assert_batch_equals(module.model_batch, refs, 1e-5)
+    lrs = module.trainer.optimizers[0].hparams["lr"]
+    expected = [c["lr"] * g ** (STEPS // s) for c, s, g in zip(CONFIGS, STEP_SIZES, GAMMAS)]
+    assert torch.allclose(lrs, torch.tensor(expected, dtype=lrs.dtype), rtol=1e-12)
 
 
 def test_resume_from_checkpoint_continues_identically(tmp_path):
@@ -188,6 +209,7 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
         assert torch.equal(resumed.model_batch.stacked_params()[name], value), name
     s_opt, r_opt = straight.trainer.optimizers[0], resumed.trainer.optimizers[0]
     assert r_opt.param_groups[0]["lr"] == s_opt.param_groups[0]["lr"]
+    assert torch.equal(resumed.lr_schedulers().steps, straight.lr_schedulers().steps)
     for key, value in s_opt.hparams.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(r_opt.hparams[key], value), key
