@@ -132,7 +132,17 @@ class OptimizerFactory:
         params = list(model_batch.parameters())
         batch_cls = cls if issubclass(cls, BatchOptimizer) else VECTORIZED.get(cls)
         if batch_cls is not None:
-            return batch_cls(params, configs, model_batch=model_batch, base_config=self.base_config)
+            try:
+                return batch_cls(
+                    params, configs, model_batch=model_batch, base_config=self.base_config
+                )
+            except (ValueError, TypeError) as error:
+                # Re-raise at the public entry, under the name the user called.
+                prefix = f"{batch_cls.__name__}: "
+                if str(error).startswith(prefix):
+                    message = "OptimizerFactory: " + str(error)[len(prefix) :]
+                    raise type(error)(message) from None
+                raise
         full = [{**self.base_config, **c} for c in configs]
         for i, cfg in enumerate(full):
             if cfg != full[0]:

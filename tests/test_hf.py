@@ -1,0 +1,480 @@
+"""BatchTrainer (HuggingFace Trainer) against N models trained one by one in plain PyTorch.
+
+Every test compares weights, never only "it ran": the Trainer's run must equal
+a per-model torch.optim run on the very batches the Trainer drew.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import TrainingArguments
+
+from modelbatch import ModelBatch
+from modelbatch.integrations.huggingface import (
+    BatchTrainer,
+    export_model,
+    load_model_state,
+)
+
+N = 4
+STEPS = 20
+CONFIGS = [
+    {"lr": 1e-2, "weight_decay": 0.0},
+    {"lr": 3e-3, "weight_decay": 0.1},
+    {"lr": 3e-2, "weight_decay": 0.01},
+    {"lr": 5e-3, "weight_decay": 0.5},
+]
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Blobs(torch.utils.data.Dataset):
+    """Random inputs with labels a model can partly learn."""
+
+    def __init__(self, n: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = (self.x[:, 0] > 0).long() + (self.x[:, 1] > 0.5).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class RecordingTrainer(BatchTrainer):
+    """Keeps a copy of every training micro-batch, to replay it in the reference."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.recorded: list[dict[str, torch.Tensor]] = []
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.model_batch.training:
+            self.recorded.append({k: v.detach().clone() for k, v in inputs.items()})
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def make_models(seed: int = 0, n: int = N) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [MLP() for _ in range(n)]
+
+
+def make_args(out, **overrides) -> TrainingArguments:
+    kwargs = dict(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=4,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        max_grad_norm=0.0,
+        lr_scheduler_type="linear",
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def linear_factor(total: int):
+    # The factor HF's "linear" schedule (no warmup) gives; torch scales each model's own lr by it.
+    return lambda step: max(0.0, (total - step) / total)
+
+
+def torch_reference(
+    models,
+    micro_batches,
+    configs,
+    *,
+    accumulation=1,
+    total=STEPS,
+    clip=None,
+    global_clip=False,
+    optimizer="adamw",
+    loss_of=None,
+):
+    """N models trained one by one with torch.optim on the recorded batches."""
+    models = [copy.deepcopy(m) for m in models]
+    opts = []
+    for m, c in zip(models, configs):
+        if optimizer == "adamw":
+            opts.append(
+                torch.optim.AdamW(m.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
+            )
+        else:
+            opts.append(
+                torch.optim.SGD(
+                    m.parameters(),
+                    lr=c["lr"],
+                    momentum=c["momentum"],
+                    weight_decay=c["weight_decay"],
+                )
+            )
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, linear_factor(total)) for o in opts]
+    loss_of = loss_of or (lambda m, b: F.cross_entropy(m(b["x"]), b["labels"]))
+    steps = [
+        micro_batches[i : i + accumulation] for i in range(0, len(micro_batches), accumulation)
+    ]
+    for group in steps:
+        for m in models:
+            m.zero_grad(set_to_none=True)
+        for batch in group:
+            for m in models:
+                (loss_of(m, batch) / len(group)).backward()
+        if clip is not None:
+            if global_clip:
+                torch.nn.utils.clip_grad_norm_([p for m in models for p in m.parameters()], clip)
+            else:
+                for m in models:
+                    torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
+    return models
+
+
+def max_rel_diff(mb: ModelBatch, models, noise_only: tuple[str, ...] = ()) -> float:
+    """Max over models and tensors of max|got - ref| / max|ref|.
+
+    Tensors named in `noise_only` have an exactly zero true gradient, so their
+    values are rounding noise (Adam amplifies it); they are checked in absolute terms.
+    """
+    worst = 0.0
+    for i, m in enumerate(models):
+        ref = m.state_dict()
+        got = mb.get_model_states()[i]
+        for k, v in ref.items():
+            if k.endswith(noise_only) and noise_only:
+                assert float((got[k] - v).abs().max()) <= 1e-6, k
+                continue
+            worst = max(worst, float((got[k] - v).abs().max() / v.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def train(out, models, configs=CONFIGS, trainer_cls=RecordingTrainer, **arg_overrides):
+    mb = ModelBatch([copy.deepcopy(m) for m in models])
+    trainer = trainer_cls(
+        mb, make_args(out, **arg_overrides), configs=configs, train_dataset=Blobs()
+    )
+    trainer.train()
+    return trainer
+
+
+# ---------------------------------------------------------------------- equivalence
+
+
+def test_trainer_equals_per_model_torch_adamw(tmp_path):
+    models = make_models()
+    trainer = train(tmp_path, models)
+    assert len(trainer.recorded) == STEPS
+    ref = torch_reference(models, trainer.recorded, CONFIGS)
+    assert max_rel_diff(trainer.model_batch, ref) <= 1e-5
+    # It trained: every model moved away from its initial weights.
+    start = ModelBatch([copy.deepcopy(m) for m in models])
+    for name, p in trainer.model_batch.stacked_params().items():
+        moved = (p.detach() - start.stacked_params()[name]).flatten(1).abs().amax(dim=1)
+        assert bool((moved > 1e-4).all()), name
+
+
+def test_trainer_equals_library_loop(tmp_path):
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models(seed=1)
+    trainer = train(tmp_path, models)
+    mb = ModelBatch([copy.deepcopy(m) for m in models])
+    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(mb, CONFIGS)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_factor(STEPS))
+    for batch in trainer.recorded:
+        opt.zero_grad()
+        mb.compute_loss(mb(x=batch["x"]), batch["labels"]).backward()
+        opt.step()
+        sched.step()
+    for name, p in mb.stacked_params().items():
+        got = trainer.model_batch.stacked_params()[name].detach()
+        assert float((got - p.detach()).abs().max() / p.detach().abs().max()) <= 1e-5, name
+
+
+def test_max_grad_norm_clips_each_model_by_its_own_norm(tmp_path):
+    models = make_models(seed=2)
+    clip = 0.3
+    trainer = train(tmp_path, models, max_grad_norm=clip)
+    per_model = torch_reference(models, trainer.recorded, CONFIGS, clip=clip)
+    global_ = torch_reference(models, trainer.recorded, CONFIGS, clip=clip, global_clip=True)
+    assert max_rel_diff(trainer.model_batch, per_model) <= 1e-5
+    # The test can fail: one global norm would have given clearly different weights.
+    assert max_rel_diff(trainer.model_batch, global_) > 1e-3
+    # Clipping was active, and the logged norms are per model.
+    assert trainer.last_grad_norms.shape == (N,)
+
+
+def test_gradient_accumulation_divides_by_the_steps(tmp_path):
+    # SGD, not Adam: Adam is nearly blind to a wrong gradient scale.
+    configs = [
+        {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+        {"lr": 0.2, "momentum": 0.0, "weight_decay": 0.01},
+        {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.1},
+        {"lr": 0.02, "momentum": 0.8, "weight_decay": 0.0},
+    ]
+    models = make_models(seed=3)
+    mb = ModelBatch([copy.deepcopy(m) for m in models])
+    args = make_args(
+        tmp_path, max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=3
+    )
+    trainer = RecordingTrainer(
+        mb, args, optimizer_cls=torch.optim.SGD, configs=configs, train_dataset=Blobs()
+    )
+    trainer.train()
+    # 16 batches per epoch: five steps of 3 micro-batches, then one of 1 at the epoch's end,
+    # which Trainer divides by 1, not 3.
+    assert len(trainer.recorded) == 16
+    ref = torch_reference(
+        models, trainer.recorded, configs, accumulation=3, total=6, optimizer="sgd"
+    )
+    assert max_rel_diff(trainer.model_batch, ref) <= 1e-5
+    undivided = torch_reference(
+        models, trainer.recorded, configs, accumulation=1, total=18, optimizer="sgd"
+    )
+    assert max_rel_diff(trainer.model_batch, undivided) > 1e-3
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_resume_from_checkpoint_continues_identically(tmp_path):
+    models = make_models(seed=4)
+    full = train(tmp_path / "full", models, save_strategy="steps", save_steps=10)
+    checkpoint = tmp_path / "full" / "checkpoint-10"
+    assert (checkpoint / "model.safetensors").is_file()
+
+    # Resume into a batch with other initial weights: everything must come from the checkpoint.
+    mb = ModelBatch(make_models(seed=99))
+    resumed = BatchTrainer(
+        mb,
+        make_args(tmp_path / "resumed", save_strategy="steps", save_steps=10),
+        configs=CONFIGS,
+        train_dataset=Blobs(),
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, p in full.model_batch.stacked_params().items():
+        assert torch.equal(p, mb.stacked_params()[name]), name
+
+    # The checkpoint holds the stacked weights; model i comes out as a plain state dict.
+    final = tmp_path / "full" / "checkpoint-20"
+    for i in (0, N - 1):
+        state = load_model_state(final, i)
+        plain = MLP()
+        plain.load_state_dict(state)  # strict: exactly the user's keys
+        for k, v in full.model_batch.get_model_states()[i].items():
+            assert torch.equal(state[k], v), k
+        x = torch.randn(5, 8)
+        assert torch.equal(plain(x), export_model(full, i)(x))
+    with pytest.raises(IndexError, match="load_model_state"):
+        load_model_state(final, N)
+
+
+def test_resume_rejects_a_mismatched_checkpoint(tmp_path):
+    full = train(tmp_path / "full", make_models(seed=5), save_strategy="steps", save_steps=10)
+    assert full.state.global_step == STEPS
+    mb = ModelBatch(make_models(seed=5, n=N + 1))
+    other = BatchTrainer(
+        mb, make_args(tmp_path / "other"), configs=CONFIGS + CONFIGS[:1], train_dataset=Blobs()
+    )
+    with pytest.raises(ValueError, match="BatchTrainer: the checkpoint"):
+        other.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
+
+
+# ---------------------------------------------------------------------- logging and eval
+
+
+def test_logs_aggregates_and_writes_the_per_model_table(tmp_path):
+    trainer = train(tmp_path, make_models(seed=6))
+    history = trainer.model_batch.loss_history()  # [STEPS, N], one row per micro-batch
+    train_logs = [h for h in trainer.state.log_history if "loss_best" in h]
+    assert [h["step"] for h in train_logs] == [5, 10, 15, 20]
+    for h in trainer.state.log_history:
+        assert len(h) < 20  # aggregates only, never one key per model
+    with open(tmp_path / "per_model_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * N
+    for log in train_logs:
+        step = log["step"]
+        window = history[step - 5 : step].double().mean(dim=0)
+        logged = torch.tensor(
+            [float(r["loss"]) for r in rows if int(r["step"]) == step], dtype=torch.float64
+        )
+        assert torch.allclose(logged, window, rtol=1e-6, atol=0)
+        assert log["best_model"] == int(window.argmin())
+        assert math.isclose(log["loss_best"], float(window.min()), rel_tol=1e-6)
+        assert math.isclose(log["loss_worst"], float(window.max()), rel_tol=1e-6)
+        assert math.isclose(log["loss_median"], float(window.median()), rel_tol=1e-6)
+        # Trainer's own "loss" is the sum over models.
+        assert math.isclose(log["loss"], float(window.sum()), rel_tol=1e-5)
+
+
+def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
+    trainer = train(tmp_path, make_models(seed=7), max_steps=3)
+    data = Blobs(n=10, seed=1)  # 10 samples in eval batches of 4: an uneven last batch
+    out = trainer.predict(data)
+    assert out.predictions.shape == (10, N, 3)
+    mb = trainer.model_batch
+    losses = []
+    for i in range(N):
+        logits = export_model(trainer, i)(data.x)
+        assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
+        losses.append(float(F.cross_entropy(logits, data.y)))
+    best = min(range(N), key=lambda i: losses[i])
+    assert out.metrics["test_best_model"] == best
+    assert math.isclose(out.metrics["test_loss_best"], losses[best], rel_tol=1e-5)
+    assert math.isclose(out.metrics["test_loss"], sum(losses), rel_tol=1e-5)
+    # Evaluation does not enter the training loss history.
+    assert mb.loss_history().shape == (3, N)
+
+
+# ---------------------------------------------------------------------- per-model grad scaler
+
+
+def test_overflow_in_one_model_skips_only_that_model(tmp_path):
+    amp = pytest.importorskip("modelbatch.amp")
+    k = 2
+
+    def run(out, blow_up: bool):
+        models = make_models(seed=8)
+        if blow_up:
+            with torch.no_grad():
+                models[k].net[2].weight.mul_(1e36)  # its scaled gradients overflow to inf
+        mb = ModelBatch(models)
+        start = mb.get_model_states()[k]
+        scaler = amp.BatchGradScaler(mb, init_scale=2.0**16)
+        trainer = RecordingTrainer(
+            mb,
+            make_args(out, max_steps=5),
+            configs=CONFIGS,
+            grad_scaler=scaler,
+            train_dataset=Blobs(),
+        )
+        trainer.train()
+        return trainer, start, scaler
+
+    clean, _, _ = run(tmp_path / "clean", blow_up=False)
+    broken, start_k, scaler = run(tmp_path / "broken", blow_up=True)
+    for name, p in broken.model_batch.stacked_params().items():
+        others = [i for i in range(N) if i != k]
+        assert torch.equal(p[others], clean.model_batch.stacked_params()[name][others]), name
+        assert torch.equal(p[k], start_k[name]), name  # model k never stepped
+    scale = scaler.get_scale()
+    assert float(scale[k]) < 2.0**16
+    assert all(float(scale[i]) == 2.0**16 for i in range(N) if i != k)
+    # The others trained as plain torch would have.
+    ref = torch_reference(make_models(seed=8), clean.recorded, CONFIGS, total=5)
+    assert max_rel_diff(clean.model_batch, ref) <= 1e-5
+
+
+# ---------------------------------------------------------------------- PreTrainedModel
+
+
+def test_tiny_bert_sequence_classification(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    n, steps = 3, 4
+    models = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        models.append(BertForSequenceClassification(config))
+
+    class Sentences(torch.utils.data.Dataset):
+        def __init__(self, size: int, seed: int) -> None:
+            g = torch.Generator().manual_seed(seed)
+            self.ids = torch.randint(1, 40, (size, 12), generator=g)
+            lengths = torch.randint(4, 13, (size,), generator=g)
+            self.mask = (torch.arange(12) < lengths[:, None]).long()
+            self.labels = torch.randint(0, 3, (size,), generator=g)
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {
+                "input_ids": self.ids[i],
+                "attention_mask": self.mask[i],
+                "labels": self.labels[i],
+            }
+
+    configs = [
+        {"lr": lr, "weight_decay": wd} for lr, wd in [(1e-3, 0.0), (3e-3, 0.1), (5e-4, 0.01)]
+    ]
+    mb = ModelBatch([copy.deepcopy(m) for m in models])
+    trainer = RecordingTrainer(
+        mb,
+        make_args(tmp_path, max_steps=steps, per_device_train_batch_size=4),
+        configs=configs,
+        train_dataset=Sentences(16, 0),
+    )
+    trainer.train()
+
+    def hf_loss(m, batch):  # each model's own HF loss, labels passed to the model
+        return m(**batch).loss
+
+    ref = torch_reference(models, trainer.recorded, configs, total=steps, loss_of=hf_loss)
+    # Softmax ignores the attention key bias: its gradient is zero up to rounding.
+    assert max_rel_diff(mb, ref, noise_only=("attention.self.key.bias",)) <= 1e-5
+
+    data = Sentences(6, 1)
+    out = trainer.predict(data)
+    assert out.predictions.shape == (6, n, 3)
+    for i in range(n):
+        exported = export_model(trainer, i)
+        assert isinstance(exported, BertForSequenceClassification)
+        logits = exported(input_ids=data.ids, attention_mask=data.mask).logits
+        expected = ref[i](input_ids=data.ids, attention_mask=data.mask).logits
+        assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(
+        TypeError, match=r"BatchTrainer: expected model to be a modelbatch\.ModelBatch"
+    ):
+        BatchTrainer(MLP(), make_args(tmp_path))
+    mb = ModelBatch(make_models())
+    with pytest.raises(ValueError, match="BatchTrainer: configs has 2 entries"):
+        BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS[:2])
+    trainer = BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, label_key="target")
+    with pytest.raises(ValueError, match="BatchTrainer: the batch has no 'target' entry"):
+        trainer.compute_loss(mb, {"x": torch.randn(2, 8), "labels": torch.zeros(2).long()})
