@@ -9,6 +9,7 @@ from torch import nn
 
 optuna = pytest.importorskip("optuna")
 
+from modelbatch import optim as mb_optim  # noqa: E402
 from modelbatch.integrations.optuna import optimize_batched  # noqa: E402
 
 STEPS = 30
@@ -47,22 +48,29 @@ def as_stored(value: float, like: torch.Tensor) -> float:
     return torch.tensor(value, dtype=like.dtype).item()
 
 
-def retrain_alone(params: dict, number: int, train, val, steps: int = STEPS) -> float:
-    """The trial's config alone, with plain torch.optim.AdamW."""
+def retrain_alone(
+    params: dict, number: int, train, val, steps: int = STEPS, schedule: bool = False
+) -> float:
+    """The trial's config alone, with plain torch.optim.AdamW (and torch's StepLR)."""
     model = make_model(optuna.trial.FixedTrial(params, number=number))
     opt = torch.optim.AdamW(
         model.parameters(), lr=params["lr"], weight_decay=params["weight_decay"]
     )
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
     for _ in range(steps):
         opt.zero_grad()
         F.cross_entropy(model(train[0]), train[1]).backward()
         opt.step()
+        if schedule:
+            sched.step()
     with torch.no_grad():
         return F.cross_entropy(model(val[0]), val[1]).item()
 
 
-@pytest.mark.parametrize("refill", [True, False])
-def test_study_of_32_trials_in_batches_of_8(digits, refill):
+@pytest.mark.parametrize(
+    ("refill", "schedule"), [(True, True), (False, False)], ids=["refill+schedule", "retire"]
+)
+def test_study_of_32_trials_in_batches_of_8(digits, refill, schedule):
     train, val = digits
     study = optuna.create_study(
         sampler=optuna.samplers.TPESampler(seed=0, constant_liar=True, n_startup_trials=8),
@@ -78,8 +86,14 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill):
             if trial is None:
                 assert not state.model_batch.active[i]
                 continue
-            # What model i trained with, read back from the optimizer.
-            used = (hp["lr"][i].item(), hp["weight_decay"][i].item())
+            # What model i trained with, read back from the optimizer (and
+            # the schedule, which holds the base lr when there is one).
+            lr = hp["lr"][i].item()
+            if state.scheduler is not None:
+                lr = state.scheduler.initial_lr[i].item()
+                decay = 0.5 ** (int(state.steps[i]) // 7)
+                assert hp["lr"][i].item() == pytest.approx(lr * decay, rel=1e-12)
+            used = (lr, hp["weight_decay"][i].item())
             assert used == (
                 as_stored(trial.params["lr"], hp["lr"]),
                 as_stored(trial.params["weight_decay"], hp["weight_decay"]),
@@ -98,6 +112,7 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill):
         report_every=REPORT,
         refill=refill,
         on_report=check_hparams,
+        scheduler=(lambda opt: mb_optim.StepLR(opt, step_size=7, gamma=0.5)) if schedule else None,
     )
     assert len(trials) == len(study.trials) == 32
     assert sorted(seen) == list(range(32))  # every trial's model was checked
@@ -114,13 +129,13 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill):
 
     # The best trial's score is what its config gives when trained alone.
     best = study.best_trial
-    alone = retrain_alone(best.params, best.number, train, val)
+    alone = retrain_alone(best.params, best.number, train, val, schedule=schedule)
     assert best.value == pytest.approx(alone, rel=1e-4)
-    # ... and a second completed trial too, so a mix-up of slots cannot hide.
-    other = next(t for t in complete if t.number != best.number)
-    assert other.value == pytest.approx(
-        retrain_alone(other.params, other.number, train, val), rel=1e-4
-    )
+    # ... and the last completed trial too (a refilled slot when refill=True),
+    # so a mix-up of slots cannot hide.
+    other = max((t for t in complete if t.number != best.number), key=lambda t: t.number)
+    alone = retrain_alone(other.params, other.number, train, val, schedule=schedule)
+    assert other.value == pytest.approx(alone, rel=1e-4)
 
 
 def test_cma_es_sampler_runs_batched(digits):

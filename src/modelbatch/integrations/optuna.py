@@ -46,6 +46,9 @@ class BatchedTrials:
         trials: the trial in each slot, None for a retired slot.
         steps: `[N]` training steps each slot's trial has taken.
         values: `[N]` the values just reported (NaN for empty slots).
+        scheduler: the per-model schedule, or None; with one,
+            `optimizer.hparams["lr"]` is the scheduled rate and
+            `scheduler.initial_lr[i]` trial i's suggested one.
     """
 
     model_batch: ModelBatch
@@ -53,6 +56,7 @@ class BatchedTrials:
     trials: list[optuna.trial.Trial | None]
     steps: Tensor
     values: Tensor
+    scheduler: Any = None
 
 
 def _batches(data: Iterable[Any]) -> Iterator[Any]:
@@ -69,21 +73,6 @@ def _batches(data: Iterable[Any]) -> Iterator[Any]:
             )
 
 
-def _load_slot(mb: ModelBatch, index: int, model: nn.Module) -> None:
-    """Overwrite slot `index` of the stack with `model`'s parameters and buffers."""
-    own = {**mb.stacked_params(), **mb.stacked_buffers()}
-    state = model.state_dict()
-    missing = set(own) - set(state)
-    if missing:
-        raise ValueError(
-            f"optimize_batched: model_fn returned a model without {sorted(missing)}; it must "
-            "build the same architecture for every trial."
-        )
-    with torch.no_grad():
-        for name, tensor in own.items():
-            tensor[index].copy_(state[name])
-
-
 def optimize_batched(
     study: optuna.Study,
     model_fn: Callable[[optuna.trial.Trial], nn.Module],
@@ -97,6 +86,7 @@ def optimize_batched(
     report_every: int,
     optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
     base_config: Mapping[str, Any] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     loss_fn: Callable[..., Tensor] | None = None,
     refill: bool = True,
     on_report: Callable[[BatchedTrials], None] | None = None,
@@ -122,6 +112,9 @@ def optimize_batched(
             must divide `steps`.
         optimizer_cls: the torch optimizer whose vectorized version runs.
         base_config: hyperparameters shared by all trials.
+        scheduler: `optimizer -> scheduler`, a `modelbatch.optim` per-model
+            schedule (stepped once per training step); a refilled slot
+            restarts its own schedule from the new trial's lr.
         loss_fn: per-model training loss; defaults to the ModelBatch default
             (cross-entropy).
         refill: give a slot freed by a pruned or finished trial to a new
@@ -141,8 +134,9 @@ def optimize_batched(
 
     Warning:
         A value that is not finite fails its trial (Optuna's rule); the other
-        models are unaffected. Per-step schedules are not applied here: a
-        refilled slot starts mid-run, so schedules would need per-slot steps.
+        models are unaffected. Trials share the training batches: a slot
+        refilled mid-run sees the batches from that point on, so with
+        shuffled mini-batches its data order differs from a run alone.
     """
     if n_trials < 1 or batch_size < 1:
         raise ValueError(
@@ -154,6 +148,7 @@ def optimize_batched(
             f"optimize_batched: report_every must divide steps, got steps={steps}, "
             f"report_every={report_every}; e.g. steps={report_every * max(1, steps // max(report_every, 1))}."
         )
+    from ..lifecycle import replace_model
     from ..optim import OptimizerFactory
 
     n = min(batch_size, n_trials)
@@ -163,6 +158,13 @@ def optimize_batched(
     optimizer = OptimizerFactory(optimizer_cls, dict(base_config or {})).create_optimizer(
         mb, configs
     )
+    schedule = scheduler(optimizer) if scheduler is not None else None
+    if schedule is not None and not hasattr(schedule, "reset_models"):
+        raise TypeError(
+            f"optimize_batched: the scheduler ({type(schedule).__name__}) cannot restart one "
+            "model's schedule; use a modelbatch.optim per-model schedule (StepLR, "
+            "CosineAnnealingLR, ...)."
+        )
     asked = n
     done: list[int] = []
     slot_steps = torch.zeros(n, dtype=torch.long, device=mb.active.device)
@@ -170,16 +172,17 @@ def optimize_batched(
 
     def start(slots: Sequence[int]) -> None:
         nonlocal asked
-        new_configs = []
         for i in slots:
             trial = study.ask()
             asked += 1
             trials[i] = trial
-            new_configs.append(dict(suggest(trial)))
-            _load_slot(mb, i, model_fn(trial))
-        optimizer.reset_models(list(slots), new_configs)
+            config = dict(suggest(trial))
+            # In place: weights, optimizer state and hyperparameters, schedule
+            # and active flag of slot i only.
+            replace_model(
+                mb, i, model_fn(trial), config=config, optimizer=optimizer, scheduler=schedule
+            )
         slot_steps[list(slots)] = 0
-        mb.activate(list(slots))
 
     def finish(i: int, state: optuna.trial.TrialState, value: float | None) -> None:
         trial = trials[i]
@@ -194,6 +197,8 @@ def optimize_batched(
             optimizer.zero_grad()
             mb.compute_loss(mb(inputs), targets).backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
         slot_steps += mb.active.long() * report_every
 
         was_training = mb.training
@@ -208,7 +213,9 @@ def optimize_batched(
             )
         values = torch.where(mb.active, values, torch.full_like(values, math.nan))
         if on_report is not None:
-            on_report(BatchedTrials(mb, optimizer, list(trials), slot_steps.clone(), values))
+            on_report(
+                BatchedTrials(mb, optimizer, list(trials), slot_steps.clone(), values, schedule)
+            )
 
         # Optuna's report/prune/tell are per-trial calls: this loop runs once
         # per report point, not per training step.
