@@ -306,7 +306,13 @@ class BatchLightningModule(pl.LightningModule):
             hparams = getattr(optimizer, "hparams", {})
             factor = optimizer.param_groups[0].get("lr", 1.0)
             for key, value in hparams.items():
-                if isinstance(value, Tensor) and value.shape == (self.model_batch.num_models,):
+                # Numeric [N] hyperparameters only: flags (amsgrad, ...) and
+                # betas [N, 2] would crowd the table.
+                if (
+                    isinstance(value, Tensor)
+                    and value.is_floating_point()
+                    and value.shape == (self.model_batch.num_models,)
+                ):
                     if key == "lr" and not isinstance(factor, Tensor):
                         value = value * factor
                     columns[key] = value
