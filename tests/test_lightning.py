@@ -70,8 +70,13 @@ STEP_SIZES = [2, 3, 4, 5]
 GAMMAS = [0.5, 0.7, 0.9, 0.3]
 
 
-def plain_torch_reference(init: list[nn.Module], loader, steps, max_norm=None, schedule=False):
-    """Each model alone, with torch.optim.AdamW, torch's StepLR and clip_grad_norm_."""
+def plain_torch_reference(
+    init: list[nn.Module], loader, steps, max_norm=None, schedule=False, clip_value=None
+):
+    """Each model alone, with torch.optim.AdamW, StepLR, clip_grad_norm_ / clip_grad_value_.
+
+    `max_norm` is one float for all models or a list, one per model.
+    """
     out = []
     for i, (model, cfg) in enumerate(zip(init, CONFIGS)):
         model = copy.deepcopy(model)
@@ -81,7 +86,10 @@ def plain_torch_reference(init: list[nn.Module], loader, steps, max_norm=None, s
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             if max_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                norm_i = max_norm[i] if isinstance(max_norm, list) else max_norm
+                torch.nn.utils.clip_grad_norm_(model.parameters(), norm_i)
+            if clip_value is not None:
+                torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
             opt.step()
             if schedule:
                 sched.step()
@@ -148,20 +156,25 @@ def test_gradient_clipping_is_per_model_not_global():
     assert diff > 1e-4
 
 
-def test_max_grad_norm_argument_clips_per_model():
+def test_per_model_max_grad_norm_argument():
     init = make_models()
     loader = make_loader()
-    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS, max_grad_norm=0.3)
+    norms = [0.05, 0.3, 1.0, 5.0]
+    module = BatchLightningModule(
+        ModelBatch(copy.deepcopy(init)), CONFIGS, max_grad_norm=torch.tensor(norms)
+    )
     trainer().fit(module, loader)
-    own = ModelBatch(copy.deepcopy(init))
-    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(own, CONFIGS)
-    for x, y in batches(loader, STEPS):
-        opt.zero_grad()
-        own.compute_loss(own(x), y).backward()
-        clip_grad_norm_(own, 0.3)
-        opt.step()
-    for name, value in own.stacked_params().items():
-        assert_close_rel(module.model_batch.stacked_params()[name].detach(), value.detach(), 1e-5)
+    refs = plain_torch_reference(init, loader, STEPS, max_norm=norms)
+    assert_batch_equals(module.model_batch, refs, 1e-5)
+
+
+def test_value_clipping_matches_torch_per_model():
+    init = make_models()
+    loader = make_loader()
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS)
+    trainer(gradient_clip_val=0.02, gradient_clip_algorithm="value").fit(module, loader)
+    refs = plain_torch_reference(init, loader, STEPS, clip_value=0.02)
+    assert_batch_equals(module.model_batch, refs, 1e-5)
 
 
 def _scheduled_module(init):

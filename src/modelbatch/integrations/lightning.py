@@ -37,7 +37,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only without lightning
     try:
         import pytorch_lightning as pl  # type: ignore[no-redef]
-        from pytorch_lightning.plugins.precision import MixedPrecision  # type: ignore[no-redef]
+        from pytorch_lightning.plugins.precision import (  # type: ignore[no-redef,assignment]
+            MixedPrecision,
+        )
     except ImportError as exc:
         raise ImportError(
             "modelbatch.integrations.lightning: PyTorch Lightning is not installed; "
@@ -78,7 +80,9 @@ def batch_precision_plugin(
         )
     from ..amp import BatchGradScaler
 
-    return MixedPrecision("16-mixed", device, scaler=BatchGradScaler(model_batch))
+    # BatchGradScaler has torch GradScaler's interface (duck-typed, not a subclass).
+    scaler: Any = BatchGradScaler(model_batch)
+    return MixedPrecision("16-mixed", device, scaler=scaler)
 
 
 class BatchLightningModule(pl.LightningModule):
@@ -272,14 +276,14 @@ class BatchLightningModule(pl.LightningModule):
         max_norm = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
         if max_norm is None:
             return
+        from ..optim import clip_grad_norm_, clip_grad_value_
+
         if gradient_clip_algorithm == "value":
-            # Elementwise clamping never mixes models: Lightning's own version is per model.
-            self.clip_gradients(optimizer, max_norm, "value")
+            # Elementwise clamping never mixes models; ours also takes an [N] bound.
+            clip_grad_value_(self.model_batch, max_norm)
             return
         if not isinstance(max_norm, Tensor) and max_norm <= 0:
             return
-        from ..optim import clip_grad_norm_
-
         self.grad_norms = clip_grad_norm_(self.model_batch, max_norm)
 
     def setup(self, stage: str) -> None:
@@ -294,7 +298,8 @@ class BatchLightningModule(pl.LightningModule):
         # torch's GradScaler skips every model's step when any one model
         # overflows. Lightning makes none on CPU; fp16 gradients underflow
         # there too, so the per-model one is installed on every device.
-        plugin.scaler = BatchGradScaler(self.model_batch)
+        scaler: Any = BatchGradScaler(self.model_batch)  # torch GradScaler's interface
+        plugin.scaler = scaler
 
     # ------------------------------------------------------------------ the per-model table
 
