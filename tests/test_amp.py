@@ -13,37 +13,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.amp import BatchGradScaler
-from modelbatch.optim import clip_grad_norm_
+from modelbatch.optim import BatchSGD, clip_grad_norm_
 
 N = 4
 LRS = [0.05, 0.1, 0.2, 0.03]
 INIT_SCALES = [2.0**10, 2.0**16, 2.0**8, 2.0**12]
 
 
-class _StandInSGD(torch.optim.Optimizer):
-    """Plain SGD following the optimizer contract: effective lr group["lr"] * hparams["lr"][i]."""
-
-    def __init__(self, params: Any, lrs: list[float]) -> None:
-        super().__init__(params, {"lr": 1.0})
-        device = self.param_groups[0]["params"][0].device
-        self.hparams = {"lr": torch.tensor(lrs, dtype=torch.float64, device=device)}
-
-    @torch.no_grad()
-    def step(self, closure: Any = None, *, skip: torch.Tensor | None = None) -> None:
-        group = self.param_groups[0]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            lr = (group["lr"] * self.hparams["lr"]).view(-1, *([1] * (p.dim() - 1)))
-            new = p - lr * p.grad
-            keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            if skip is not None:
-                keep = keep | skip
-            p.copy_(torch.where(keep.view_as(lr), p, new))
-
-
-def make_sgd(mb: ModelBatch, lrs: list[float]) -> Any:
-    return _StandInSGD(mb.parameters(), lrs)
+def make_sgd(params: Any, lrs: list[float], model_batch: Any = None) -> BatchSGD:
+    """The vectorized SGD with model i's lr = lrs[i] (stacked params or a ModelBatch)."""
+    if isinstance(params, ModelBatch):
+        params, model_batch = params.parameters(), params
+    return BatchSGD(params, [{"lr": lr} for lr in lrs], model_batch=model_batch)
 
 
 def _models(n: int = N, seed: int = 0) -> list[nn.Module]:
@@ -370,3 +351,17 @@ def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:
             scaler.update()
         counts.append((ops.count, ops_update.count))
     assert counts[0] == counts[1]
+
+
+def test_docs_page_snippets_run() -> None:
+    """The python blocks of docs/schedules-clipping-amp.md, run in order in one namespace."""
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).parent.parent / "docs" / "schedules-clipping-amp.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 6
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
+    assert namespace["scaler"].get_scale().shape == (4,)
