@@ -8,6 +8,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 from modelbatch.data import PerModelLoader, SharedLoader, kfold_assignment, model_seeds
 
+# Tiny tensors: intra-op threads only add contention on a shared machine.
+torch.set_num_threads(1)
+
 L = 97
 
 

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import random
-import tempfile
+import secrets
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +39,15 @@ from torch import Tensor
 
 from ._batch import ModelBatch
 
-__all__ = ["Checkpoint", "export_best", "export_model", "load", "load_model_state", "save"]
+__all__ = [
+    "Checkpoint",
+    "export_best",
+    "export_model",
+    "load",
+    "load_model_state",
+    "read_checkpoint",
+    "save",
+]
 
 FORMAT = "modelbatch.checkpoint"
 FORMAT_VERSION = 1
@@ -119,7 +127,8 @@ def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
 
 
 def _crc(t: Tensor) -> int:
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    # zlib reads the array's buffer directly: no copy of the tensor's bytes.
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def _class_path(model_batch: ModelBatch) -> str:
@@ -132,8 +141,8 @@ def _rng_state(tensors: dict[str, Tensor]) -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     for i, s in enumerate(cuda):
         tensors[f"rng/cuda/{i}"] = s.cpu()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     version, internal, gauss_next = random.getstate()
     tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
     return {
@@ -160,10 +169,18 @@ def _set_rng_state(meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> No
 
 def _atomic_write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     st = _safetensors()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint.save: the directory {path.parent} does not exist; create it first."
+        )
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    # The mode a new file gets here (0o666 less the umask); the writer may create
+    # its file privately, and the checkpoint should have ordinary permissions.
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         st.save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -191,6 +208,7 @@ def save(
     scheduler: Any = None,
     scaler: Any = None,
     loader: Any = None,
+    states: Mapping[str, Any] | None = None,
     step: int = 0,
     configs: Iterable[Any] | None = None,
     extra: Any = None,
@@ -206,6 +224,8 @@ def save(
         scheduler: any object with `state_dict()`.
         scaler: defaults to `model_batch.grad_scaler`.
         loader: a data loader with `state_dict()` (its position and seeds).
+        states: further objects with `state_dict()` by name, e.g.
+            `{"early_stopping": stopper}`.
         step: the step count, returned by `load`.
         configs: N per-model configs (JSON values), returned by `load`.
         extra: any JSON value, returned by `load`.
@@ -239,15 +259,14 @@ def save(
         "library_version": _library_version(),
         "torch_version": torch.__version__,
     }
-    components = dict(zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)))
-    for key, obj in components.items():
-        if obj is None:
-            meta[key] = None
-            continue
-        meta[key] = {
+    meta["components"] = {
+        key: {
             "class": type(obj).__qualname__,
-            "state": _encode(obj.state_dict(), key, tensors, f"{key}.state_dict()"),
+            "state": _encode(obj.state_dict(), key, tensors, f"{_label(key)}.state_dict()"),
         }
+        for key, obj in _components(optimizer, scheduler, scaler, loader, states).items()
+        if obj is not None
+    }
     meta["rng"] = _rng_state(tensors) if rng else None
     meta["checksums"] = {name: _crc(t) for name, t in tensors.items()}
     try:
@@ -259,6 +278,25 @@ def save(
         ) from e
     metadata = {_META_KEY: text, _META_CRC_KEY: str(zlib.crc32(text.encode()))}
     _atomic_write(path, tensors, metadata)
+
+
+def _components(
+    optimizer: Any, scheduler: Any, scaler: Any, loader: Any, states: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    found = dict(zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)))
+    for name, obj in (states or {}).items():
+        if not isinstance(name, str) or not hasattr(obj, "state_dict"):
+            raise TypeError(
+                f"checkpoint: states must map names to objects with state_dict(), got "
+                f"{name!r}: {type(obj).__name__}."
+            )
+        found[f"states/{name}"] = obj
+    return found
+
+
+def _label(key: str) -> str:
+    """How a component is named in messages: `optimizer`, or `states['name']`."""
+    return f"states[{key.removeprefix('states/')!r}]" if key.startswith("states/") else key
 
 
 def _library_version() -> str:
@@ -359,6 +397,19 @@ def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -
             )
 
 
+def _shape_mismatch(saved: Any, live: Any, where: str) -> str | None:
+    """The first tensor whose shape differs between a saved and a live structure, described."""
+    if isinstance(saved, Tensor) and isinstance(live, Tensor):
+        if saved.shape != live.shape:
+            return f"{where} is {tuple(saved.shape)} in the checkpoint, {tuple(live.shape)} here"
+    elif isinstance(saved, Mapping) and isinstance(live, Mapping):
+        for k in saved.keys() & live.keys():
+            problem = _shape_mismatch(saved[k], live[k], f"{where}[{k!r}]")
+            if problem:
+                return problem
+    return None
+
+
 def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: int) -> None:
     groups = state.get("param_groups")
     if not isinstance(groups, list) or not isinstance(optimizer, torch.optim.Optimizer):
@@ -372,6 +423,11 @@ def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: in
             f"has optimizer param groups of sizes {[len(g['params']) for g in groups]}, the "
             f"optimizer {[len(o['params']) for o in own]}; build it over the same parameters.",
         )
+    for g, o in zip(groups, own):
+        for key, value in g.items():
+            problem = _shape_mismatch(value, o.get(key), f"param group entry {key!r}")
+            if key != "params" and problem:
+                raise _bad(path, f"does not match the optimizer: {problem}.")
     params = {i: p for g, o in zip(groups, own) for i, p in zip(g["params"], o["params"])}
     for pid, entries in state.get("state", {}).items():
         p = params.get(pid)
@@ -395,6 +451,7 @@ def load(
     scheduler: Any = None,
     scaler: Any = None,
     loader: Any = None,
+    states: Mapping[str, Any] | None = None,
     restore_rng: bool = True,
     strict: bool = True,
 ) -> Checkpoint:
@@ -405,8 +462,10 @@ def load(
         model_batch: receives the weights, buffers and active mask (same N,
             model class and tensor shapes as the checkpoint).
         optimizer: defaults to `model_batch.optimizer`.
-        scheduler, scaler, loader: receive their saved state (`scaler`
-            defaults to `model_batch.grad_scaler`).
+        scheduler: receives its saved state.
+        scaler: receives its saved state; defaults to `model_batch.grad_scaler`.
+        loader: receives its saved position and seeds.
+        states: further objects with `load_state_dict()`, by the names given to `save`.
         restore_rng: restore the saved RNG states, so that training on is
             bitwise the same as never stopping.
         strict: refuse a checkpoint holding state for a component that was
@@ -425,28 +484,30 @@ def load(
     scaler = model_batch.grad_scaler if scaler is None else scaler
     meta, tensors = read_checkpoint(path)
     _check_model(path, meta, model_batch)
-    states: dict[str, Any] = {}
-    for key, obj in zip(_COMPONENTS, (optimizer, scheduler, scaler, loader)):
-        entry = meta.get(key)
+    given = _components(optimizer, scheduler, scaler, loader, states)
+    saved = meta["components"]
+    restoring: dict[str, Any] = {}
+    for key in sorted(set(given) | set(saved), key=lambda k: (k.startswith("states/"), k)):
+        obj, entry, label = given.get(key), saved.get(key), _label(key)
         if obj is None:
             if entry is not None and strict:
                 raise _bad(
                     path,
-                    f"holds {key} state ({entry['class']}) but no {key} was given; pass "
-                    f"{key}=... to restore it, or strict=False to skip it.",
+                    f"holds {label} state ({entry['class']}) but no {label} was given; pass "
+                    f"it to restore it, or strict=False to skip it.",
                 )
             continue
         if entry is None:
-            raise _bad(path, f"holds no {key} state, but a {key} was given; pass {key}=None.")
+            raise _bad(path, f"holds no {label} state, but a {label} was given; leave it out.")
         if entry["class"] != type(obj).__qualname__:
             raise _bad(
                 path,
-                f"holds {key} state of a {entry['class']}, the given {key} is a "
-                f"{type(obj).__qualname__}; build the same {key} as the saved run.",
+                f"holds {label} state of a {entry['class']}, the given {label} is a "
+                f"{type(obj).__qualname__}; build the same {label} as the saved run.",
             )
-        states[key] = (obj, _decode(entry["state"], tensors))
-    if "optimizer" in states:
-        _check_optimizer(path, states["optimizer"][1], optimizer, model_batch.num_models)
+        restoring[key] = (obj, _decode(entry["state"], tensors))
+    if "optimizer" in restoring:
+        _check_optimizer(path, restoring["optimizer"][1], optimizer, model_batch.num_models)
     if restore_rng and meta.get("rng") is None:
         raise _bad(path, "holds no RNG states; pass restore_rng=False.")
 
@@ -454,7 +515,7 @@ def load(
     backup = {
         "model": {k: t.detach().clone() for k, t in own.items()},
         "active": model_batch.active.clone(),
-        **{k: copy.deepcopy(obj.state_dict()) for k, (obj, _) in states.items()},
+        **{k: copy.deepcopy(obj.state_dict()) for k, (obj, _) in restoring.items()},
     }
     rng_backup: dict[str, Tensor] = {}
     rng_meta = _rng_state(rng_backup) if restore_rng else None
@@ -463,7 +524,7 @@ def load(
             for name, t in own.items():
                 t.copy_(tensors[f"model/{name}"])
             model_batch.active.copy_(tensors["active"])
-        for obj, state in states.values():
+        for obj, state in restoring.values():
             obj.load_state_dict(state)
         if restore_rng:
             _set_rng_state(meta["rng"], tensors)
@@ -472,7 +533,7 @@ def load(
             for name, t in own.items():
                 t.copy_(backup["model"][name])
             model_batch.active.copy_(backup["active"])
-        for key, (obj, _) in states.items():
+        for key, (obj, _) in restoring.items():
             obj.load_state_dict(backup[key])
         if rng_meta is not None:
             _set_rng_state(rng_meta, rng_backup)

@@ -221,6 +221,11 @@ class PerModelLoader:
         drop_last: drop the last, smaller batch of each epoch.
         device: move the data set there once (default: where it is).
 
+    Iteration yields the rest of the current epoch and then moves to the next
+    one, so `for epoch in range(E): for xb, yb in loader: ...` sees a new
+    order every epoch, and a loader restored from `state_dict()` continues
+    mid-epoch exactly where the saved one stopped.
+
     Warning:
         An epoch's orders are built at once as `[N, L]` int64 indices.
     """
@@ -272,13 +277,13 @@ class PerModelLoader:
                 f"got sampling={sampling!r}."
             )
         self._bags: Tensor | None = None
+        self.samples_per_epoch = self._samples_per_epoch()
         _check_batch_size("PerModelLoader", batch_size, self.samples_per_epoch)
         self.epoch, self.batch = 0, 0
 
     # ------------------------------------------------------------------ index plans
 
-    @property
-    def samples_per_epoch(self) -> int:
+    def _samples_per_epoch(self) -> int:
         """How many samples each model sees per epoch (the same for all models)."""
         if self.sample_folds is None:
             return self.num_samples

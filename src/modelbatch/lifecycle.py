@@ -19,9 +19,10 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,7 +120,7 @@ class EarlyStopping:
         self.stopped |= stop
         return stop
 
-    def reset(self, indices: int | Iterable[int] | Tensor) -> None:
+    def reset(self, indices: int | Sequence[int] | Tensor) -> None:
         """Forget these models' history (after `replace_model`)."""
         idx = self.model_batch._indices(indices)
         self._best[idx] = math.inf
@@ -149,7 +150,9 @@ class NaNGuard:
         init_fn: for `"reset"`: a function returning a new model of the batch's class.
         check_weights: also check the stacked parameters (one reduction per
             parameter tensor); otherwise only the losses are checked.
-        optimizer, scheduler, scaler: reset along with the weights.
+        optimizer: for `"reset"`: its state for the model is reset (`reset_models`).
+        scheduler: for `"reset"`: the model's schedule restarts.
+        scaler: for `"reset"`: the model's scale is reset.
 
     State: `events`, a list of `(call number, [model indices])`, one entry per
     call that found diverged models; `diverged` `[N]` counts each model's events.
@@ -197,6 +200,18 @@ class NaNGuard:
             for p in mb.stacked_params().values():
                 bad |= ~torch.isfinite(p.detach()).flatten(1).all(dim=1)
         return bad & mb.active
+
+    def reset(self, indices: int | Sequence[int] | Tensor) -> None:
+        """Forget these models' divergence count (after `replace_model`)."""
+        self.diverged[self.model_batch._indices(indices)] = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls, "events": list(self.events), "diverged": self.diverged.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.calls = int(state["calls"])
+        self.events = [(int(c), [int(i) for i in idx]) for c, idx in state["events"]]
+        self.diverged.copy_(torch.as_tensor(state["diverged"]))
 
     def step(self, losses: Tensor | None = None) -> Tensor:
         """Check every model once; retire or reset the diverged ones.
@@ -356,7 +371,13 @@ def replace_model(
         params = dict(schedule or {})
         if config is not None and "lr" in config:
             params.setdefault("initial_lr", float(config["lr"]))
-        scheduler.reset_models([i], **params)
+        if "per_model_kwargs" in inspect.signature(scheduler.reset_models).parameters:
+            # BatchLRScheduler: one torch scheduler per model, rebuilt from its kwargs.
+            initial_lr = params.pop("initial_lr", None)
+            kwargs = [params] if schedule is not None else None
+            scheduler.reset_models([i], initial_lr=initial_lr, per_model_kwargs=kwargs)
+        else:
+            scheduler.reset_models([i], **params)
     own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
     with torch.no_grad():
         for name, t in own.items():

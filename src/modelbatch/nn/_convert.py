@@ -84,10 +84,8 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
     return torch.device("cpu")
 
 

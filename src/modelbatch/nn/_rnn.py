@@ -13,7 +13,7 @@ so `load_state_dict` works in both directions.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ class _RNNBase(nn.Module):
         return s
 
     @classmethod
-    def from_torch(cls, module: nn.Module) -> _RNNBase:
+    def from_torch(cls, module: Any) -> _RNNBase:
         """The vmappable twin of a torch `nn.LSTM`/`nn.GRU`/`nn.RNN`, sharing its parameters.
 
         No weight is copied: the new module holds the very `nn.Parameter`
@@ -157,9 +157,10 @@ class _RNNBase(nn.Module):
         }
         if cls.mode == "LSTM":
             kwargs["proj_size"] = module.proj_size
+        sizes: tuple[Any, ...] = (module.input_size, module.hidden_size)
         if isinstance(module, nn.RNN):
             kwargs["nonlinearity"] = module.nonlinearity
-        twin = cls(module.input_size, module.hidden_size, **kwargs)
+        twin = cls(*sizes, **kwargs)
         if list(twin._parameters) != list(module._parameters):
             raise ValueError(
                 f"modelbatch.nn.{cls.__name__}.from_torch: parameter names "
@@ -231,12 +232,13 @@ class _RNNBase(nn.Module):
     def _direction(
         self, x: Tensor, h: Tensor, c: Tensor | None, suffix: str, reverse: bool
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        p = self._parameters
+        # Under functional_call these are the stacked tensors' per-model slices.
+        p = cast("dict[str, Tensor]", self._parameters)
         w_ih, w_hh = p[f"weight_ih{suffix}"], p[f"weight_hh{suffix}"]
         b_ih, b_hh = p.get(f"bias_ih{suffix}"), p.get(f"bias_hh{suffix}")
         # The input projection of every step is one matmul outside the loop.
         fold_hh = self.mode != "GRU"  # GRU keeps b_hn inside the reset product
-        bias = b_ih + b_hh if (b_ih is not None and fold_hh) else b_ih
+        bias = b_ih + b_hh if (b_ih is not None and b_hh is not None and fold_hh) else b_ih
         x_gates = F.linear(x, w_ih, bias)
         w_hh_t = w_hh.t()
         steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
@@ -432,17 +434,18 @@ class _CellBase(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
 
     @classmethod
-    def from_torch(cls, module: nn.Module) -> _CellBase:
+    def from_torch(cls, module: Any) -> _CellBase:
         """The vmappable twin of the torch cell, sharing its parameters (nothing is copied)."""
         if type(module) is not cls.torch_type:
             raise TypeError(
                 f"modelbatch.nn.{cls.__name__}.from_torch: expected a torch "
                 f"{cls.torch_type.__name__}, got {type(module).__name__}."
             )
-        kwargs = {}
+        sizes: tuple[Any, ...] = (module.input_size, module.hidden_size, module.bias)
+        kwargs: dict[str, Any] = {}
         if isinstance(module, nn.RNNCell):
             kwargs["nonlinearity"] = module.nonlinearity
-        twin = cls(module.input_size, module.hidden_size, module.bias, device="meta", **kwargs)
+        twin = cls(sizes[0], sizes[1], sizes[2], device="meta", **kwargs)
         twin._parameters = dict(module._parameters)
         twin.train(module.training)
         return twin
