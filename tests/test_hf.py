@@ -343,7 +343,7 @@ def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
     for i in range(N):
         logits = export_model(trainer, i)(data.x)
         assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
-        losses.append(float(F.cross_entropy(logits, data.y)))
+        losses.append(float(F.cross_entropy(logits, data.y).detach()))
     best = min(range(N), key=lambda i: losses[i])
     assert out.metrics["test_best_model"] == best
     assert math.isclose(out.metrics["test_loss_best"], losses[best], rel_tol=1e-5)
@@ -389,6 +389,67 @@ def test_overflow_in_one_model_skips_only_that_model(tmp_path):
     # The others trained as plain torch would have.
     ref = torch_reference(make_models(seed=8), clean.recorded, CONFIGS, total=5)
     assert max_rel_diff(clean.model_batch, ref) <= 1e-5
+
+
+def test_fp16_global_scaler_is_replaced_by_the_per_model_one(tmp_path, monkeypatch):
+    amp = pytest.importorskip("modelbatch.amp")
+    from transformers import Trainer
+
+    # accelerate makes a torch GradScaler for fp16 on GPUs only; give the CPU run one,
+    # configured as args.fp16 would, and check BatchTrainer swaps it for the per-model one.
+    original = Trainer.create_accelerator_and_postprocess
+
+    def with_torch_scaler(self):
+        original(self)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=7)
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", with_torch_scaler)
+    k = 3
+    models = make_models(seed=10)
+    with torch.no_grad():
+        models[k].net[2].weight.fill_(float("inf"))
+    mb = ModelBatch(models)
+    start = mb.get_model_states()
+    trainer = BatchTrainer(
+        mb, make_args(tmp_path, max_steps=3), configs=CONFIGS, train_dataset=Blobs()
+    )
+    assert isinstance(trainer.grad_scaler, amp.BatchGradScaler)
+    assert mb.grad_scaler is trainer.grad_scaler
+    assert trainer.grad_scaler.get_scale().tolist() == [2.0**12] * N
+    trainer.train()
+    scale = trainer.grad_scaler.get_scale()
+    assert float(scale[k]) == 2.0**9  # backed off at each of the 3 steps
+    assert all(float(scale[i]) == 2.0**12 for i in range(N) if i != k)
+    after = mb.get_model_states()
+    for i in range(N):
+        same = all(torch.equal(after[i][n], start[i][n]) for n in start[i])
+        assert same == (i == k), i
+
+
+def test_resume_restores_the_per_model_scaler(tmp_path):
+    amp = pytest.importorskip("modelbatch.amp")
+    k = 1
+
+    def trainer_for(out, seed):
+        models = make_models(seed=seed)
+        with torch.no_grad():
+            # Non-finite at every scale: model k skips every step, in both runs alike.
+            models[k].net[2].weight.fill_(float("inf"))
+        mb = ModelBatch(models)
+        # growth_interval=2: the others' scales grow while model k's backs off, so the
+        # scaler state differs per model by the checkpoint.
+        scaler = amp.BatchGradScaler(mb, init_scale=2.0**10, growth_interval=2)
+        args = make_args(out, max_steps=6, save_strategy="steps", save_steps=3)
+        return BatchTrainer(mb, args, configs=CONFIGS, grad_scaler=scaler, train_dataset=Blobs())
+
+    full = trainer_for(tmp_path / "full", seed=9)
+    full.train()
+    resumed = trainer_for(tmp_path / "resumed", seed=9)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert torch.equal(full.grad_scaler.get_scale(), resumed.grad_scaler.get_scale())
+    assert float(full.grad_scaler.get_scale()[k]) < 2.0**10 < float(full.grad_scaler.get_scale()[0])
+    for name, p in full.model_batch.stacked_params().items():
+        assert torch.equal(p, resumed.model_batch.stacked_params()[name]), name
 
 
 # ---------------------------------------------------------------------- PreTrainedModel
@@ -475,6 +536,12 @@ def test_clear_errors(tmp_path):
     mb = ModelBatch(make_models())
     with pytest.raises(ValueError, match="BatchTrainer: configs has 2 entries"):
         BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS[:2])
+    with pytest.raises(ValueError, match=r"BatchTrainer: args\.optim='sgd' is not used"):
+        BatchTrainer(mb, make_args(tmp_path, optim="sgd"), configs=CONFIGS)
+    with pytest.raises(ValueError, match=r"BatchTrainer: label_smoothing_factor=0\.1"):
+        BatchTrainer(mb, make_args(tmp_path, label_smoothing_factor=0.1), configs=CONFIGS)
+    with pytest.raises(ValueError, match="BatchTrainer: compute_loss_func is not used"):
+        BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, compute_loss_func=F.cross_entropy)
     trainer = BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, label_key="target")
     with pytest.raises(ValueError, match="BatchTrainer: the batch has no 'target' entry"):
         trainer.compute_loss(mb, {"x": torch.randn(2, 8), "labels": torch.zeros(2).long()})

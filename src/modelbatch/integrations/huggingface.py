@@ -28,7 +28,7 @@ import inspect
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +94,8 @@ class _AcceleratorScaler:
         self.scaler.unscale_(_unwrap_optimizer(optimizer))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "scaler":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.scaler, name)
 
 
@@ -147,6 +149,9 @@ class BatchTrainer(Trainer):
             table; None writes no table.
         **kwargs: any other `transformers.Trainer` argument.
 
+    Attributes:
+        last_grad_norms: `[N]` pre-clip gradient norms of the last step (None before).
+
     Example:
         >>> mb = ModelBatch([make_model() for _ in range(8)])
         >>> trainer = BatchTrainer(mb, TrainingArguments("out", max_steps=100),
@@ -160,6 +165,12 @@ class BatchTrainer(Trainer):
         `weight_decay`), unlike the stock Trainer which exempts biases and
         LayerNorm weights.
     """
+
+    _window_loss: Tensor  # [N] float64, per-model loss summed since the last log
+    _window_steps: float
+    _eval_loss: Tensor  # [N] float64, per-model eval loss summed over samples
+    _eval_count: int
+    _eval_correct: Tensor | None  # [N] correct predictions, for class logits
 
     def __init__(
         self,
@@ -185,6 +196,19 @@ class BatchTrainer(Trainer):
                 f"BatchTrainer: configs has {len(configs)} entries, expected one per model "
                 f"(N={model.num_models})."
             )
+        # Checked before Trainer.__init__, which already acts on them.
+        smoothing = 0.0 if args is None else float(args.label_smoothing_factor)
+        if smoothing:
+            raise ValueError(
+                f"BatchTrainer: label_smoothing_factor={smoothing} is not "
+                "applied; give the ModelBatch a loss_fn with label smoothing instead, e.g. "
+                "functools.partial(F.cross_entropy, label_smoothing=0.1)."
+            )
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "BatchTrainer: compute_loss_func is not used; the loss is the ModelBatch's "
+                "loss_fn applied per model. Pass your loss as ModelBatch(models, loss_fn=...)."
+            )
         # Set before Trainer.__init__, which calls create_accelerator_and_postprocess.
         self.model_batch = model
         self.optimizer_cls = optimizer_cls
@@ -200,6 +224,7 @@ class BatchTrainer(Trainer):
         self._table: tuple[str, list[dict[str, Any]]] | None = None
         self._pending_eval: tuple[str, list[dict[str, Any]]] | None = None
         super().__init__(model=model, args=args, **kwargs)
+        self._refuse_unsupported_args()
         # ModelBatch.forward takes **kwargs, which Trainer reads as "the model normalizes
         # the loss over the accumulated batch itself" and then skips its division by the
         # accumulation steps. Our loss is a per-batch mean per model: Trainer must divide.
@@ -211,6 +236,28 @@ class BatchTrainer(Trainer):
             self.add_callback(PerModelCSVCallback(self, per_model_csv))
 
     # ------------------------------------------------------------------ setup
+
+    def _refuse_unsupported_args(self) -> None:
+        # Settings the stock loop would apply and this one would not: refuse them
+        # rather than train silently without them.
+        args = self.args
+        optim = str(getattr(args.optim, "value", args.optim))
+        if optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"BatchTrainer: args.optim={optim!r} is not used; the optimizer is "
+                "optimizer_cls with per-model configs. Pass e.g. optimizer_cls=torch.optim.SGD."
+            )
+        if (
+            args.n_gpu > 1
+            or args.world_size > 1
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            raise ValueError(
+                f"BatchTrainer: expected one process on one device, got n_gpu={args.n_gpu}, "
+                f"world_size={args.world_size}; run on a single device (e.g. "
+                "CUDA_VISIBLE_DEVICES=0), without DeepSpeed or FSDP."
+            )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -247,8 +294,7 @@ class BatchTrainer(Trainer):
         if self.grad_scaler is not None and self.optimizer is not None:
             # Unscale before clipping, as in the torch AMP recipe.
             self.grad_scaler.unscale_(_unwrap_optimizer(self.optimizer))
-        kwargs = {} if float(norm_type) == 2.0 else {"norm_type": norm_type}
-        norms = clip_grad_norm_(self.model_batch, max_norm, **kwargs)
+        norms = clip_grad_norm_(self.model_batch, max_norm, float(norm_type))
         self.last_grad_norms = norms.detach()
         mb = self.model_batch
         # Trainer logs one number: the largest pre-clip norm among the active models.
@@ -281,9 +327,9 @@ class BatchTrainer(Trainer):
         # ModelBatch.forward(*args, **kwargs).
         if self._signature_columns is None:
             forward = self.model_batch.skeleton.forward
-            self._signature_columns = list(inspect.signature(forward).parameters) + list(
-                {"label", "label_ids", self.label_key}
-            )
+            columns = list(inspect.signature(forward).parameters)
+            columns += sorted({"label", "label_ids", self.label_key})
+            self._signature_columns = columns  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ loss
 
@@ -327,14 +373,15 @@ class BatchTrainer(Trainer):
         predictions = self._predictions(outputs)
         mb = self.model_batch
         loss = mb.compute_loss(predictions, labels, reduction="sum", per_model=False)
+        latest = cast(Tensor, mb.latest_losses)  # [N], set by compute_loss
         if mb.training:
             steps = getattr(self, "current_gradient_accumulation_steps", None) or max(
                 self.args.gradient_accumulation_steps, 1
             )
-            self._window_loss = self._window_loss.to(loss.device) + mb.latest_losses / steps
+            self._window_loss = self._window_loss.to(loss.device) + latest / steps
             self._window_steps += 1.0 / steps
         if return_outputs:
-            return loss, {"loss": loss, "losses": mb.latest_losses, "logits": predictions}
+            return loss, {"loss": loss, "losses": latest, "logits": predictions}
         return loss
 
     # ------------------------------------------------------------------ evaluation
@@ -348,7 +395,7 @@ class BatchTrainer(Trainer):
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Loss (sum over models) and predictions `[B, N, ...]`: batch first, so that
         Trainer's concatenation across batches gives `[num_samples, N, ...]`."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = self._prepare_inputs(dict(inputs))
         mb = self.model_batch
         labels = inputs.get(self.label_key)
         model_inputs = {k: v for k, v in inputs.items() if k != self.label_key}
@@ -384,7 +431,7 @@ class BatchTrainer(Trainer):
         columns = {"loss": self._eval_loss / self._eval_count}
         if self._eval_correct is not None:
             columns["accuracy"] = self._eval_correct.double() / self._eval_count
-        metrics = dict(output.metrics)
+        metrics = dict(output.metrics or {})
         for name, values in columns.items():
             agg = _aggregate(values, mb.active, higher_is_better=name == "accuracy")
             metrics[f"{prefix}_{name}_best"] = agg["best"]
@@ -404,7 +451,7 @@ class BatchTrainer(Trainer):
     def _reset_eval_window(self) -> None:
         self._eval_loss = torch.zeros(self.model_batch.num_models, dtype=torch.float64)
         self._eval_count = 0
-        self._eval_correct: Tensor | None = None
+        self._eval_correct = None
 
     def per_model_losses(self) -> Tensor:
         """Each model's latest training loss, `[N]` (0 for retired models)."""
