@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from modelbatch import ModelBatch, format_table  # noqa: E402
 from modelbatch.integrations.lightning import BatchLightningModule  # noqa: E402
-from modelbatch.optim import CosineAnnealingLR  # noqa: E402
+from modelbatch.optim import BatchCosineAnnealingLR  # noqa: E402
 
 
 def digits_loaders(batch_size: int) -> tuple[DataLoader, DataLoader]:
@@ -66,7 +66,7 @@ def main() -> None:
         ModelBatch(models),
         configs,
         optimizer_cls=torch.optim.AdamW,
-        scheduler=lambda opt: CosineAnnealingLR(opt, T_max=total_steps),
+        scheduler=lambda opt: BatchCosineAnnealingLR(opt, T_max=total_steps),
         scheduler_interval="step",
     )
     with tempfile.TemporaryDirectory() as logs:

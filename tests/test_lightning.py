@@ -182,7 +182,7 @@ def _scheduled_module(init):
     return BatchLightningModule(
         ModelBatch(copy.deepcopy(init)),
         CONFIGS,
-        scheduler=lambda opt: mb_optim.StepLR(opt, step_size=STEP_SIZES, gamma=GAMMAS),
+        scheduler=lambda opt: mb_optim.BatchStepLR(opt, step_size=STEP_SIZES, gamma=GAMMAS),
     )
 
 

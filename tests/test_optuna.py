@@ -44,6 +44,10 @@ def val_loss(val):
     return lambda mb: mb.per_model_losses(mb(x), y)
 
 
+def step_lr(opt):
+    return mb_optim.BatchStepLR(opt, step_size=7, gamma=0.5)
+
+
 def as_stored(value: float, like: torch.Tensor) -> float:
     return torch.tensor(value, dtype=like.dtype).item()
 
@@ -90,7 +94,7 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill, schedule):
             # the schedule, which holds the base lr when there is one).
             lr = hp["lr"][i].item()
             if state.scheduler is not None:
-                lr = state.scheduler.initial_lr[i].item()
+                lr = state.scheduler.initial_lr[0, i].item()
                 decay = 0.5 ** (int(state.steps[i]) // 7)
                 assert hp["lr"][i].item() == pytest.approx(lr * decay, rel=1e-12)
             used = (lr, hp["weight_decay"][i].item())
@@ -112,7 +116,7 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill, schedule):
         report_every=REPORT,
         refill=refill,
         on_report=check_hparams,
-        scheduler=(lambda opt: mb_optim.StepLR(opt, step_size=7, gamma=0.5)) if schedule else None,
+        scheduler=step_lr if schedule else None,
     )
     assert len(trials) == len(study.trials) == 32
     assert sorted(seen) == list(range(32))  # every trial's model was checked

@@ -48,7 +48,7 @@ class BatchedTrials:
         values: `[N]` the values just reported (NaN for empty slots).
         scheduler: the per-model schedule, or None; with one,
             `optimizer.hparams["lr"]` is the scheduled rate and
-            `scheduler.initial_lr[i]` trial i's suggested one.
+            `scheduler.initial_lr[0, i]` trial i's suggested one.
     """
 
     model_batch: ModelBatch
@@ -162,8 +162,8 @@ def optimize_batched(
     if schedule is not None and not hasattr(schedule, "reset_models"):
         raise TypeError(
             f"optimize_batched: the scheduler ({type(schedule).__name__}) cannot restart one "
-            "model's schedule; use a modelbatch.optim per-model schedule (StepLR, "
-            "CosineAnnealingLR, ...)."
+            "model's schedule; use a modelbatch.optim per-model schedule (BatchStepLR, "
+            "BatchCosineAnnealingLR, ...)."
         )
     asked = n
     done: list[int] = []
