@@ -198,34 +198,47 @@ def test_per_model_schedule_matches_torch_schedulers():
     assert torch.allclose(lrs, torch.tensor(expected, dtype=lrs.dtype), rtol=1e-12)
 
 
-def test_resume_from_checkpoint_continues_identically(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16-scaler"])
+def test_resume_from_checkpoint_continues_identically(tmp_path, fp16):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
     init = make_models()
+    if fp16:  # model 2 overflows: the scales differ per model and must resume so
+        with torch.no_grad():
+            init[2][2].weight.mul_(1e4)
     loader = make_loader()  # 5 batches an epoch: 4 epochs are STEPS steps
     epochs = STEPS // len(loader)
 
+    def run(module, max_epochs, ckpt_path=None):
+        # torch's scaler in the plugin: the module swaps in the per-model one.
+        plugins = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))] if fp16 else []
+        tr = trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=max_epochs, plugins=plugins)
+        tr.fit(module, loader, ckpt_path=ckpt_path)
+        return tr
+
     straight = _scheduled_module(init)
-    trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=epochs).fit(straight, loader)
+    t0 = run(straight, epochs)
 
     # Stop at an epoch boundary: Lightning restarts a plain DataLoader's epoch on resume.
-    first = _scheduled_module(init)
-    t1 = trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=epochs // 2)
-    t1.fit(first, loader)
     ckpt = tmp_path / "half.ckpt"
-    t1.save_checkpoint(ckpt)
+    run(_scheduled_module(init), epochs // 2).save_checkpoint(ckpt)
 
     # A fresh module from other weights: everything must come from the checkpoint.
     resumed = _scheduled_module(make_models(seed=123))
-    t2 = trainer(gradient_clip_val=0.5, max_steps=-1, max_epochs=epochs)
-    t2.fit(resumed, loader, ckpt_path=ckpt)
-    assert resumed.trainer.global_step == STEPS
+    t2 = run(resumed, epochs, ckpt_path=ckpt)
+    assert t2.global_step == STEPS
     for name, value in straight.model_batch.stacked_params().items():
         assert torch.equal(resumed.model_batch.stacked_params()[name], value), name
-    s_opt, r_opt = straight.trainer.optimizers[0], resumed.trainer.optimizers[0]
+    s_opt, r_opt = t0.optimizers[0], t2.optimizers[0]
     assert r_opt.param_groups[0]["lr"] == s_opt.param_groups[0]["lr"]
     assert torch.equal(resumed.lr_schedulers().steps, straight.lr_schedulers().steps)
     for key, value in s_opt.hparams.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(r_opt.hparams[key], value), key
+    if fp16:
+        scales = t0.precision_plugin.scaler.get_scale()
+        assert scales[2] < scales[0]
+        assert torch.equal(t2.precision_plugin.scaler.get_scale(), scales)
 
 
 def test_bf16_mixed_matches_own_autocast_loop():
