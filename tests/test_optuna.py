@@ -226,3 +226,22 @@ def test_bad_arguments_give_clear_errors(digits):
             steps=10,
             report_every=10,
         )
+
+
+def test_an_error_fails_the_running_trials_and_propagates(digits):
+    train, val = digits
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    calls = []
+
+    def evaluate(mb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("evaluation broke")
+        return mb.per_model_losses(mb(val[0]), val[1])
+
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        optimize_batched(
+            study, make_model, suggest, [train], evaluate,
+            n_trials=4, batch_size=2, steps=2 * REPORT, report_every=REPORT,
+        )  # fmt: skip
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2

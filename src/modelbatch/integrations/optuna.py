@@ -148,13 +148,12 @@ def optimize_batched(
             f"optimize_batched: report_every must divide steps, got steps={steps}, "
             f"report_every={report_every}; e.g. steps={report_every * max(1, steps // max(report_every, 1))}."
         )
-    from ..lifecycle import replace_model
     from ..optim import OptimizerFactory
 
     n = min(batch_size, n_trials)
-    trials: list[optuna.trial.Trial | None] = [study.ask() for _ in range(n)]
-    configs = [dict(suggest(t)) for t in trials if t is not None]
-    mb = ModelBatch([model_fn(t) for t in trials if t is not None], loss_fn)
+    trials = [study.ask() for _ in range(n)]
+    configs = [dict(suggest(t)) for t in trials]
+    mb = ModelBatch([model_fn(t) for t in trials], loss_fn)
     optimizer = OptimizerFactory(optimizer_cls, dict(base_config or {})).create_optimizer(
         mb, configs
     )
@@ -165,42 +164,75 @@ def optimize_batched(
             "model's schedule; use a modelbatch.optim per-model schedule (BatchStepLR, "
             "BatchCosineAnnealingLR, ...)."
         )
-    asked = n
-    done: list[int] = []
-    slot_steps = torch.zeros(n, dtype=torch.long, device=mb.active.device)
-    data = _batches(train_data)
+    run = _BatchedStudy(study, mb, optimizer, schedule, list(trials), model_fn, suggest, n_trials)
+    try:
+        run.loop(_batches(train_data), evaluate, steps, report_every, refill, on_report)
+    except BaseException:
+        run.fail_running()  # as study.optimize does: an interrupted trial is FAIL, not RUNNING
+        raise
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [by_number[i] for i in run.done]
 
-    def start(slots: Sequence[int]) -> None:
-        nonlocal asked
-        for i in slots:
-            trial = study.ask()
-            asked += 1
-            trials[i] = trial
-            config = dict(suggest(trial))
-            # In place: weights, optimizer state and hyperparameters, schedule
-            # and active flag of slot i only.
-            replace_model(
-                mb, i, model_fn(trial), config=config, optimizer=optimizer, scheduler=schedule
-            )
-        slot_steps[list(slots)] = 0
 
-    def finish(i: int, state: optuna.trial.TrialState, value: float | None) -> None:
-        trial = trials[i]
-        assert trial is not None
-        study.tell(trial, value, state=state)
-        done.append(trial.number)
-        trials[i] = None
+class _BatchedStudy:
+    """The slots of one `optimize_batched` call: which trial each holds, and its steps."""
 
-    while any(t is not None for t in trials):
-        for _ in range(report_every):
-            inputs, targets = next(data)
-            optimizer.zero_grad()
-            mb.compute_loss(mb(inputs), targets).backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-        slot_steps += mb.active.long() * report_every
+    def __init__(
+        self,
+        study: optuna.Study,
+        mb: ModelBatch,
+        optimizer: Any,
+        schedule: Any,
+        trials: list[optuna.trial.Trial],
+        model_fn: Callable[[optuna.trial.Trial], nn.Module],
+        suggest: Callable[[optuna.trial.Trial], Mapping[str, Any]],
+        n_trials: int,
+    ) -> None:
+        self.study, self.mb, self.optimizer, self.schedule = study, mb, optimizer, schedule
+        self.trials: list[optuna.trial.Trial | None] = list(trials)
+        self.model_fn, self.suggest, self.n_trials = model_fn, suggest, n_trials
+        self.asked = len(trials)
+        self.done: list[int] = []
+        self.steps = torch.zeros(len(trials), dtype=torch.long, device=mb.active.device)
 
+    def loop(
+        self,
+        data: Iterator[Any],
+        evaluate: Callable[[ModelBatch], Tensor],
+        steps: int,
+        report_every: int,
+        refill: bool,
+        on_report: Callable[[BatchedTrials], None] | None,
+    ) -> None:
+        mb, n = self.mb, len(self.trials)
+        while any(t is not None for t in self.trials):
+            for _ in range(report_every):
+                inputs, targets = next(data)
+                self.optimizer.zero_grad()
+                mb.compute_loss(mb(inputs), targets).backward()
+                self.optimizer.step()
+                if self.schedule is not None:
+                    self.schedule.step()
+            self.steps += mb.active.long() * report_every
+            values = self.evaluate(evaluate)
+            if on_report is not None:
+                on_report(
+                    BatchedTrials(
+                        mb,
+                        self.optimizer,
+                        list(self.trials),
+                        self.steps.clone(),
+                        values,
+                        self.schedule,
+                    )
+                )
+            self.report(values, steps)
+            idle = [i for i, t in enumerate(self.trials) if t is None]
+            if idle and (refill or len(idle) == n):
+                self.start(idle[: max(0, self.n_trials - self.asked)])
+
+    def evaluate(self, evaluate: Callable[[ModelBatch], Tensor]) -> Tensor:
+        mb, n = self.mb, len(self.trials)
         was_training = mb.training
         mb.eval()
         with torch.no_grad():
@@ -211,36 +243,58 @@ def optimize_batched(
                 f"optimize_batched: evaluate must return one value per model, shape ({n},), got "
                 f"{tuple(values.shape)}; reduce over the batch but not over models."
             )
-        values = torch.where(mb.active, values, torch.full_like(values, math.nan))
-        if on_report is not None:
-            on_report(
-                BatchedTrials(mb, optimizer, list(trials), slot_steps.clone(), values, schedule)
-            )
+        return torch.where(mb.active, values, torch.full_like(values, math.nan))
 
+    def report(self, values: Tensor, steps: int) -> None:
         # Optuna's report/prune/tell are per-trial calls: this loop runs once
         # per report point, not per training step.
         freed = []
-        for i, (value, step) in enumerate(zip(values.tolist(), slot_steps.tolist())):
-            trial = trials[i]
+        for i, (value, step) in enumerate(zip(values.tolist(), self.steps.tolist())):
+            trial = self.trials[i]
             if trial is None:
                 continue
             if not math.isfinite(value):
-                finish(i, optuna.trial.TrialState.FAIL, None)
+                self.finish(i, optuna.trial.TrialState.FAIL, None)
             elif step >= steps:
                 trial.report(value, step)
-                finish(i, optuna.trial.TrialState.COMPLETE, value)
+                self.finish(i, optuna.trial.TrialState.COMPLETE, value)
             else:
                 trial.report(value, step)
                 if trial.should_prune():
-                    finish(i, optuna.trial.TrialState.PRUNED, None)
-            if trials[i] is None:
+                    self.finish(i, optuna.trial.TrialState.PRUNED, None)
+            if self.trials[i] is None:
                 freed.append(i)
         if freed:
-            mb.retire(freed)
-        idle = [i for i, t in enumerate(trials) if t is None]
-        if idle and (refill or len(idle) == n):
-            slots = idle[: max(0, n_trials - asked)]
-            if slots:
-                start(slots)
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    return [by_number[i] for i in done]
+            self.mb.retire(freed)
+
+    def start(self, slots: Sequence[int]) -> None:
+        from ..lifecycle import replace_model
+
+        for i in slots:
+            trial = self.study.ask()
+            self.asked += 1
+            self.trials[i] = trial
+            config = dict(self.suggest(trial))
+            # In place: weights, optimizer state and hyperparameters, schedule
+            # and active flag of slot i only.
+            replace_model(
+                self.mb,
+                i,
+                self.model_fn(trial),
+                config=config,
+                optimizer=self.optimizer,
+                scheduler=self.schedule,
+            )
+            self.steps[i] = 0
+
+    def finish(self, i: int, state: optuna.trial.TrialState, value: float | None) -> None:
+        trial = self.trials[i]
+        assert trial is not None
+        self.study.tell(trial, value, state=state)
+        self.done.append(trial.number)
+        self.trials[i] = None
+
+    def fail_running(self) -> None:
+        for i, trial in enumerate(self.trials):
+            if trial is not None:
+                self.finish(i, optuna.trial.TrialState.FAIL, None)
