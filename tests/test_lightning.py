@@ -386,3 +386,28 @@ def test_16_mixed_flag_on_cuda_gets_the_per_model_scaler():
     tr.fit(module, make_loader())
     assert isinstance(tr.precision_plugin.scaler, BatchGradScaler)
     assert torch.isfinite(mb.stacked_params()["0.weight"]).all()
+
+
+def test_per_model_batches_from_a_per_model_loader():
+    from modelbatch.data import PerModelLoader
+
+    init = make_models()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(60, 6, generator=g), torch.randint(0, 3, (60,), generator=g)
+
+    def loader():  # each model its own bootstrap bag: batches [N, B, ...]
+        return PerModelLoader(x, y, num_models=N, batch_size=12, sampling="bootstrap", seed=5)
+
+    module = BatchLightningModule(ModelBatch(copy.deepcopy(init)), CONFIGS, per_model_inputs=True)
+    trainer(max_steps=10).fit(module, loader())
+    again = loader()  # the same batches: 2 epochs of 5, a new order each epoch
+    per_model = [batch for _ in range(2) for batch in again]
+    assert len(per_model) == 10 and per_model[0][0].shape == (N, 12, 6)
+    for i, (model, cfg) in enumerate(zip(copy.deepcopy(init), CONFIGS)):
+        opt = torch.optim.AdamW(model.parameters(), **cfg)
+        for xb, yb in per_model:
+            opt.zero_grad()
+            F.cross_entropy(model(xb[i]), yb[i]).backward()
+            opt.step()
+        for name, value in model.state_dict().items():
+            assert_close_rel(module.model_batch.stacked_params()[name][i].detach(), value, 1e-5)
