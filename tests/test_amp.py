@@ -353,20 +353,6 @@ def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:
     assert counts[0] == counts[1]
 
 
-def test_docs_page_snippets_run() -> None:
-    """The python blocks of docs/schedules-clipping-amp.md, run in order in one namespace."""
-    import pathlib
-    import re
-
-    page = pathlib.Path(__file__).parent.parent / "docs" / "schedules-clipping-amp.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) >= 6
-    namespace: dict[str, Any] = {}
-    for block in blocks:
-        exec(compile(block, str(page), "exec"), namespace)
-    assert namespace["scaler"].get_scale().shape == (4,)
-
-
 def test_reset_models_restores_only_their_scale() -> None:
     mb = ModelBatch(_models())
     opt = make_sgd(mb, LRS)
@@ -407,3 +393,26 @@ def test_found_inf_flags_exactly_the_models_with_a_non_finite_gradient(dtype) ->
         g[int(torch.randint(0, g.numel(), (), generator=gen))] = values[i % 3]
     scaler.unscale_(opt)
     assert torch.equal(scaler.found_inf(opt) > 0, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_unscale_clip_update_do_not_synchronize_with_the_host() -> None:
+    mb = ModelBatch(_models()).to("cuda")
+    opt = make_sgd(mb, LRS)
+    scaler = BatchGradScaler(mb)
+    max_norm = torch.rand(N, device="cuda") + 0.1
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = mb.compute_loss(
+            mb(torch.randn(8, 6, device="cuda")), torch.randint(0, 3, (8,)).cuda()
+        )
+    scaler.scale(loss).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        scaler.unscale_(opt)
+        norms = clip_grad_norm_(mb, max_norm)
+        scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert norms.shape == (N,)

@@ -304,3 +304,52 @@ def test_equal_learning_rates_train_like_plain_torch() -> None:
 def test_lr_list_length_is_checked() -> None:
     with pytest.raises(ValueError, match="lr_list has 2 entries, expected one per model"):
         ModelBatch(make_models(MLP, 3), lr_list=[0.1, 0.2], optimizer_cls=torch.optim.SGD)
+
+
+class WithNonPersistentBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("offset", torch.randn(4), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.offset
+
+
+def test_export_fills_non_persistent_buffers() -> None:
+    models = make_models(WithNonPersistentBuffer, 3)
+    mb = ModelBatch(models)
+    x = torch.randn(5, 4)
+    assert "offset" not in mb.get_model_states()[0]
+    for i, m in enumerate(models):
+        exported = mb.model(i)
+        assert torch.equal(exported.offset, m.offset)
+        assert rel_err(exported(x), m(x)) <= 1e-6
+
+
+class TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(tokens)))
+
+
+def test_tied_weights_are_stacked_once_and_exported_under_every_key() -> None:
+    models = make_models(TiedLM, 3)
+    mb = ModelBatch(models)
+    assert list(mb.stacked_params()) == ["emb.weight"]
+    tokens = torch.randint(0, 11, (4, 7))
+    out = mb(tokens)
+    for i, m in enumerate(models):
+        assert rel_err(out[i], m(tokens)) <= 1e-6
+    states = mb.get_model_states()
+    assert set(states[0]) == {"emb.weight", "head.weight"}
+    exported = mb.model(1)
+    assert exported.head.weight is exported.emb.weight
+    assert rel_err(exported(tokens), models[1](tokens)) <= 1e-6
+    mb.load_model_states(states[::-1])
+    assert rel_err(mb(tokens)[0], out[2]) <= 1e-6

@@ -504,6 +504,16 @@ def test_alpha_dropout_per_model_rate(kind: type[nn.Module]) -> None:
         )
 
 
+def test_dropout_subclass_without_twin_refuses_differing_rates() -> None:
+    class MyDropout(nn.Dropout):
+        pass
+
+    with pytest.raises(ValueError, match=r"no per-model version of MyDropout \('drop'\)"):
+        ModelBatch([DropNet(p, MyDropout) for p in (0.1, 0.2)], per_model_dropout=True)
+    mb = ModelBatch([DropNet(0.3, MyDropout) for _ in range(2)], per_model_dropout=True)
+    assert "drop.p" not in mb.stacked_buffers()  # equal rates: torch's own layer runs
+
+
 def test_per_model_dropout_export_keeps_each_p_out_of_the_state_dict() -> None:
     models = [DropNet(p) for p in RATES]
     mb = ModelBatch(models, per_model_dropout=True)
@@ -544,6 +554,25 @@ def test_unbatchable_layer_error_names_the_layer() -> None:
         mb(torch.randn(3, 4))
     assert "torch.where" in str(info.value)
     assert isinstance(info.value, RuntimeError)
+
+
+class FunctionalRReLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rrelu(x, training=True)  # aten::rrelu has no vmap rule
+
+
+def test_missing_batching_rule_names_the_layer() -> None:
+    mb = ModelBatch([nn.Sequential(nn.Linear(4, 4), FunctionalRReLU()) for _ in range(2)])
+    with pytest.raises(UnbatchableLayerError, match=r"layer '1' \(FunctionalRReLU\).*rrelu"):
+        mb(torch.randn(3, 4))
+
+
+def test_attention_fast_path_setting_is_restored() -> None:
+    mb = ModelBatch([Outer() for _ in range(2)])
+    assert torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(UnbatchableLayerError):
+        mb(torch.randn(3, 4))
+    assert torch.backends.mha.get_fastpath_enabled()
 
 
 def test_ordinary_errors_pass_through_unchanged() -> None:

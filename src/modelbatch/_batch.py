@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -14,8 +13,15 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._metrics import format_table, per_model_rows
-from ._stack import build_stacked_tree, check_compatible, meta_skeleton
-from .nn._convert import vmap_forward_context
+from ._stack import (
+    build_stacked_tree,
+    check_compatible,
+    materialize,
+    meta_skeleton,
+    state_key_map,
+)
+from .nn._convert import restore_config, vmap_forward_context
+from .nn._errors import explain_forward_error
 
 __all__ = ["ModelBatch"]
 
@@ -88,6 +94,7 @@ class ModelBatch(nn.Module):
         # state_dict() and frameworks see only the stacked tensors.
         object.__setattr__(self, "_skeleton", meta_skeleton(models[0]))
         object.__setattr__(self, "_export_skeleton", meta_skeleton(original))
+        self._state_keys = state_key_map(original)
         self.train(original.training)
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
         self.latest_losses: Tensor | None = None
@@ -161,8 +168,6 @@ class ModelBatch(nn.Module):
             with vmap_forward_context(self.active.device):
                 return vmapped(state, (args, kwargs))
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
-            from .nn._errors import explain_forward_error
-
             # vmap's own message names an aten op; say which of the user's layers failed.
             clearer = explain_forward_error(err, skeleton)
             if clearer is None:
@@ -324,8 +329,7 @@ class ModelBatch(nn.Module):
 
     def _model_state(self, i: int) -> dict[str, Tensor]:
         own = {**self.stacked_params(), **self.stacked_buffers()}
-        keys = self._export_skeleton.state_dict(keep_vars=True).keys()
-        return {k: own[k][i].detach().clone() for k in keys}
+        return {k: own[name][i].detach().clone() for k, name in self._state_keys.items()}
 
     def load_model_states(self, states: Sequence[Mapping[str, Tensor]]) -> None:
         """Load N per-model state dicts (as from `get_model_states`) into the stack."""
@@ -335,22 +339,24 @@ class ModelBatch(nn.Module):
                 f"got {len(states)}."
             )
         own = {**self.stacked_params(), **self.stacked_buffers()}
-        keys = set(self._export_skeleton.state_dict(keep_vars=True).keys())
+        keys = set(self._state_keys)
         for i, state in enumerate(states):
             if set(state.keys()) != keys:
                 raise ValueError(
                     f"ModelBatch.load_model_states: state {i} has keys "
                     f"{sorted(set(state.keys()) ^ keys)} that do not match the model's."
                 )
-            for k in keys:
-                if tuple(state[k].shape) != tuple(own[k].shape[1:]):
+            for k, name in self._state_keys.items():
+                if tuple(state[k].shape) != tuple(own[name].shape[1:]):
                     raise ValueError(
                         f"ModelBatch.load_model_states: state {i} has {k!r} of shape "
-                        f"{tuple(state[k].shape)}, expected {tuple(own[k].shape[1:])}."
+                        f"{tuple(state[k].shape)}, expected {tuple(own[name].shape[1:])}."
                     )
         with torch.no_grad():
-            for k in keys:
-                own[k].copy_(torch.stack([s[k] for s in states]).to(own[k]))
+            # Tied tensors appear under several keys and are written once, from their first key.
+            for k, name in self._state_keys.items():
+                if k == name or name not in self._state_keys:
+                    own[name].copy_(torch.stack([s[k] for s in states]).to(own[name]))
 
     def model(self, i: int) -> nn.Module:
         """A fresh module of the user's class holding model i's weights and buffers."""
@@ -358,10 +364,14 @@ class ModelBatch(nn.Module):
             raise IndexError(f"ModelBatch.model: index {i} out of range for N={self.num_models}.")
         i = i % self.num_models
         device = self.active.device
-        module = copy.deepcopy(self._export_skeleton).to_empty(device=device)
+        module = materialize(self._export_skeleton, device)
         module.load_state_dict(self._model_state(i))
-        from .nn._convert import restore_config
-
+        # Non-persistent buffers are not in the state dict; to_empty left them uninitialized.
+        stacked = self.stacked_buffers()
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                if name not in self._state_keys and name in stacked:
+                    buf.copy_(stacked[name][i])
         # Per-model dropout rates live in non-persistent [N] buffers, not in the state dict.
         restore_config(module, self.stacked_buffers(), i)
         module.train(self.training)

@@ -7,16 +7,19 @@ step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "build_stacked_tree",
     "check_compatible",
+    "map_tensors",
+    "materialize",
     "meta_skeleton",
     "stack_tensors",
+    "state_key_map",
 ]
 
 
@@ -192,12 +195,45 @@ def build_stacked_tree(
     return tree, param_names, buffer_names
 
 
+def map_tensors(model: nn.Module, fn: Callable[[Tensor], Tensor]) -> nn.Module:
+    """Replace every parameter and buffer of `model` by `fn(tensor)`, in place, keeping ties.
+
+    `Module.to("meta")` and `to_empty` convert each module's tensors on their
+    own, so a weight tied between two modules comes out as two tensors. Here a
+    tensor reachable under several names is converted once and shared again.
+    """
+    memo: dict[int, Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = nn.Parameter(fn(p.detach()), requires_grad=p.requires_grad)
+                module._parameters[name] = memo[id(p)]  # type: ignore[assignment]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                if id(b) not in memo:
+                    memo[id(b)] = fn(b)
+                module._buffers[name] = memo[id(b)]
+    return model
+
+
 def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose tensors live on the `meta` device (no memory)."""
-    skeleton = copy.deepcopy(model) if not _has_meta_only(model) else model
-    return skeleton.to("meta")
+    """A copy of `model` whose tensors live on the `meta` device (no memory), ties kept."""
+    return map_tensors(copy.deepcopy(model), lambda t: t.to("meta"))
 
 
-def _has_meta_only(model: nn.Module) -> bool:
-    tensors = list(model.parameters()) + list(model.buffers())
-    return bool(tensors) and all(t.is_meta for t in tensors)
+def materialize(skeleton: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a meta skeleton with uninitialized tensors on `device`, ties kept."""
+    return map_tensors(copy.deepcopy(skeleton), lambda t: torch.empty_like(t, device=device))
+
+
+def state_key_map(model: nn.Module) -> dict[str, str]:
+    """Map each key of `model.state_dict()` to the name its tensor is stacked under.
+
+    Tied tensors (one parameter reachable under two names) are stacked once,
+    under the first name `named_parameters` gives; every alias maps to it.
+    """
+    canonical: dict[int, str] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        canonical.setdefault(id(t), name)
+    return {key: canonical[id(t)] for key, t in model.state_dict(keep_vars=True).items()}

@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._cells import GRUCell, LSTMCell, RNNCell
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
-from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._rnn import GRU, LSTM, RNN
 from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
 
 __all__ = ["prepare_models", "restore_config", "substitution_for", "vmap_forward_context"]
@@ -83,6 +84,19 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
     return None
 
 
+def _check_same_rate(models: Sequence[nn.Module], name: str, module: nn.Module) -> None:
+    """A dropout class without a twin keeps one rate for all models: refuse differing rates."""
+    for i, model in enumerate(models[1:], start=1):
+        p = model.get_submodule(name).p
+        if p != module.p:
+            raise ValueError(
+                f"ModelBatch: per_model_dropout=True has no per-model version of "
+                f"{type(module).__name__} ({name!r}); model {i} has p={p}, model 0 p={module.p}. "
+                "Use a torch dropout class (nn.Dropout, Dropout1d/2d/3d, AlphaDropout, "
+                "FeatureAlphaDropout) or give all models the same p."
+            )
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for tensor in [*model.parameters(), *model.buffers()]:
         return tensor.device
@@ -133,6 +147,8 @@ def prepare_models(
         sub = substitution_for(module, per_model_dropout)
         if sub is not None:
             plan[name] = sub
+        elif per_model_dropout and isinstance(module, nn.modules.dropout._DropoutNd):
+            _check_same_rate(models, name, module)
     if not plan:
         return models
     automatic = [

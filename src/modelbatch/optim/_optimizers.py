@@ -382,7 +382,7 @@ class BatchAdam(BatchOptimizer):
     `torch.optim.Adam` run on each model alone.
     """
 
-    torch_cls = torch.optim.Adam
+    torch_cls: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adam
     specs: ClassVar[dict[str, HParam]] = {
         "lr": _FLOAT, "betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT,
         "amsgrad": _BOOL, "maximize": _BOOL,
@@ -394,7 +394,7 @@ class BatchAdam(BatchOptimizer):
              lambda h: ((h["betas"] >= 0) & (h["betas"] < 1)).all(dim=1)),
         _nonneg("weight_decay"),
     )  # fmt: skip
-    shared = ("decoupled_weight_decay",)
+    shared: ClassVar[tuple[str, ...]] = ("decoupled_weight_decay",)
 
     @property
     def decoupled(self) -> bool:
