@@ -524,3 +524,40 @@ def test_resume_on_gpu(tmp_path):
     got = weights(mb)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_batchs_own_optimizer_and_scaler_are_saved_and_restored_by_default(tmp_path):
+    path = tmp_path / "c.safetensors"
+
+    def build(seed: int) -> ModelBatch:
+        torch.manual_seed(seed)
+        return ModelBatch(
+            [Net() for _ in range(N)],
+            optimizer_cls=torch.optim.Adam,
+            lr_list=[0.01, 0.02, 0.03, 0.04],
+        )
+
+    mb = build(0)
+    BatchGradScaler(mb, init_scale=[2.0**4, 2.0**5, 2.0**6, 2.0**7])
+    x, y = torch.randn(16, D), torch.randint(0, C, (16,))
+    for _ in range(2):
+        mb.zero_grad()
+        mb.grad_scaler.scale(mb.compute_loss(mb(x), y)).backward()
+        mb.grad_scaler.step(mb.optimizer)
+        mb.grad_scaler.update()
+    save(path, mb)
+    mb2 = build(1)
+    BatchGradScaler(mb2)
+    load(path, mb2)
+    assert torch.equal(mb2.optimizer.hparams["lr"], mb.optimizer.hparams["lr"])
+    assert torch.equal(mb2.optimizer.param_groups[0]["step"], mb.optimizer.param_groups[0]["step"])
+    assert torch.equal(mb2.grad_scaler.get_scale(), mb.grad_scaler.get_scale())
+    assert_same(weights(mb), weights(mb2))
+
+
+def test_readers_name_themselves_in_errors(saved):
+    not_ours(saved)
+    with pytest.raises(ValueError, match=r"^checkpoint\.read_checkpoint: .* not a modelbatch"):
+        read_checkpoint(saved)
+    with pytest.raises(ValueError, match=r"^checkpoint\.load_model_state: .* not a modelbatch"):
+        load_model_state(saved, 0)

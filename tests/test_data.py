@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from modelbatch.data import PerModelLoader, SharedLoader, kfold_assignment, model_seeds
+from modelbatch.data import (
+    PerModelLoader,
+    PerModelSampler,
+    SharedLoader,
+    kfold_assignment,
+    model_seeds,
+)
 
 # Tiny tensors: intra-op threads only add contention on a shared machine.
 torch.set_num_threads(1)
@@ -148,6 +154,21 @@ def test_map_style_dataset_is_collated_once(data):
     assert torch.equal(loader.tensors[0], x) and torch.equal(loader.tensors[1], y)
 
 
+def test_sampler_drives_torch_dataloader_with_the_same_batches(data):
+    x, y = data
+    kwargs = {"num_models": 3, "batch_size": 8, "sampling": "kfold", "num_folds": 3, "seed": 4}
+    sampler = PerModelSampler(L, **kwargs)
+    loader = PerModelLoader(x, y, **kwargs)
+    batches = list(DataLoader(TensorDataset(x, y), batch_sampler=sampler))
+    expected = list(loader)
+    assert len(batches) == len(expected) == len(sampler)
+    for (xb, yb), (xe, ye) in zip(batches, expected):
+        assert torch.equal(xb.unflatten(0, (3, -1)), xe) and torch.equal(
+            yb.unflatten(0, (3, -1)), ye
+        )
+    assert sampler.epoch == loader.epoch == 1
+
+
 def test_set_seed_changes_only_that_models_samples(data):
     loader = PerModelLoader(*data, num_models=4, batch_size=8, sampling="bootstrap")
     before = loader.order(0).clone()
@@ -185,3 +206,40 @@ def test_orders_on_gpu_match_cpu(data):
     gpu = PerModelLoader(*data, num_models=5, batch_size=8, sampling="bootstrap", device="cuda")
     assert torch.equal(cpu.order(3), gpu.order(3).cpu())
     assert next(iter(gpu))[0].device.type == "cuda"
+
+
+@pytest.mark.parametrize("sampling", ["shuffle", "bootstrap", "kfold"])
+def test_training_on_per_model_batches_matches_each_model_trained_alone(data, sampling):
+    from torch import nn
+
+    from modelbatch import ModelBatch
+    from modelbatch.optim import BatchSGD
+
+    x, y = data
+    n, lrs = 3, [0.05, 0.1, 0.2]
+    torch.manual_seed(0)
+    models = [nn.Linear(5, 4) for _ in range(n)]
+    refs = [nn.Linear(5, 4) for _ in range(n)]
+    for ref, m in zip(refs, models):
+        ref.load_state_dict(m.state_dict())
+    mb = ModelBatch(models)
+    opt = BatchSGD(list(mb.parameters()), [{"lr": lr} for lr in lrs], model_batch=mb)
+    extra = {"num_folds": 3} if sampling == "kfold" else {}
+    loader = PerModelLoader(x, y, num_models=n, batch_size=16, sampling=sampling, seed=9, **extra)
+    orders = [loader.order(e) for e in range(2)]
+    for _ in range(2):
+        for xb, yb in loader:
+            loss = mb.compute_loss(mb(xb, per_model=True), yb, per_model=True)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for i, (ref, lr) in enumerate(zip(refs, lrs)):
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=lr)
+        for order in orders:
+            for idx in order[i].split(16):
+                loss = nn.functional.cross_entropy(ref(x[idx]), y[idx])
+                ref_opt.zero_grad()
+                loss.backward()
+                ref_opt.step()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(mb.get_model_states()[i][k], v, rtol=1e-5, atol=1e-6)

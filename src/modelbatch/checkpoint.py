@@ -25,19 +25,33 @@ import copy
 import json
 import math
 import os
-import random
-import secrets
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ._batch import ModelBatch
+from ._checkpoint_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_CRC_KEY,
+    META_KEY,
+    atomic_write,
+    bad_file,
+    crc,
+    decode,
+    encode,
+    open_checkpoint,
+    read_all,
+    read_meta,
+    rng_state,
+    safetensors_module,
+    set_rng_state,
+)
 
 __all__ = [
     "Checkpoint",
@@ -49,9 +63,6 @@ __all__ = [
     "save",
 ]
 
-FORMAT = "modelbatch.checkpoint"
-FORMAT_VERSION = 1
-_META_KEY, _META_CRC_KEY = "modelbatch", "modelbatch_crc32"
 _COMPONENTS = ("optimizer", "scheduler", "scaler", "loader")
 
 
@@ -72,132 +83,12 @@ class Checkpoint:
     metadata: dict[str, Any] = field(repr=False)
 
 
-# ---------------------------------------------------------------------- encoding
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch as st
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "modelbatch.checkpoint needs safetensors; install it with "
-            "`pip install modelbatch[checkpoint]` or `pip install safetensors`."
-        ) from e
-    return st
-
-
-def _encode(obj: Any, prefix: str, tensors: dict[str, Tensor], where: str) -> Any:
-    """A JSON value for `obj`, its tensors moved into `tensors` under `prefix/<k>`."""
-    if isinstance(obj, Tensor):
-        name = f"{prefix}/{len(tensors)}"
-        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": name}
-    if isinstance(obj, Mapping):
-        return {"__dict__": [[_encode(k, prefix, tensors, where), _encode(v, prefix, tensors,
-                f"{where}[{k!r}]")] for k, v in obj.items()]}  # fmt: skip
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, prefix, tensors, where) for v in obj]}
-    if isinstance(obj, list):
-        return [_encode(v, prefix, tensors, where) for v in obj]
-    if isinstance(obj, torch.dtype):
-        return {"__dtype__": str(obj).removeprefix("torch.")}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(
-        f"checkpoint.save: cannot store a {type(obj).__name__} at {where}; state dicts may "
-        "hold tensors, numbers, strings, None, and lists, tuples and dicts of those."
-    )
-
-
-def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__dict__" in obj:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__dict__"]}
-        if "__tuple__" in obj:
-            return tuple(_decode(v, tensors) for v in obj["__tuple__"])
-        if "__dtype__" in obj:
-            return getattr(torch, obj["__dtype__"])
-    return obj
-
-
-def _crc(t: Tensor) -> int:
-    # zlib reads the array's buffer directly: no copy of the tensor's bytes.
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
-
-
 def _class_path(model_batch: ModelBatch) -> str:
     cls = type(model_batch._export_skeleton)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _rng_state(tensors: dict[str, Tensor]) -> dict[str, Any]:
-    tensors["rng/torch"] = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    for i, s in enumerate(cuda):
-        tensors[f"rng/cuda/{i}"] = s.cpu()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
-    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
-    version, internal, gauss_next = random.getstate()
-    tensors["rng/python"] = torch.tensor(internal, dtype=torch.int64)
-    return {
-        "cuda_devices": len(cuda),
-        "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
-        "python": [version, gauss_next],
-    }
-
-
-def _set_rng_state(meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> None:
-    torch.set_rng_state(tensors["rng/torch"])
-    if meta["cuda_devices"] and torch.cuda.is_available():
-        states = [tensors[f"rng/cuda/{i}"] for i in range(meta["cuda_devices"])]
-        torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
-    kind, pos, has_gauss, gauss = meta["numpy"]
-    keys = tensors["rng/numpy"].numpy().astype(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, gauss))
-    version, gauss_next = meta["python"]
-    random.setstate((version, tuple(tensors["rng/python"].tolist()), gauss_next))
-
-
 # ---------------------------------------------------------------------- save
-
-
-def _atomic_write(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    st = _safetensors()
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint.save: the directory {path.parent} does not exist; create it first."
-        )
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    # The mode a new file gets here (0o666 less the umask); the writer may create
-    # its file privately, and the checkpoint should have ordinary permissions.
-    mode = os.stat(tmp).st_mode & 0o777
-    try:
-        st.save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    # The rename itself is durable only once the directory entry is synced.
-    if hasattr(os, "O_DIRECTORY"):
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def save(
@@ -262,13 +153,13 @@ def save(
     meta["components"] = {
         key: {
             "class": type(obj).__qualname__,
-            "state": _encode(obj.state_dict(), key, tensors, f"{_label(key)}.state_dict()"),
+            "state": encode(obj.state_dict(), key, tensors, f"{_label(key)}.state_dict()"),
         }
         for key, obj in _components(optimizer, scheduler, scaler, loader, states).items()
         if obj is not None
     }
-    meta["rng"] = _rng_state(tensors) if rng else None
-    meta["checksums"] = {name: _crc(t) for name, t in tensors.items()}
+    meta["rng"] = rng_state(tensors) if rng else None
+    meta["checksums"] = {name: crc(t) for name, t in tensors.items()}
     try:
         text = json.dumps(meta)
     except TypeError as e:
@@ -276,8 +167,8 @@ def save(
             f"checkpoint.save: configs and extra must be JSON values (dicts, lists, numbers, "
             f"strings); {e}."
         ) from e
-    metadata = {_META_KEY: text, _META_CRC_KEY: str(zlib.crc32(text.encode()))}
-    _atomic_write(path, tensors, metadata)
+    metadata = {META_KEY: text, META_CRC_KEY: str(zlib.crc32(text.encode()))}
+    atomic_write(path, tensors, metadata)
 
 
 def _components(
@@ -308,36 +199,6 @@ def _library_version() -> str:
 # ---------------------------------------------------------------------- load
 
 
-def _bad(path: Path, problem: str) -> ValueError:
-    return ValueError(f"checkpoint.load: {path} {problem}")
-
-
-def _read_meta(path: Path, handle: Any) -> dict[str, Any]:
-    raw = handle.metadata() or {}
-    if _META_KEY not in raw:
-        raise _bad(path, "is a safetensors file but not a modelbatch checkpoint (no metadata).")
-    text = raw[_META_KEY]
-    if str(zlib.crc32(text.encode())) != raw.get(_META_CRC_KEY):
-        raise _bad(path, "is corrupted: its metadata fails the checksum.")
-    meta = json.loads(text)
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise _bad(
-            path,
-            f"has format {meta.get('format')!r} version {meta.get('format_version')}; this "
-            f"modelbatch reads {FORMAT!r} up to version {FORMAT_VERSION}.",
-        )
-    return meta
-
-
-def _open(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint.load: no checkpoint file at {path}.")
-    try:
-        return _safetensors().safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:
-        raise _bad(path, f"is not a readable checkpoint (truncated or corrupted): {e}") from e
-
-
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a whole checkpoint file: (metadata, tensors on the CPU).
 
@@ -345,35 +206,19 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         ValueError: the file is truncated, corrupted (a checksum fails), or
             a tensor is missing; the message names the problem.
     """
-    path = Path(path)
-    with _open(path) as handle:
-        meta = _read_meta(path, handle)
-        names = set(handle.keys())
-        missing = sorted(set(meta["checksums"]) - names)
-        if missing:
-            raise _bad(path, f"is incomplete: tensors {missing} are missing.")
-        tensors = {}
-        for name in meta["checksums"]:
-            try:
-                tensors[name] = handle.get_tensor(name)
-            except Exception as e:
-                raise _bad(path, f"is truncated or corrupted: cannot read {name!r} ({e}).") from e
-    for name, t in tensors.items():
-        if _crc(t) != meta["checksums"][name]:
-            raise _bad(path, f"is corrupted: tensor {name!r} fails its checksum.")
-    return meta, tensors
+    return read_all(Path(path), "checkpoint.read_checkpoint")
 
 
 def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -> None:
     n = model_batch.num_models
     if meta["num_models"] != n:
-        raise _bad(
+        raise bad_file(
             path,
             f"holds N={meta['num_models']} models, this ModelBatch has N={n}; build the "
             f"ModelBatch from {meta['num_models']} models.",
         )
     if meta["model_class"] != _class_path(model_batch):
-        raise _bad(
+        raise bad_file(
             path,
             f"holds models of class {meta['model_class']}, this ModelBatch holds "
             f"{_class_path(model_batch)}; build it from the checkpoint's class.",
@@ -381,7 +226,7 @@ def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -
     own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
     saved = meta["tensors"]
     if own.keys() != saved.keys():
-        raise _bad(
+        raise bad_file(
             path,
             f"has a different architecture: tensors only in the checkpoint "
             f"{sorted(saved.keys() - own.keys())}, only in the ModelBatch "
@@ -390,7 +235,7 @@ def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -
     for name, t in own.items():
         shape, dtype = saved[name]
         if list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
-            raise _bad(
+            raise bad_file(
                 path,
                 f"has a different architecture: {name!r} is {dtype}{shape} in the checkpoint, "
                 f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} in the ModelBatch.",
@@ -418,7 +263,7 @@ def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: in
     if len(groups) != len(own) or any(
         len(g["params"]) != len(o["params"]) for g, o in zip(groups, own)
     ):
-        raise _bad(
+        raise bad_file(
             path,
             f"has optimizer param groups of sizes {[len(g['params']) for g in groups]}, the "
             f"optimizer {[len(o['params']) for o in own]}; build it over the same parameters.",
@@ -427,7 +272,7 @@ def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: in
         for key, value in g.items():
             problem = _shape_mismatch(value, o.get(key), f"param group entry {key!r}")
             if key != "params" and problem:
-                raise _bad(path, f"does not match the optimizer: {problem}.")
+                raise bad_file(path, f"does not match the optimizer: {problem}.")
     params = {i: p for g, o in zip(groups, own) for i, p in zip(g["params"], o["params"])}
     for pid, entries in state.get("state", {}).items():
         p = params.get(pid)
@@ -436,7 +281,7 @@ def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: in
                 continue
             bad = value.shape != p.shape if value.dim() == p.dim() else value.shape[0] != n
             if bad:
-                raise _bad(
+                raise bad_file(
                     path,
                     f"has optimizer state {key!r} of shape {tuple(value.shape)} for a parameter "
                     f"of shape {tuple(p.shape)}; the optimizer does not match the checkpoint.",
@@ -482,7 +327,7 @@ def load(
     path = Path(path)
     optimizer = model_batch.optimizer if optimizer is None else optimizer
     scaler = model_batch.grad_scaler if scaler is None else scaler
-    meta, tensors = read_checkpoint(path)
+    meta, tensors = read_all(path, "checkpoint.load")
     _check_model(path, meta, model_batch)
     given = _components(optimizer, scheduler, scaler, loader, states)
     saved = meta["components"]
@@ -491,25 +336,25 @@ def load(
         obj, entry, label = given.get(key), saved.get(key), _label(key)
         if obj is None:
             if entry is not None and strict:
-                raise _bad(
+                raise bad_file(
                     path,
                     f"holds {label} state ({entry['class']}) but no {label} was given; pass "
                     f"it to restore it, or strict=False to skip it.",
                 )
             continue
         if entry is None:
-            raise _bad(path, f"holds no {label} state, but a {label} was given; leave it out.")
+            raise bad_file(path, f"holds no {label} state, but a {label} was given; leave it out.")
         if entry["class"] != type(obj).__qualname__:
-            raise _bad(
+            raise bad_file(
                 path,
                 f"holds {label} state of a {entry['class']}, the given {label} is a "
                 f"{type(obj).__qualname__}; build the same {label} as the saved run.",
             )
-        restoring[key] = (obj, _decode(entry["state"], tensors))
+        restoring[key] = (obj, decode(entry["state"], tensors))
     if "optimizer" in restoring:
         _check_optimizer(path, restoring["optimizer"][1], optimizer, model_batch.num_models)
     if restore_rng and meta.get("rng") is None:
-        raise _bad(path, "holds no RNG states; pass restore_rng=False.")
+        raise bad_file(path, "holds no RNG states; pass restore_rng=False.")
 
     own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
     backup = {
@@ -518,7 +363,7 @@ def load(
         **{k: copy.deepcopy(obj.state_dict()) for k, (obj, _) in restoring.items()},
     }
     rng_backup: dict[str, Tensor] = {}
-    rng_meta = _rng_state(rng_backup) if restore_rng else None
+    rng_meta = rng_state(rng_backup) if restore_rng else None
     try:
         with torch.no_grad():
             for name, t in own.items():
@@ -527,7 +372,7 @@ def load(
         for obj, state in restoring.values():
             obj.load_state_dict(state)
         if restore_rng:
-            _set_rng_state(meta["rng"], tensors)
+            set_rng_state(meta["rng"], tensors)
     except Exception:
         with torch.no_grad():
             for name, t in own.items():
@@ -536,7 +381,7 @@ def load(
         for key, (obj, _) in restoring.items():
             obj.load_state_dict(backup[key])
         if rng_meta is not None:
-            _set_rng_state(rng_meta, rng_backup)
+            set_rng_state(rng_meta, rng_backup)
         raise
     return Checkpoint(meta["step"], meta["configs"], meta["extra"], meta)
 
@@ -552,17 +397,16 @@ def load_model_state(path: str | os.PathLike[str], index: int) -> dict[str, Tens
     The per-tensor checksums cover whole tensors and are not verified here.
     """
     path = Path(path)
-    with _open(path) as handle:
-        meta = _read_meta(path, handle)
+    owner = "checkpoint.load_model_state"
+    with open_checkpoint(path, owner) as handle:
+        meta = read_meta(path, handle, owner)
         n = meta["num_models"]
         if not -n <= index < n:
-            raise IndexError(
-                f"checkpoint.load_model_state: index {index} out of range for N={n} models."
-            )
+            raise IndexError(f"{owner}: index {index} out of range for N={n} models.")
         try:
             return {k: handle.get_slice(f"model/{k}")[index % n] for k in meta["export_keys"]}
         except Exception as e:
-            raise _bad(path, f"is truncated or corrupted: {e}") from e
+            raise bad_file(path, f"is truncated or corrupted: {e}", owner) from e
 
 
 def export_model(
@@ -590,7 +434,7 @@ def export_model(
         state = load_model_state(source, index)
     path = Path(path)
     if path.suffix == ".safetensors":
-        _safetensors().save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        safetensors_module().save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save(state, path)
     return path

@@ -22,9 +22,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import Dataset, Sampler, TensorDataset, default_collate
 
-__all__ = ["PerModelLoader", "SharedLoader", "as_tensors", "kfold_assignment", "model_seeds"]
+__all__ = [
+    "PerModelLoader",
+    "PerModelSampler",
+    "SharedLoader",
+    "as_tensors",
+    "kfold_assignment",
+    "model_seeds",
+]
 
 _M32 = 0xFFFFFFFF
 # Streams keep the random numbers of different uses independent of each other.
@@ -59,13 +66,20 @@ def _hash(seeds: Tensor, epoch: int, stream: int, length: int) -> Tensor:
     return _mix32(h ^ ((s >> 32) & _M32))
 
 
-def model_seeds(seed: int | Sequence[int] | Tensor, num_models: int, device: Any = None) -> Tensor:
+def model_seeds(
+    seed: int | Sequence[int] | Tensor,
+    num_models: int,
+    device: Any = None,
+    *,
+    owner: str = "model_seeds",
+) -> Tensor:
     """Per-model seeds `[N]` (int64): given explicitly, or derived from one base seed.
 
     Args:
         seed: one int (model i gets a seed hashed from `(seed, i)`) or N ints.
         num_models: N.
         device: where the seeds live (the data's device).
+        owner: the public name that errors start with.
     """
     if isinstance(seed, int):
         base = torch.tensor([seed], dtype=torch.int64, device=device)
@@ -73,7 +87,7 @@ def model_seeds(seed: int | Sequence[int] | Tensor, num_models: int, device: Any
     seeds = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(-1)
     if seeds.numel() != num_models:
         raise ValueError(
-            f"PerModelLoader: seeds must have one entry per model (N={num_models}), "
+            f"{owner}: seeds must have one entry per model (N={num_models}), "
             f"got {seeds.numel()}; pass N seeds or one int."
         )
     return seeds.clone()
@@ -195,8 +209,8 @@ class SharedLoader:
         self.epoch, self.batch, self.seed = int(state["epoch"]), int(state["batch"]), state["seed"]
 
 
-class PerModelLoader:
-    """Per-model batches `[N, B, ...]`: each model draws from the one data set its own way.
+class PerModelSampler(Sampler[list[int]]):
+    """Each model's own sample order over one data set of L samples: index batches `[N, B]`.
 
     Sampling:
         - `"shuffle"`: every model sees every sample each epoch, in its own order.
@@ -208,8 +222,14 @@ class PerModelLoader:
           size by at most one sample; every epoch each model takes a fresh
           random subset of the common (smallest) size, so batches line up.
 
+    As a `torch.utils.data` batch sampler it yields lists of N*B indices,
+    model-major, for data sets too large to hold on the device:
+    `DataLoader(dataset, batch_sampler=sampler)` gives batches `[N*B, ...]`,
+    and `x.unflatten(0, (N, B))` gives `[N, B, ...]`. For data that fits on
+    the device, `PerModelLoader` gathers the batches there directly.
+
     Args:
-        *data: tensors `[L, ...]`, a `TensorDataset` or a map-style `Dataset`.
+        num_samples: L.
         num_models: N.
         batch_size: B.
         sampling: `"shuffle"`, `"bootstrap"` or `"kfold"`.
@@ -219,20 +239,23 @@ class PerModelLoader:
         folds: the held-out fold of each model, `[N]` (default `i % K`).
         fold_seed: seed of the assignment of samples to folds (shared by all models).
         drop_last: drop the last, smaller batch of each epoch.
-        device: move the data set there once (default: where it is).
+        device: where the indices are computed.
 
     Iteration yields the rest of the current epoch and then moves to the next
-    one, so `for epoch in range(E): for xb, yb in loader: ...` sees a new
-    order every epoch, and a loader restored from `state_dict()` continues
+    one, so `for epoch in range(E): for batch in loader: ...` sees a new
+    order every epoch, and one restored from `state_dict()` continues
     mid-epoch exactly where the saved one stopped.
 
     Warning:
         An epoch's orders are built at once as `[N, L]` int64 indices.
     """
 
+    _owner = "PerModelSampler"
+
     def __init__(
         self,
-        *data: Any,
+        num_samples: int,
+        *,
         num_models: int,
         batch_size: int,
         sampling: str = "shuffle",
@@ -243,22 +266,20 @@ class PerModelLoader:
         drop_last: bool = False,
         device: Any = None,
     ) -> None:
+        owner = self._owner
         if sampling not in _SAMPLINGS:
-            raise ValueError(
-                f"PerModelLoader: sampling must be one of {_SAMPLINGS}, got {sampling!r}."
-            )
+            raise ValueError(f"{owner}: sampling must be one of {_SAMPLINGS}, got {sampling!r}.")
         if not isinstance(num_models, int) or num_models < 1:
-            raise ValueError(f"PerModelLoader: num_models must be >= 1, got {num_models!r}.")
-        self.tensors = as_tensors(data[0] if len(data) == 1 else data, device)
-        self.device = self.tensors[0].device
-        self.num_models, self.num_samples = num_models, self.tensors[0].shape[0]
+            raise ValueError(f"{owner}: num_models must be >= 1, got {num_models!r}.")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.num_models, self.num_samples = num_models, int(num_samples)
         self.batch_size, self.sampling, self.drop_last = batch_size, sampling, drop_last
-        self.seeds = model_seeds(seed, num_models, self.device)
+        self.seeds = model_seeds(seed, num_models, self.device, owner=owner)
         self.sample_folds: Tensor | None = None
         self.model_folds: Tensor | None = None
         if sampling == "kfold":
             if num_folds is None:
-                raise ValueError("PerModelLoader: sampling='kfold' needs num_folds (K >= 2).")
+                raise ValueError(f"{owner}: sampling='kfold' needs num_folds (K >= 2).")
             self.sample_folds = kfold_assignment(
                 self.num_samples, num_folds, fold_seed, self.device
             )
@@ -267,18 +288,18 @@ class PerModelLoader:
             mf = torch.as_tensor(folds, dtype=torch.int64, device=self.device).reshape(-1)
             if mf.numel() != num_models or int(mf.min()) < 0 or int(mf.max()) >= num_folds:
                 raise ValueError(
-                    f"PerModelLoader: folds must be N={num_models} fold ids in [0, {num_folds}), "
+                    f"{owner}: folds must be N={num_models} fold ids in [0, {num_folds}), "
                     f"got {mf.tolist()}."
                 )
             self.model_folds = mf
         elif num_folds is not None or folds is not None:
             raise ValueError(
-                f"PerModelLoader: num_folds and folds apply to sampling='kfold', "
+                f"{owner}: num_folds and folds apply to sampling='kfold', "
                 f"got sampling={sampling!r}."
             )
         self._bags: Tensor | None = None
         self.samples_per_epoch = self._samples_per_epoch()
-        _check_batch_size("PerModelLoader", batch_size, self.samples_per_epoch)
+        _check_batch_size(owner, batch_size, self.samples_per_epoch)
         self.epoch, self.batch = 0, 0
 
     # ------------------------------------------------------------------ index plans
@@ -293,7 +314,7 @@ class PerModelLoader:
     def bags(self) -> Tensor:
         """Each model's bootstrap bag, `[N, L]` sample indices (drawn with replacement)."""
         if self.sampling != "bootstrap":
-            raise ValueError("PerModelLoader.bags: only sampling='bootstrap' has bags.")
+            raise ValueError(f"{self._owner}.bags: only sampling='bootstrap' has bags.")
         if self._bags is None:
             self._bags = _hash(self.seeds, 0, _STREAM_BAG, self.num_samples) % self.num_samples
         return self._bags
@@ -332,7 +353,7 @@ class PerModelLoader:
             held.scatter_(1, self.bags(), False)
         else:
             raise ValueError(
-                "PerModelLoader.held_out: sampling='shuffle' holds nothing out; use "
+                f"{self._owner}.held_out: sampling='shuffle' holds nothing out; use "
                 "'kfold' or 'bootstrap', or keep a separate validation set."
             )
         width = max(int(held.sum(1).max()), 1)
@@ -340,25 +361,25 @@ class PerModelLoader:
         mask = held.gather(1, idx)
         return torch.where(mask, idx, torch.zeros_like(idx)), mask
 
-    def held_out_data(self) -> tuple[tuple[Tensor, ...], Tensor]:
-        """`held_out` gathered: (tensors `[N, V, ...]`, mask `[N, V]`)."""
-        idx, mask = self.held_out()
-        return tuple(t[idx] for t in self.tensors), mask
-
     # ------------------------------------------------------------------ iteration
 
     def __len__(self) -> int:
         full, rest = divmod(self.samples_per_epoch, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        """Yield the rest of the current epoch: one tuple of `[N, B, ...]` tensors per step."""
+    def index_batches(self) -> Iterator[Tensor]:
+        """Yield the rest of the current epoch: one `[N, B]` index tensor per step."""
         order = self.order(self.epoch)
         while self.batch < len(self):
             idx = order[:, self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
             self.batch += 1
-            yield tuple(t[idx] for t in self.tensors)
+            yield idx
         self.epoch, self.batch = self.epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """Yield the rest of the current epoch: N*B indices per step, model-major."""
+        for idx in self.index_batches():
+            yield idx.reshape(-1).tolist()
 
     def set_seed(self, index: int, seed: int) -> None:
         """Give model `index` a new seed (a replaced model draws new samples)."""
@@ -373,9 +394,75 @@ class PerModelLoader:
         seeds = torch.as_tensor(state["seeds"], dtype=torch.int64)
         if seeds.shape != (self.num_models,):
             raise ValueError(
-                f"PerModelLoader.load_state_dict: expected seeds [N={self.num_models}], "
+                f"{self._owner}.load_state_dict: expected seeds [N={self.num_models}], "
                 f"got {tuple(seeds.shape)}."
             )
         self.seeds.copy_(seeds)
         self._bags = None
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+
+class PerModelLoader(PerModelSampler):
+    """Per-model batches `[N, B, ...]` gathered on the device from one data set.
+
+    A `PerModelSampler` (see there for `sampling`, seeds and folds) over data
+    held once on the device: each step indexes every tensor once with the
+    `[N, B]` indices, so there is no host round trip per model.
+
+    Args:
+        *data: tensors `[L, ...]`, a `TensorDataset` or a map-style `Dataset`.
+        num_models: N.
+        batch_size: B.
+        sampling: `"shuffle"`, `"bootstrap"` or `"kfold"`.
+        seed: one base seed, or N per-model seeds.
+        num_folds: K for `"kfold"`.
+        folds: the held-out fold of each model, `[N]` (default `i % K`).
+        fold_seed: seed of the assignment of samples to folds.
+        drop_last: drop the last, smaller batch of each epoch.
+        device: move the data set there once (default: where it is).
+
+    Example:
+        >>> loader = PerModelLoader(x, y, num_models=8, batch_size=32, sampling="bootstrap")
+        >>> xb, yb = next(iter(loader))
+        >>> xb.shape                     # x: [L, 64]
+        torch.Size([8, 32, 64])
+    """
+
+    _owner = "PerModelLoader"
+
+    def __init__(
+        self,
+        *data: Any,
+        num_models: int,
+        batch_size: int,
+        sampling: str = "shuffle",
+        seed: int | Sequence[int] | Tensor = 0,
+        num_folds: int | None = None,
+        folds: Sequence[int] | Tensor | None = None,
+        fold_seed: int = 0,
+        drop_last: bool = False,
+        device: Any = None,
+    ) -> None:
+        self.tensors = as_tensors(data[0] if len(data) == 1 else data, device)
+        super().__init__(
+            self.tensors[0].shape[0],
+            num_models=num_models,
+            batch_size=batch_size,
+            sampling=sampling,
+            seed=seed,
+            num_folds=num_folds,
+            folds=folds,
+            fold_seed=fold_seed,
+            drop_last=drop_last,
+            device=self.tensors[0].device,
+        )
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:  # type: ignore[override]
+        """Yield the rest of the current epoch: one tuple of `[N, B, ...]` tensors per step."""
+        for idx in self.index_batches():
+            yield tuple(t[idx] for t in self.tensors)
+
+    def held_out_data(self) -> tuple[tuple[Tensor, ...], Tensor]:
+        """`held_out` gathered: (tensors `[N, V, ...]`, mask `[N, V]`)."""
+        idx, mask = self.held_out()
+        return tuple(t[idx] for t in self.tensors), mask

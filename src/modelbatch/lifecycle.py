@@ -276,7 +276,10 @@ def _per_model_config(model_batch: ModelBatch) -> dict[str, tuple[str, str]]:
     found = {}
     for name in model_batch.stacked_buffers():
         prefix, _, leaf = name.rpartition(".")
-        sub = ref.get_submodule(prefix)
+        try:
+            sub = ref.get_submodule(prefix)
+        except AttributeError:  # a buffer of a substituted layer with no user-side twin
+            continue
         if isinstance(sub, nn.modules.dropout._DropoutNd) and leaf == "p":
             found[name] = (prefix, leaf)
     return found
