@@ -185,9 +185,16 @@ def train(out, models, configs=CONFIGS, trainer_cls=RecordingTrainer, **arg_over
 # ---------------------------------------------------------------------- equivalence
 
 
-def test_trainer_equals_per_model_torch_adamw(tmp_path):
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory):
+    """One 20-step AdamW run through Trainer, read by several tests (Trainer runs are slow)."""
     models = make_models()
-    trainer = train(tmp_path, models)
+    out = tmp_path_factory.mktemp("adamw")
+    return models, train(out, models), out
+
+
+def test_trainer_equals_per_model_torch_adamw(adamw_run):
+    models, trainer, _ = adamw_run
     assert len(trainer.recorded) == STEPS
     ref = torch_reference(models, trainer.recorded, CONFIGS)
     assert max_rel_diff(trainer.model_batch, ref) <= 1e-5
@@ -198,11 +205,10 @@ def test_trainer_equals_per_model_torch_adamw(tmp_path):
         assert bool((moved > 1e-4).all()), name
 
 
-def test_trainer_equals_library_loop(tmp_path):
+def test_trainer_equals_library_loop(adamw_run):
     from modelbatch.optim import OptimizerFactory
 
-    models = make_models(seed=1)
-    trainer = train(tmp_path, models)
+    models, trainer, _ = adamw_run
     mb = ModelBatch([copy.deepcopy(m) for m in models])
     opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(mb, CONFIGS)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_factor(STEPS))
@@ -295,27 +301,29 @@ def test_resume_from_checkpoint_continues_identically(tmp_path):
 
 
 def test_resume_rejects_a_mismatched_checkpoint(tmp_path):
-    full = train(tmp_path / "full", make_models(seed=5), save_strategy="steps", save_steps=10)
-    assert full.state.global_step == STEPS
+    full = train(
+        tmp_path / "full", make_models(seed=5), max_steps=2, save_strategy="steps", save_steps=2
+    )
+    assert full.state.global_step == 2
     mb = ModelBatch(make_models(seed=5, n=N + 1))
     other = BatchTrainer(
         mb, make_args(tmp_path / "other"), configs=CONFIGS + CONFIGS[:1], train_dataset=Blobs()
     )
     with pytest.raises(ValueError, match="BatchTrainer: the checkpoint"):
-        other.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-10"))
+        other.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
 
 
 # ---------------------------------------------------------------------- logging and eval
 
 
-def test_logs_aggregates_and_writes_the_per_model_table(tmp_path):
-    trainer = train(tmp_path, make_models(seed=6))
+def test_logs_aggregates_and_writes_the_per_model_table(adamw_run):
+    _, trainer, out = adamw_run
     history = trainer.model_batch.loss_history()  # [STEPS, N], one row per micro-batch
     train_logs = [h for h in trainer.state.log_history if "loss_best" in h]
     assert [h["step"] for h in train_logs] == [5, 10, 15, 20]
     for h in trainer.state.log_history:
         assert len(h) < 20  # aggregates only, never one key per model
-    with open(tmp_path / "per_model_log.csv") as f:
+    with open(out / "per_model_log.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 * N
     for log in train_logs:
@@ -371,9 +379,11 @@ def test_overflow_in_one_model_skips_only_that_model(tmp_path):
             mb,
             make_args(out, max_steps=5),
             configs=CONFIGS,
-            grad_scaler=scaler,
+            # Passed, or picked up from the batch it is attached to: both paths.
+            grad_scaler=scaler if blow_up else None,
             train_dataset=Blobs(),
         )
+        assert trainer.grad_scaler is scaler
         trainer.train()
         return trainer, start, scaler
 
@@ -545,3 +555,13 @@ def test_clear_errors(tmp_path):
     trainer = BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS, label_key="target")
     with pytest.raises(ValueError, match="BatchTrainer: the batch has no 'target' entry"):
         trainer.compute_loss(mb, {"x": torch.randn(2, 8), "labels": torch.zeros(2).long()})
+
+
+def test_dataset_columns_follow_the_users_forward(tmp_path):
+    # Trainer prunes `datasets` columns by the model's forward signature; it must be
+    # MLP.forward(x), not ModelBatch.forward(*args, **kwargs).
+    trainer = BatchTrainer(ModelBatch(make_models()), make_args(tmp_path), configs=CONFIGS)
+    trainer._set_signature_columns_if_needed()
+    assert "x" in trainer._signature_columns
+    assert "labels" in trainer._signature_columns
+    assert "kwargs" not in trainer._signature_columns

@@ -141,8 +141,9 @@ class BatchTrainer(Trainer):
         base_config: hyperparameters shared by all models. Defaults come from
             `args` (`learning_rate`, `weight_decay`, `adam_beta1/2`,
             `adam_epsilon`) where `optimizer_cls` accepts them.
-        grad_scaler: a `modelbatch.amp.BatchGradScaler` for this batch. Made
-            automatically when `args.fp16` gives Trainer a grad scaler.
+        grad_scaler: a `modelbatch.amp.BatchGradScaler` for this batch; by default
+            the one already attached to it, or a new one when `args.fp16` gives
+            Trainer a grad scaler.
         label_key: the input entry with the targets.
         output_key: the entry of a dict-like model output with the predictions.
         per_model_csv: file name (in `args.output_dir`) of the per-model log
@@ -214,7 +215,13 @@ class BatchTrainer(Trainer):
         self.optimizer_cls = optimizer_cls
         self.configs = [dict(c) for c in configs] if configs is not None else None
         self.base_config = dict(base_config or {})
-        self.grad_scaler = grad_scaler
+        if grad_scaler is not None and model.grad_scaler not in (None, grad_scaler):
+            raise ValueError(
+                "BatchTrainer: grad_scaler differs from the scaler already attached to the "
+                "ModelBatch; pass that one, or none."
+            )
+        # A scaler attached to the batch scales every loss: it must also unscale and step.
+        self.grad_scaler = grad_scaler if grad_scaler is not None else model.grad_scaler
         self.label_key = label_key
         self.output_key = output_key
         self._stacked_ids = {id(p) for p in model.parameters()}
@@ -242,7 +249,8 @@ class BatchTrainer(Trainer):
         # rather than train silently without them.
         args = self.args
         optim = str(getattr(args.optim, "value", args.optim))
-        if optim not in ("adamw_torch", "adamw_torch_fused"):
+        # The defaults of the supported transformers versions: the user chose nothing.
+        if optim not in ("adamw_torch", "adamw_torch_fused", "adamw_hf"):
             raise ValueError(
                 f"BatchTrainer: args.optim={optim!r} is not used; the optimizer is "
                 "optimizer_cls with per-model configs. Pass e.g. optimizer_cls=torch.optim.SGD."
@@ -576,9 +584,12 @@ def export_model(source: ModelBatch | BatchTrainer, i: int) -> nn.Module:
     module = mb.model(i)
     # The state dict does not carry non-persistent buffers (e.g. BERT's position_ids);
     # copy every buffer so the exported module computes what model i computed.
+    own = dict(module.named_buffers())
     with torch.no_grad():
         for name, buf in mb.stacked_buffers().items():
-            module.get_buffer(name).copy_(buf[i])
+            # Buffers the library added (per-model dropout rates) are not the user's.
+            if name in own:
+                own[name].copy_(buf[i])
     return module
 
 
