@@ -411,3 +411,22 @@ def test_per_model_batches_from_a_per_model_loader():
             opt.step()
         for name, value in model.state_dict().items():
             assert_close_rel(module.model_batch.stacked_params()[name][i].detach(), value, 1e-5)
+
+
+def test_attached_scaler_is_adopted_under_16_mixed_and_refused_otherwise():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from modelbatch.amp import BatchGradScaler
+
+    mb = ModelBatch(make_models())
+    mine = BatchGradScaler(mb, init_scale=2.0**10)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    tr = trainer(plugins=[plugin], max_steps=2)
+    tr.fit(BatchLightningModule(mb, CONFIGS), make_loader())
+    assert tr.precision_plugin.scaler is mine and mb.grad_scaler is mine
+
+    # fp32 would backpropagate scaled losses that nothing unscales.
+    with pytest.raises(
+        ValueError, match=r"^BatchLightningModule: the ModelBatch has a grad scaler"
+    ):
+        trainer(max_steps=2).fit(BatchLightningModule(mb, CONFIGS), make_loader())

@@ -288,17 +288,29 @@ class BatchLightningModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Give Lightning's 16-mixed precision plugin the per-model grad scaler."""
-        plugin = self.trainer.precision_plugin
-        if not isinstance(plugin, MixedPrecision) or plugin.precision != "16-mixed":
-            return
         from ..amp import BatchGradScaler
 
-        if isinstance(plugin.scaler, BatchGradScaler):
+        plugin = self.trainer.precision_plugin
+        attached = self.model_batch.grad_scaler
+        if not isinstance(plugin, MixedPrecision) or plugin.precision != "16-mixed":
+            if attached is not None:
+                # compute_loss would scale every loss and nothing would unscale.
+                raise ValueError(
+                    "BatchLightningModule: the ModelBatch has a grad scaler attached, but the "
+                    f"Trainer runs precision={getattr(plugin, 'precision', None)!r}, which never "
+                    "unscales; use precision='16-mixed' (or plugins=[batch_precision_plugin(mb)]), "
+                    "or set model_batch.grad_scaler = None."
+                )
+            return
+        if isinstance(plugin.scaler, BatchGradScaler) and plugin.scaler is attached:
             return
         # torch's GradScaler skips every model's step when any one model
         # overflows. Lightning makes none on CPU; fp16 gradients underflow
-        # there too, so the per-model one is installed on every device.
-        scaler: Any = BatchGradScaler(self.model_batch)  # torch GradScaler's interface
+        # there too, so the per-model one is installed on every device. A
+        # scaler the user already attached to the batch is kept (its settings).
+        scaler: Any = attached if isinstance(attached, BatchGradScaler) else None
+        if scaler is None:
+            scaler = BatchGradScaler(self.model_batch)  # torch GradScaler's interface
         plugin.scaler = scaler
 
     # ------------------------------------------------------------------ the per-model table
