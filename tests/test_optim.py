@@ -479,3 +479,34 @@ def test_fallback_step_hooks_run_once(torch_class_used_first):
     opt.step()
     assert calls == [1]
     assert not torch.equal(before["p.0.weight"], mb.stacked_params()["0.weight"])
+
+
+def test_param_groups_share_per_model_hparams_and_scale_by_their_own_factor():
+    configs = [{"lr": 1e-2 * (i + 1), "betas": (0.9 - 0.1 * i, 0.999)} for i in range(N)]
+    models, batches = make_models(N), make_batches(N, 10)
+    reference = [copy.deepcopy(m) for m in models]
+    ref_opts = [
+        Adam(
+            [
+                {"params": m[0].parameters()},
+                {"params": m[2].parameters(), "lr": 0.5 * cfg["lr"]},
+            ],
+            **cfg,
+        )
+        for m, cfg in zip(reference, configs)
+    ]
+    for x, y in batches:
+        for i, (m, opt) in enumerate(zip(reference, ref_opts)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
+            opt.step()
+    mb = ModelBatch(models)
+    params = mb.stacked_params()
+    groups = [
+        {"params": [params["0.weight"], params["0.bias"]]},
+        {"params": [params["2.weight"], params["2.bias"]], "lr": 0.5},
+    ]
+    opt = BatchAdam(groups, configs, model_batch=mb)
+    assert opt.param_groups[1]["hparams"]["lr"] is not opt.hparams["lr"]
+    train_batched(mb, opt, batches)
+    assert max_rel_diff(mb, reference) <= TOL

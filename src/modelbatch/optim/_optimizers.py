@@ -188,6 +188,8 @@ class BatchOptimizer(torch.optim.Optimizer):
         self._assign(owner, idx, new)
 
     def _assign(self, owner: str, idx: Tensor, new: Mapping[str, Tensor]) -> None:
+        # Validate every group before writing any, so a refused change leaves nothing half-set.
+        staged = []
         for group in self.param_groups:
             live = group["hparams"]
             candidate = {k: t.clone() for k, t in live.items()}
@@ -202,6 +204,8 @@ class BatchOptimizer(torch.optim.Optimizer):
                     f"needs (no model used it at creation); create the optimizer with "
                     f"{missing[0]} enabled for at least one model."
                 )
+            staged.append((live, candidate))
+        for live, candidate in staged:
             for k, t in candidate.items():
                 live[k].copy_(t)
 
@@ -242,9 +246,8 @@ class BatchOptimizer(torch.optim.Optimizer):
             group["step"][dev_idx] = 0
             for p in group["params"]:
                 for key, value in self.state.get(p, {}).items():
-                    value[dev_idx.to(value.device)] = self._state_init(key, group, p)[
-                        dev_idx.to(value.device)
-                    ]
+                    at = dev_idx.to(value.device)
+                    value[at] = self._state_init(key, group, p)[at]
 
     def _indices(self, owner: str, indices: int | Sequence[int] | Tensor) -> Tensor:
         n = self.num_models
