@@ -20,8 +20,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from modelbatch import ModelBatch, format_table
-from modelbatch._progress import track
+from modelbatch import ModelBatch, format_table, track
 from modelbatch.data import PerModelLoader
 from modelbatch.lifecycle import NaNGuard, replace_model
 from modelbatch.optim import BatchAdamW

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 
@@ -102,3 +103,15 @@ def snapshot(mb: ModelBatch, opt: torch.optim.Optimizer | None = None) -> dict[s
                 if isinstance(v, Tensor) and v.dim() > 0:
                     out[f"s.{names[id(p)]}.{key}"] = v.detach().clone()
     return out
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operators dispatched inside the `with` block (one per kernel launch or fewer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import CountOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.amp import BatchGradScaler
@@ -327,16 +327,6 @@ def test_state_dict_round_trip_in_place() -> None:
         other.load_state_dict({**state, "scale": torch.ones(7)})
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:
     counts = []
     for n in (2, 50):
@@ -344,9 +334,9 @@ def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:
         opt = make_sgd(mb, [0.1] * n)
         scaler = BatchGradScaler(mb)
         scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
-        with _CountOps() as ops:
+        with CountOps() as ops:
             scaler.unscale_(opt)
-        with _CountOps() as ops_update:
+        with CountOps() as ops_update:
             scaler.step(opt)
             scaler.update()
         counts.append((ops.count, ops_update.count))

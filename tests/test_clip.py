@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import CountOps
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.optim import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
@@ -155,16 +155,6 @@ def test_bad_inputs_give_clear_errors() -> None:
         clip_grad_value_(mb, -1.0)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize(
     "clip",
     [
@@ -177,7 +167,7 @@ def test_launch_count_does_not_grow_with_n(clip) -> None:
     counts = []
     for n in (2, 40):
         mb, _ = _batched_and_separate(n)
-        with _CountOps() as ops:
+        with CountOps() as ops:
             clip(mb, n)
         counts.append(ops.count)
     assert counts[0] == counts[1]

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _reference import CountOps
 from torch import nn
 from torch.optim import lr_scheduler as tls
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.optim import (
@@ -334,16 +334,6 @@ def test_bad_inputs_give_clear_errors() -> None:
         BatchStepLR(opt, step_size=2).reset_models([0], T_max=3)
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _vectorized(kind: str, opt: Any, n: int) -> Any:
     if kind == "step":
         return BatchStepLR(opt, step_size=torch.randint(1, 9, (n,)), gamma=0.5)
@@ -362,7 +352,7 @@ def test_vectorized_step_launch_count_does_not_grow_with_n(kind: str) -> None:
     for n in (5, 400):
         opt = make_sgd([nn.Parameter(torch.randn(n, 2))], [0.1] * n)
         sched = _vectorized(kind, opt, n)
-        with _CountOps() as ops:
+        with CountOps() as ops:
             sched.step()
         counts.append(ops.count)
     assert counts[0] == counts[1]

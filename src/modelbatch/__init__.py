@@ -1,7 +1,30 @@
-"""modelbatch: train many independent PyTorch models at once on one GPU."""
+"""modelbatch: train many independent PyTorch models at once on one GPU.
 
+The front door re-exports the names most programs need; the rest lives in the
+subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
+`modelbatch.amp`, `modelbatch.nn`, `modelbatch.data`, `modelbatch.checkpoint`,
+`modelbatch.lifecycle` and `modelbatch.integrations`.
+"""
+
+from . import amp, checkpoint, data, lifecycle, nn, optim
 from ._batch import ModelBatch
 from ._metrics import format_table
+from ._progress import ProgressBar, track
+from .amp import BatchGradScaler
+from .optim import OptimizerFactory
 
-__all__ = ["ModelBatch", "format_table"]
+__all__ = [
+    "BatchGradScaler",
+    "ModelBatch",
+    "OptimizerFactory",
+    "ProgressBar",
+    "amp",
+    "checkpoint",
+    "data",
+    "format_table",
+    "lifecycle",
+    "nn",
+    "optim",
+    "track",
+]
 __version__ = "0.1.0"

@@ -299,9 +299,9 @@ class _RNNBase(nn.Module):
 class LSTM(_RNNBase):
     """`torch.nn.LSTM` that runs under `torch.vmap`; same arguments, parameter names and math.
 
-    Args:
-        input_size, hidden_size, num_layers, bias, batch_first, dropout,
-        bidirectional, proj_size, device, dtype: as in `torch.nn.LSTM`.
+    Takes the arguments of `torch.nn.LSTM` (`input_size`, `hidden_size`,
+    `num_layers`, `bias`, `batch_first`, `dropout`, `bidirectional`,
+    `proj_size`, `device`, `dtype`), with the same meaning.
 
     Shapes:
         input `[T, B, I]` (`[B, T, I]` with `batch_first`, or unbatched
