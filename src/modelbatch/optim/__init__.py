@@ -1,5 +1,9 @@
-"""Vectorized optimizers over stacked parameters, with per-model hyperparameters."""
+"""Vectorized optimizers over stacked parameters, with per-model hyperparameters.
 
+Also per-model learning-rate schedules and per-model gradient clipping.
+"""
+
+from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
 from ._factory import ELEMENTWISE, NOT_SEPARABLE, VECTORIZED, OptimizerFactory
 from ._hparams import per_model
 from ._optimizers import (
@@ -10,23 +14,6 @@ from ._optimizers import (
     BatchRMSprop,
     BatchSGD,
 )
-
-__all__ = [
-    "OptimizerFactory",
-    "BatchOptimizer",
-    "BatchSGD",
-    "BatchAdam",
-    "BatchAdamW",
-    "BatchRMSprop",
-    "BatchAdagrad",
-    "VECTORIZED",
-    "ELEMENTWISE",
-    "NOT_SEPARABLE",
-    "per_model",
-]
-
-# --- per-model LR schedules and gradient clipping (sched-amp) ---
-from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
 from ._schedule import (
     BatchCosineAnnealingLR,
     BatchExponentialLR,
@@ -36,14 +23,25 @@ from ._schedule import (
     BatchWarmupCosineLR,
 )
 
-__all__ += [
-    "BatchStepLR",
-    "BatchMultiStepLR",
-    "BatchExponentialLR",
+__all__ = [
+    "ELEMENTWISE",
+    "NOT_SEPARABLE",
+    "VECTORIZED",
+    "BatchAdagrad",
+    "BatchAdam",
+    "BatchAdamW",
     "BatchCosineAnnealingLR",
-    "BatchWarmupCosineLR",
+    "BatchExponentialLR",
     "BatchLRScheduler",
+    "BatchMultiStepLR",
+    "BatchOptimizer",
+    "BatchRMSprop",
+    "BatchSGD",
+    "BatchStepLR",
+    "BatchWarmupCosineLR",
+    "OptimizerFactory",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "per_model",
     "per_model_grad_norm",
 ]
