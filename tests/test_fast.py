@@ -1,0 +1,210 @@
+"""compile_step and evaluate: the eager fallback on the CPU, the CUDA-graph path on a GPU."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelbatch import ModelBatch
+from modelbatch.fast import EvalResult, compile_step, evaluate
+
+N = 4
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_models(n: int = N, seed: int = 0, bn: bool = False) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    if bn:
+        return [
+            nn.Sequential(
+                nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)
+            )
+            for _ in range(n)
+        ]
+    return [nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(n)]
+
+
+def quiet_step(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compile_step(*args, **kwargs)
+
+
+def assert_close_to(mb: ModelBatch, refs: list[nn.Module], rtol: float, atol: float) -> None:
+    for i, ref in enumerate(refs):
+        got = mb.model(i).state_dict()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=rtol, atol=atol, msg=f"model {i} {k}")
+
+
+# ---------------------------------------------------------------------- CPU (eager fallback)
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+def test_eager_fallback_matches_separate_models(per_model: bool) -> None:
+    models = make_models()
+    refs = copy.deepcopy(models)
+    mb = ModelBatch(models)
+    step = quiet_step(mb, torch.optim.Adam(mb.parameters(), lr=0.02), per_model=per_model)
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=0.02) for m in refs]
+    gen = torch.Generator().manual_seed(1)
+    for t in range(6):
+        b = 10 if t < 5 else 7  # a last batch of another size
+        shape = (N, b) if per_model else (b,)
+        x = torch.randn(*shape, 6, generator=gen)
+        y = torch.randint(0, 3, shape, generator=gen)
+        losses = step(x, y)
+        for i, (m, o) in enumerate(zip(refs, ref_opts)):
+            xi, yi = (x[i], y[i]) if per_model else (x, y)
+            o.zero_grad()
+            loss = F.cross_entropy(m(xi), yi)
+            loss.backward()
+            o.step()
+            torch.testing.assert_close(losses[i], loss.detach(), rtol=1e-6, atol=0)
+    assert_close_to(mb, refs, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_fallback_says_why_once() -> None:
+    mb = ModelBatch(make_models())
+    with pytest.warns(UserWarning, match=r"compile_step: running the eager step.*CUDA"):
+        step = compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
+    assert step.mode == "eager" and "CUDA" in step.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+
+
+def test_losses_stay_on_device_and_are_recorded() -> None:
+    mb = ModelBatch(make_models())
+    step = quiet_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
+    first = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    second = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    assert first.shape == (N,) and first.dtype == torch.float32 and not first.requires_grad
+    assert mb.latest_losses is second
+    torch.testing.assert_close(mb.loss_history(), torch.stack([first, second]), rtol=0, atol=0)
+
+
+def test_retired_model_is_untouched_and_others_train() -> None:
+    mb = ModelBatch(make_models())
+    step = quiet_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
+    mb.retire(2)
+    before = {k: v.clone() for k, v in mb.stacked_params().items()}
+    losses = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    assert losses[2].item() == 0.0
+    for k, v in mb.stacked_params().items():
+        assert torch.equal(v[2], before[k][2]), k
+        assert not torch.equal(v[0], before[k][0]), k
+
+
+def test_bad_arguments_are_named() -> None:
+    mb = ModelBatch(make_models())
+    with pytest.raises(TypeError, match="compile_step: expected a ModelBatch"):
+        compile_step(nn.Linear(2, 2), torch.optim.SGD(mb.parameters(), lr=0.1))  # type: ignore[arg-type]
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="compile_step: the optimizer holds a parameter"):
+        compile_step(mb, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="compile_step: mode must be"):
+        compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1), mode="fastest")
+    with pytest.raises(ValueError, match="compile_step: warmup must be >= 1"):
+        compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1), warmup=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="compile_step: mode='graph' is impossible"):
+            compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1), mode="graph")
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+def test_evaluate_matches_each_model(per_model: bool) -> None:
+    models = make_models(bn=True)
+    mb = ModelBatch(models)
+    mb.train()
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(N, 9), (N, 4)] if per_model else [(9,), (4,)]
+    loader = [
+        (torch.randn(*s, 6, generator=gen), torch.randint(0, 3, s, generator=gen)) for s in shapes
+    ]
+    result = evaluate(mb, loader, per_model=per_model)
+    assert isinstance(result, EvalResult) and mb.training
+    for i in range(N):
+        ref = mb.model(i).eval()
+        with torch.no_grad():
+            outs = [(ref(x[i] if per_model else x), y[i] if per_model else y) for x, y in loader]
+        total = sum(F.cross_entropy(o, y, reduction="sum") for o, y in outs)
+        hits = sum((o.argmax(-1) == y).sum() for o, y in outs)
+        torch.testing.assert_close(result.loss[i], total / 13, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(result.accuracy[i], hits.float() / 13, rtol=0, atol=0)
+
+
+def test_evaluate_regression_has_no_accuracy_and_rejects_bad_loaders() -> None:
+    torch.manual_seed(0)
+    mb = ModelBatch([nn.Linear(3, 1) for _ in range(N)], loss_fn=F.mse_loss)
+    result = evaluate(mb, [(torch.randn(5, 3), torch.randn(5, 1))])
+    assert result.accuracy is None and result.loss.shape == (N,)
+    with pytest.raises(ValueError, match="evaluate: expected the loader to yield"):
+        evaluate(mb, [torch.randn(5, 3)])
+    with pytest.raises(ValueError, match="evaluate: the loader yielded no batches"):
+        evaluate(mb, [])
+
+
+# ---------------------------------------------------------------------- CUDA graph path
+
+
+def _twin_steps(bn: bool = False, dtype: torch.dtype | None = None):
+    models = [m.cuda() for m in make_models(bn=bn)]
+    twins = []
+    for mode in ("eager", "graph"):
+        mb = ModelBatch(copy.deepcopy(models))
+        lr = torch.tensor(0.02, device="cuda")
+        opt = torch.optim.Adam(mb.parameters(), lr=lr, capturable=True)
+        twins.append((mb, opt, quiet_step(mb, opt, autocast_dtype=dtype, mode=mode)))
+    return twins
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_graph_step_equals_eager_step(dtype: torch.dtype | None) -> None:
+    (mb_e, opt_e, eager), (mb_g, opt_g, graph) = _twin_steps(dtype=dtype)
+    assert graph.mode == "graph" and eager.mode == "eager"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for epoch in range(4):
+        for b in (32, 32, 32, 20):  # the last batch of each epoch is smaller
+            x = torch.randn(b, 6, device="cuda", generator=gen)
+            y = torch.randint(0, 3, (b,), device="cuda", generator=gen)
+            le, lg = eager(x, y), graph(x, y)
+            torch.testing.assert_close(lg, le, rtol=1e-6, atol=1e-7)
+        if epoch == 1:
+            # Hyperparameters and the active mask are tensors: no re-capture.
+            for opt in (opt_e, opt_g):
+                opt.param_groups[0]["lr"].fill_(0.003)
+            mb_e.retire(1)
+            mb_g.retire(1)
+    assert graph.num_graphs == 2
+    for (k, a), b in zip(mb_e.stacked_params().items(), mb_g.stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(mb_g.latest_losses[1], torch.zeros((), device="cuda"))
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_replay_does_not_sync_and_draws_fresh_dropout() -> None:
+    _, (mb, _, step) = _twin_steps(bn=True)
+    x = torch.randn(16, 6, device="cuda")
+    y = torch.randint(0, 3, (16,), device="cuda")
+    for _ in range(3):  # warm-up and capture
+        step(x, y)
+    mean_before = mb.stacked_buffers()["1.running_mean"].clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = step(x, y)
+        second = step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.num_graphs == 1
+    assert not torch.equal(first, second)  # new dropout masks (and new weights)
+    assert not torch.equal(mean_before, mb.stacked_buffers()["1.running_mean"])
