@@ -56,6 +56,8 @@ class ModelBatch(nn.Module):
     """
 
     active: Tensor
+    _skeleton: nn.Module
+    _export_skeleton: nn.Module
 
     def __init__(
         self,
@@ -123,10 +125,11 @@ class ModelBatch(nn.Module):
         """Run every model on the inputs.
 
         Args:
-            *args, **kwargs: the model's inputs. Shared by all models
+            *args: the model's positional inputs. Shared by all models
                 (`[B, ...]`) by default; with `per_model=True` every tensor
                 is `[N, B, ...]` and model i sees slice i.
             per_model: whether the inputs carry a leading model axis.
+            **kwargs: the model's keyword inputs, shared or split like `args`.
 
         Returns:
             The model's output with a leading model axis: `[N, B, ...]`
