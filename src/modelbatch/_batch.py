@@ -360,9 +360,12 @@ class ModelBatch(nn.Module):
         lr_list: Sequence[float] | None,
         optimizer_kwargs: Mapping[str, Any] | None,
     ) -> torch.optim.Optimizer:
+        from .optim import OptimizerFactory
+
         if optimizer_cls is None:
             optimizer_cls = torch.optim.Adam
         kwargs = dict(optimizer_kwargs or {})
+        configs = None
         if lr_list is not None:
             lrs = [float(lr) for lr in lr_list]
             if len(lrs) != self.num_models:
@@ -375,13 +378,8 @@ class ModelBatch(nn.Module):
                     "ModelBatch: give the learning rate in lr_list or in "
                     "optimizer_kwargs['lr'], not both."
                 )
-            if len(set(lrs)) > 1:
-                raise NotImplementedError(
-                    "ModelBatch: per-model learning rates (differing values in lr_list) need "
-                    "the vectorized optimizers (modelbatch.optim.OptimizerFactory)."
-                )
-            kwargs["lr"] = lrs[0]
-        return optimizer_cls(self.parameters(), **kwargs)
+            configs = [{"lr": lr} for lr in lrs]
+        return OptimizerFactory(optimizer_cls, kwargs).create_optimizer(self, configs)
 
     def step(self) -> None:
         """One optimizer step of every active model."""
