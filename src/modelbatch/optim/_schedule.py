@@ -1,0 +1,526 @@
+"""Per-model learning-rate schedules.
+
+A vectorized optimizer keeps each model's base learning rate in
+`optimizer.hparams["lr"]` (`[N]`); model i steps with
+`param_group["lr"] * hparams["lr"][i]`. The schedules here write
+`hparams["lr"]` in place from a closed form of each model's own step count
+and its own schedule parameters (`[N]` tensors), so one `step()` moves every
+model exactly one step of its own schedule and nothing compounds. The shared
+factor `param_group["lr"]` stays free for an ordinary torch scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LRScheduler
+
+__all__ = [
+    "CosineAnnealingLR",
+    "ExponentialLR",
+    "MultiStepLR",
+    "PerModelScheduler",
+    "StepLR",
+    "WarmupCosineLR",
+]
+
+_F64 = torch.float64
+
+
+def _lr_vector(name: str, optimizer: Any) -> Tensor:
+    hparams = getattr(optimizer, "hparams", None)
+    lr = hparams.get("lr") if isinstance(hparams, Mapping) else None
+    if not isinstance(lr, Tensor) or lr.dim() != 1:
+        raise TypeError(
+            f"{name}: expected a modelbatch.optim optimizer whose hparams['lr'] is an [N] tensor "
+            f"of per-model learning rates, got {type(optimizer).__name__}; build the optimizer "
+            "with modelbatch.optim, or use torch.optim.lr_scheduler for one schedule shared by "
+            "all models."
+        )
+    return lr
+
+
+def _index(name: str, indices: Any, n: int, device: torch.device) -> Tensor:
+    idx = torch.as_tensor(indices, device=device).reshape(-1)
+    if idx.dtype == torch.bool:
+        if idx.numel() != n:
+            raise ValueError(f"{name}: a boolean mask must have N={n} entries, got {idx.numel()}.")
+        return idx.nonzero().reshape(-1)
+    if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+        raise IndexError(f"{name}: model indices must be in [0, {n}), got {idx.tolist()}.")
+    return idx.long() % n
+
+
+class _VectorSchedule(LRScheduler):
+    """Base of the closed-form schedules: subclasses define `_lr_at(t)`.
+
+    State: `initial_lr` `[N]` (float64, captured from `hparams["lr"]` at
+    construction), `steps` `[N]` (each model's own step count), and the
+    schedule parameters listed in `_params`, each `[N]`. `last_epoch` counts
+    `step()` calls as in torch.
+    """
+
+    _params: tuple[str, ...] = ()
+
+    def __init__(self, optimizer: Any, **params: Any) -> None:
+        # LRScheduler.__init__ is not called: it rewrites param_group["lr"],
+        # which here is the shared factor, not the per-model rate.
+        name = type(self).__name__
+        lr = _lr_vector(name, optimizer)
+        self.optimizer = optimizer
+        self.num_models = n = lr.shape[0]
+        device = lr.device
+        self.initial_lr = lr.detach().to(_F64).clone()
+        self.steps = torch.zeros(n, dtype=torch.int64, device=device)
+        self.last_epoch = 0
+        for key, value in params.items():
+            setattr(self, key, self._vector(key, value, n, device))
+        self._check()
+        self._write()
+
+    def _vector(self, key: str, value: Any, n: int, device: torch.device) -> Tensor:
+        t = torch.as_tensor(value, dtype=_F64, device=device)
+        if t.dim() == 0:
+            return t.expand(n).clone()
+        if t.shape != (n,):
+            raise ValueError(
+                f"{type(self).__name__}: {key} must be a number or have shape [N={n}], got shape "
+                f"{tuple(t.shape)}; give one value per model."
+            )
+        return t.clone()
+
+    def _require(self, key: str, ok: Tensor, expected: str) -> None:
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().reshape(-1).tolist()
+            raise ValueError(
+                f"{type(self).__name__}: {key} must be {expected}, got "
+                f"{getattr(self, key)[bad].tolist()} for models {bad}."
+            )
+
+    def _check(self) -> None:
+        """Validate the schedule parameters once, at construction."""
+
+    def _lr_at(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _write(self) -> None:
+        lr = self.optimizer.hparams["lr"]
+        with torch.no_grad():
+            lr.copy_(self._lr_at(self.steps.to(_F64)))
+
+    def step(self, epoch: None = None) -> None:  # type: ignore[override]
+        """Move every model one step along its own schedule."""
+        if epoch is not None:
+            raise TypeError(
+                f"{type(self).__name__}.step: the epoch argument is not supported; call step() "
+                "once per step, or use reset_models to restart a model's schedule."
+            )
+        self.last_epoch += 1
+        self.steps += 1
+        self._write()
+
+    def get_last_lr(self) -> list[Tensor]:
+        """The per-model learning rates in the optimizer: `[hparams["lr"]]`, one `[N]` tensor."""
+        return [self.optimizer.hparams["lr"].detach().clone()]
+
+    def get_lr(self) -> list[Tensor]:  # type: ignore[override]
+        """The per-model learning rates at the current step: `[[N]]` (float64)."""
+        return [self._lr_at(self.steps.to(_F64))]
+
+    def reset_models(self, indices: Any, initial_lr: Any = None, **params: Any) -> None:
+        """Restart these models' schedules from step 0.
+
+        Args:
+            indices: model indices (int, sequence, `[K]` tensor or `[N]` bool mask).
+            initial_lr: their new base learning rates (a number or `[K]`); by
+                default each keeps the base rate it started with.
+            **params: new schedule parameters for them (a number or `[K]`),
+                e.g. `gamma=0.5`.
+        """
+        name = f"{type(self).__name__}.reset_models"
+        idx = _index(name, indices, self.num_models, self.steps.device)
+        for key in params:
+            if key not in self._params:
+                raise ValueError(
+                    f"{name}: unknown schedule parameter {key!r}; expected one of {self._params}."
+                )
+        updates = dict(params)
+        if initial_lr is not None:
+            updates["initial_lr"] = initial_lr
+        for key, value in updates.items():
+            target = getattr(self, key)
+            v = torch.as_tensor(value, dtype=target.dtype, device=target.device)
+            if v.dim() and v.shape != idx.shape:
+                raise ValueError(
+                    f"{name}: {key} must be a number or have one value per index "
+                    f"({idx.numel()}), got shape {tuple(v.shape)}."
+                )
+            target[idx] = v
+        self._check()
+        self.steps[idx] = 0
+        self._write()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counts, base rates and schedule parameters (tensors are cloned)."""
+        keys = ("initial_lr", "steps", *self._params)
+        state: dict[str, Any] = {k: getattr(self, k).clone() for k in keys}
+        state["last_epoch"] = self.last_epoch
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a `state_dict()` in place and rewrite the optimizer's per-model rates."""
+        for key in ("initial_lr", "steps", *self._params):
+            target = getattr(self, key)
+            value = torch.as_tensor(state_dict[key])
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {key!r} has shape "
+                    f"{tuple(value.shape)}, expected {tuple(target.shape)}; the state comes from "
+                    "a schedule over a different number of models."
+                )
+            target.copy_(value)
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._write()
+
+
+class StepLR(_VectorSchedule):
+    """Model i's rate: `initial_lr_i * gamma_i ** (t // step_size_i)`.
+
+    Args:
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        step_size: a number or `[N]`, steps between decays (>= 1).
+        gamma: a number or `[N]`, the decay factor.
+
+    Example:
+        >>> sched = StepLR(opt, step_size=[10, 20, 30], gamma=0.5)
+        >>> sched.step(); opt.hparams["lr"].shape
+        torch.Size([3])
+    """
+
+    _params = ("step_size", "gamma")
+    step_size: Tensor
+    gamma: Tensor
+
+    def __init__(self, optimizer: Any, step_size: Any, gamma: Any = 0.1) -> None:
+        super().__init__(optimizer, step_size=step_size, gamma=gamma)
+
+    def _check(self) -> None:
+        self._require("step_size", (self.step_size >= 1) & (self.step_size % 1 == 0), "an int >= 1")
+
+    def _lr_at(self, t: Tensor) -> Tensor:
+        return self.initial_lr * self.gamma.pow(torch.floor(t / self.step_size))
+
+
+class MultiStepLR(_VectorSchedule):
+    """Model i's rate: `initial_lr_i * gamma_i ** (number of its milestones <= t)`.
+
+    Args:
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        milestones: one increasing list of steps shared by every model
+            (`[10, 20]`), or one list per model (`[[10], [5, 15], ...]`,
+            lengths may differ).
+        gamma: a number or `[N]`, the decay factor.
+    """
+
+    _params = ("milestones", "gamma")
+    milestones: Tensor
+    gamma: Tensor
+
+    def __init__(self, optimizer: Any, milestones: Any, gamma: Any = 0.1) -> None:
+        lr = _lr_vector(type(self).__name__, optimizer)
+        self.milestones = self._pad(milestones, lr.shape[0]).to(lr.device)
+        super().__init__(optimizer, gamma=gamma)
+
+    @staticmethod
+    def _pad(milestones: Any, n: int) -> Tensor:
+        rows: list[list[float]]
+        if isinstance(milestones, Tensor):
+            m = milestones.to(_F64)
+            rows = [m.tolist()] * n if m.dim() == 1 else m.tolist()
+        else:
+            seq = list(milestones)
+            if seq and all(isinstance(r, (Sequence, Tensor)) for r in seq):
+                rows = [[float(x) for x in r] for r in seq]
+            else:
+                rows = [[float(x) for x in seq]] * n
+        if len(rows) != n:
+            raise ValueError(
+                f"MultiStepLR: milestones must be one list shared by all models or one list per "
+                f"model (N={n}), got {len(rows)} lists."
+            )
+        width = max(1, *(len(r) for r in rows))
+        # Padding with +inf: a milestone that is never reached.
+        return torch.tensor([r + [math.inf] * (width - len(r)) for r in rows], dtype=_F64)
+
+    def _lr_at(self, t: Tensor) -> Tensor:
+        passed = (self.milestones <= t.unsqueeze(1)).sum(1)
+        return self.initial_lr * self.gamma.pow(passed.to(_F64))
+
+    def reset_models(self, indices: Any, initial_lr: Any = None, **params: Any) -> None:
+        if "milestones" in params:
+            name = "MultiStepLR.reset_models"
+            idx = _index(name, indices, self.num_models, self.steps.device)
+            rows = self._pad(params.pop("milestones"), idx.numel()).to(self.steps.device)
+            width = max(rows.shape[1], self.milestones.shape[1])
+            grown = torch.full((self.num_models, width), math.inf, dtype=_F64, device=rows.device)
+            grown[:, : self.milestones.shape[1]] = self.milestones
+            grown[idx] = math.inf
+            grown[idx, : rows.shape[1]] = rows
+            self.milestones = grown
+        super().reset_models(indices, initial_lr, **params)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        # Milestone lists may have a different padded width: replace rather than copy.
+        self.milestones = torch.as_tensor(state_dict["milestones"], dtype=_F64).to(
+            self.steps.device
+        )
+        super().load_state_dict(state_dict)
+
+
+class ExponentialLR(_VectorSchedule):
+    """Model i's rate: `initial_lr_i * gamma_i ** t`.
+
+    Args:
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        gamma: a number or `[N]`, the decay factor per step.
+    """
+
+    _params = ("gamma",)
+    gamma: Tensor
+
+    def __init__(self, optimizer: Any, gamma: Any) -> None:
+        super().__init__(optimizer, gamma=gamma)
+
+    def _lr_at(self, t: Tensor) -> Tensor:
+        return self.initial_lr * self.gamma.pow(t)
+
+
+def _cosine(base: Tensor, eta_min: Tensor, t: Tensor, period: Tensor) -> Tensor:
+    return eta_min + (base - eta_min) * (1 + torch.cos(math.pi * t / period)) / 2
+
+
+class CosineAnnealingLR(_VectorSchedule):
+    """Model i's rate: `eta_min_i + (initial_lr_i - eta_min_i) * (1 + cos(pi t / T_max_i)) / 2`.
+
+    The closed form of `torch.optim.lr_scheduler.CosineAnnealingLR` (which,
+    like this, rises again after `T_max`).
+
+    Args:
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        T_max: a number or `[N]`, steps of the half period (> 0).
+        eta_min: a number or `[N]`, the lowest rate.
+    """
+
+    _params = ("T_max", "eta_min")
+    T_max: Tensor
+    eta_min: Tensor
+
+    def __init__(self, optimizer: Any, T_max: Any, eta_min: Any = 0.0) -> None:
+        super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
+
+    def _check(self) -> None:
+        self._require("T_max", self.T_max > 0, "> 0")
+
+    def _lr_at(self, t: Tensor) -> Tensor:
+        return _cosine(self.initial_lr, self.eta_min, t, self.T_max)
+
+
+class WarmupCosineLR(_VectorSchedule):
+    """Linear warmup, then cosine decay to `eta_min`, then constant at `eta_min`.
+
+    Model i's rate at step t, with `W = warmup_steps_i`, `T = total_steps_i`:
+    `initial_lr_i * (s + (1 - s) * t / W)` for `t < W` (`s = start_factor_i`),
+    then `eta_min_i + (initial_lr_i - eta_min_i) * (1 + cos(pi (t - W) / (T - W))) / 2`
+    up to `t = T`, then `eta_min_i`. Up to `T` this equals torch's
+    `SequentialLR([LinearLR(start_factor=s, total_iters=W), CosineAnnealingLR(T - W, eta_min)],
+    milestones=[W])` on model i.
+
+    Args:
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        warmup_steps: a number or `[N]` (>= 0; 0 means no warmup).
+        total_steps: a number or `[N]` (> warmup_steps).
+        eta_min: a number or `[N]`, the final rate.
+        start_factor: a number or `[N]` in [0, 1], the rate at step 0 as a
+            fraction of the base rate.
+    """
+
+    _params = ("warmup_steps", "total_steps", "eta_min", "start_factor")
+    warmup_steps: Tensor
+    total_steps: Tensor
+    eta_min: Tensor
+    start_factor: Tensor
+
+    def __init__(
+        self,
+        optimizer: Any,
+        warmup_steps: Any,
+        total_steps: Any,
+        eta_min: Any = 0.0,
+        start_factor: Any = 0.0,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            eta_min=eta_min,
+            start_factor=start_factor,
+        )
+
+    def _check(self) -> None:
+        self._require("warmup_steps", self.warmup_steps >= 0, ">= 0")
+        self._require("total_steps", self.total_steps > self.warmup_steps, "> warmup_steps")
+        ok = (self.start_factor >= 0) & (self.start_factor <= 1)
+        self._require("start_factor", ok, "in [0, 1]")
+
+    def _lr_at(self, t: Tensor) -> Tensor:
+        w = self.warmup_steps
+        ramp = self.start_factor + (1 - self.start_factor) * t / w.clamp(min=1)
+        warm = self.initial_lr * ramp
+        cosine = _cosine(self.initial_lr, self.eta_min, t - w, self.total_steps - w)
+        lr = torch.where(t < w, warm, cosine)
+        return torch.where(t > self.total_steps, self.eta_min, lr)
+
+
+class PerModelScheduler(LRScheduler):
+    """Any torch LR scheduler class, with its own arguments for each model.
+
+    Keeps N small torch schedulers, each on a one-parameter dummy optimizer
+    whose lr starts at model i's `hparams["lr"][i]`, and copies their N rates
+    into `hparams["lr"]` after every `step()`.
+
+    Warning:
+        Each `step()` runs a Python loop over the N schedulers and one
+        host-to-device copy: fine for hundreds of models, slow for very large
+        N. Prefer the vectorized schedules (`StepLR`, `MultiStepLR`,
+        `ExponentialLR`, `CosineAnnealingLR`, `WarmupCosineLR`) there.
+
+    Args:
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        scheduler_cls: a torch scheduler class, e.g. `torch.optim.lr_scheduler.OneCycleLR`.
+        per_model_kwargs: N dicts of arguments, one per model, or None.
+        **kwargs: arguments shared by every model (a per-model entry wins).
+
+    Example:
+        >>> sched = PerModelScheduler(opt, torch.optim.lr_scheduler.OneCycleLR,
+        ...     [{"max_lr": m} for m in (0.1, 0.2, 0.3)], total_steps=100)
+        >>> sched.step(); opt.hparams["lr"].shape
+        torch.Size([3])
+    """
+
+    def __init__(
+        self,
+        optimizer: Any,
+        scheduler_cls: type,
+        per_model_kwargs: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        lr = _lr_vector("PerModelScheduler", optimizer)
+        self.optimizer = optimizer
+        self.num_models = n = lr.shape[0]
+        if per_model_kwargs is not None and len(per_model_kwargs) != n:
+            raise ValueError(
+                f"PerModelScheduler: per_model_kwargs has {len(per_model_kwargs)} entries, "
+                f"expected one dict per model (N={n})."
+            )
+        self.scheduler_cls = scheduler_cls
+        self.shared_kwargs = dict(kwargs)
+        self.per_model_kwargs = [dict(k) for k in (per_model_kwargs or [{}] * n)]
+        self.last_epoch = 0
+        base = lr.detach().to(_F64).cpu().tolist()
+        self.schedulers = [self._make(i, base[i]) for i in range(n)]
+        self._write()
+
+    def _make(self, i: int, base_lr: float) -> Any:
+        dummy = torch.zeros((), requires_grad=True)
+        opt = torch.optim.SGD([dummy], lr=base_lr)
+        return self.scheduler_cls(opt, **{**self.shared_kwargs, **self.per_model_kwargs[i]})
+
+    def _write(self) -> None:
+        rates = [s.optimizer.param_groups[0]["lr"] for s in self.schedulers]
+        lr = self.optimizer.hparams["lr"]
+        with torch.no_grad():
+            lr.copy_(torch.tensor(rates, dtype=_F64))
+
+    def step(self, metrics: Any = None) -> None:  # type: ignore[override]
+        """Step every model's scheduler once; `metrics` (`[N]`) for ReduceLROnPlateau."""
+        values: list[Any] = [None] * self.num_models
+        if metrics is not None:
+            values = torch.as_tensor(metrics).reshape(-1).tolist()
+            if len(values) != self.num_models:
+                raise ValueError(
+                    f"PerModelScheduler.step: metrics must have one value per model "
+                    f"(N={self.num_models}), got {len(values)}."
+                )
+        with warnings.catch_warnings():
+            # The dummy optimizers never step; torch would warn about the order.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for sched, value in zip(self.schedulers, values):
+                sched.step() if value is None else sched.step(value)
+        self.last_epoch += 1
+        self._write()
+
+    def get_last_lr(self) -> list[Tensor]:
+        """The per-model learning rates in the optimizer: `[hparams["lr"]]`, one `[N]` tensor."""
+        return [self.optimizer.hparams["lr"].detach().clone()]
+
+    def get_lr(self) -> list[Tensor]:  # type: ignore[override]
+        return self.get_last_lr()
+
+    def reset_models(
+        self,
+        indices: Any,
+        initial_lr: Any = None,
+        per_model_kwargs: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        """Give these models fresh schedulers (from step 0).
+
+        Args:
+            indices: model indices (int, sequence, `[K]` tensor or `[N]` bool mask).
+            initial_lr: their new base rates (a number or `[K]`); by default
+                each keeps the base rate its scheduler started with.
+            per_model_kwargs: K dicts of new scheduler arguments, or None to keep theirs.
+        """
+        name = "PerModelScheduler.reset_models"
+        idx = _index(name, indices, self.num_models, torch.device("cpu")).tolist()
+        if per_model_kwargs is not None:
+            if len(per_model_kwargs) != len(idx):
+                raise ValueError(
+                    f"{name}: per_model_kwargs has {len(per_model_kwargs)} entries, expected "
+                    f"one per index ({len(idx)})."
+                )
+            for i, kw in zip(idx, per_model_kwargs):
+                self.per_model_kwargs[i] = dict(kw)
+        if initial_lr is None:
+            rates = [self.schedulers[i].base_lrs[0] for i in idx]
+        else:
+            rates = torch.as_tensor(initial_lr, dtype=_F64).expand(len(idx)).tolist()
+        for i, rate in zip(idx, rates):
+            self.schedulers[i] = self._make(i, rate)
+        self._write()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each model's torch scheduler state and the dummy optimizers' rates."""
+        return {
+            "last_epoch": self.last_epoch,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "lrs": [s.optimizer.param_groups[0]["lr"] for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a `state_dict()` in place and rewrite the optimizer's per-model rates."""
+        states = state_dict["schedulers"]
+        if len(states) != self.num_models:
+            raise ValueError(
+                f"PerModelScheduler.load_state_dict: the state holds {len(states)} schedulers, "
+                f"expected N={self.num_models}."
+            )
+        for sched, state, rate in zip(self.schedulers, states, state_dict["lrs"]):
+            sched.load_state_dict(state)
+            sched.optimizer.param_groups[0]["lr"] = rate
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._write()
