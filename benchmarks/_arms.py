@@ -34,15 +34,12 @@ def autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
 
 
 def library_optimizer(mb: ModelBatch, n: int) -> tuple[torch.optim.Optimizer, str]:
-    """The library's vectorized Adam with per-model lr `[N]`, else torch's fused Adam."""
-    try:
-        from modelbatch.optim import OptimizerFactory  # type: ignore[attr-defined]
-    except ImportError:
-        opt = torch.optim.Adam(mb.parameters(), lr=LR, fused=True, capturable=True)
-        return opt, "torch.optim.Adam(fused=True) (shared lr)"
+    """The library's vectorized Adam with a different lr for every model (`[N]`)."""
+    from modelbatch.optim import OptimizerFactory
+
     lrs = torch.linspace(0.5 * LR, 2 * LR, n).tolist()
-    opt = OptimizerFactory(torch.optim.Adam).build(mb, [{"lr": lr} for lr in lrs])
-    return opt, "modelbatch.optim Adam (per-model lr)"
+    opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, [{"lr": lr} for lr in lrs])
+    return opt, f"modelbatch.optim.{type(opt).__name__} (per-model lr)"
 
 
 # ---------------------------------------------------------------------- sequential

@@ -32,6 +32,13 @@ from _models import MODELS, make_batches
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 NS = (1, 8, 32, 128, 512, 1024, 4096)
+# modelbatch arms: name, compile_step mode, further compile_step options
+VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("eager", "eager", {}),
+    ("fast", "auto", {}),
+    ("fast_unfused", "auto", {"fuse_optimizer": False}),
+    ("fast_compiled", "auto", {"compile_model": True}),
+)
 
 
 def set_precision(precision: str) -> torch.dtype | None:
@@ -122,7 +129,7 @@ def run_config(
                 lambda dtype=dtype: _arms.ideal_step(sizes, n, device, dtype), batches, timing
             )
             add("ideal", res)
-        for arm, mode in (("eager", "eager"), ("fast", "auto")):
+        for arm, mode, options in VARIANTS:
             if arm not in args.arms:
                 continue
             if isinstance(mb, str):
@@ -135,7 +142,9 @@ def run_config(
                 add(arm, {"status": "oom"})
                 continue
             res = measure(
-                lambda mode=mode, dtype=dtype, mb=mb: _arms.modelbatch_step(mb, dtype, mode),
+                lambda mode=mode, dtype=dtype, mb=mb, options=options: _arms.modelbatch_step(
+                    mb, dtype, mode, **options
+                ),
                 batches,
                 timing,
             )

@@ -15,6 +15,7 @@ as device tensors `[N]` and stay there until the caller reads them.
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -43,6 +44,29 @@ def _signature(tree: Any) -> tuple:
 
 def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+_COMPILED: dict[tuple[type, str], Callable] = {}
+
+
+def _fuse(optimizer: torch.optim.Optimizer) -> bool:
+    """Compile a modelbatch optimizer's per-tensor update and coefficients; whether it did.
+
+    The update is a handful of elementwise ops over `[N, *shape]` tensors, each a
+    full pass over memory; compiled, it is one kernel per tensor. Compiled once per
+    class and shared by every instance (bound per instance, the class is untouched).
+    """
+    from .optim import BatchOptimizer
+
+    if not isinstance(optimizer, BatchOptimizer):
+        return False
+    cls = type(optimizer)
+    for name in ("_update", "_coefficients"):
+        fn = _COMPILED.get((cls, name))
+        if fn is None:
+            fn = _COMPILED[(cls, name)] = torch.compile(getattr(cls, name), dynamic=None)
+        setattr(optimizer, name, types.MethodType(fn, optimizer))
+    return True
 
 
 class _Graph:
@@ -82,6 +106,8 @@ class FastStep:
         mode: str = "auto",
         warmup: int = 2,
         max_graphs: int = 4,
+        fuse_optimizer: bool = True,
+        compile_model: bool = False,
     ) -> None:
         if not isinstance(model_batch, ModelBatch):
             raise TypeError(
@@ -112,7 +138,21 @@ class FastStep:
         self.model_batch = model_batch
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.scaler = scaler
+        # The batch's own scaler (set by BatchGradScaler(model_batch)) unless one is given.
+        self.scaler = scaler if scaler is not None else model_batch.grad_scaler
+        device = model_batch.active.device
+        n = model_batch.num_models
+        if max_norm is not None:
+            # One device tensor for the whole run: a Python list or float converted at
+            # every step would be a host-to-device copy baked into the graph.
+            max_norm = torch.as_tensor(max_norm, dtype=torch.float32).to(device)
+            if max_norm.dim() == 0:
+                max_norm = max_norm.expand(n).clone()
+            if tuple(max_norm.shape) != (n,):
+                raise ValueError(
+                    f"compile_step: max_norm must be a float or [N={n}], got shape "
+                    f"{tuple(max_norm.shape)}; pass one value per model."
+                )
         self.max_norm = max_norm
         self.autocast_dtype = autocast_dtype
         self.per_model = per_model
@@ -123,7 +163,8 @@ class FastStep:
         self._seen: dict[tuple, int] = {}
         self._grads_of: tuple | None = None
         self._warned_full = False
-        device = model_batch.active.device
+        self._warned_lr = False
+        self._lr_factors = self._float_lrs()
         self.reason: str | None = None
         if mode == "eager":
             self.reason = "mode='eager' was asked for"
@@ -132,6 +173,12 @@ class FastStep:
         else:
             self.reason = self._make_capturable()
         self.mode = "eager" if self.reason is not None else "graph"
+        self.fused = False
+        if self.mode == "graph" and fuse_optimizer:
+            self.fused = _fuse(optimizer)
+        self._forward_loss: Callable[[Any, Tensor], Tensor] = self._forward_loss_eager
+        if compile_model:
+            self._forward_loss = torch.compile(self._forward_loss_eager)
         if self.reason is not None and mode != "eager":
             if mode == "graph":
                 raise RuntimeError(f"compile_step: mode='graph' is impossible: {self.reason}.")
@@ -171,8 +218,12 @@ class FastStep:
         # and costs nothing measurable eagerly.
         return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _body(self, inputs: Any, targets: Tensor) -> Tensor:
-        """Forward, per-model loss, backward, clipping/unscaling and update; losses `[N]`."""
+    def _float_lrs(self) -> list:
+        return [
+            g.get("lr") for g in self.optimizer.param_groups if not isinstance(g.get("lr"), Tensor)
+        ]
+
+    def _forward_loss_eager(self, inputs: Any, targets: Tensor) -> Tensor:
         mb = self.model_batch
         with self._autocast():
             outputs = mb(*_as_args(inputs), per_model=self.per_model)
@@ -180,11 +231,14 @@ class FastStep:
                 outputs, targets, self.loss_fn, per_model=self.per_model or None
             )
         losses = losses.float()
-        losses = torch.where(mb.active, losses, torch.zeros_like(losses))
-        total = losses.sum()
-        if self.scaler is not None:
-            total = self.scaler.scale(total)
-        total.backward()
+        return torch.where(mb.active, losses, torch.zeros_like(losses))
+
+    def _body(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Forward, per-model loss, backward, clipping/unscaling and update; losses `[N]`."""
+        mb = self.model_batch
+        losses = self._forward_loss(inputs, targets)
+        scaled = self.scaler.attach(losses) if self.scaler is not None else losses
+        scaled.sum().backward()
         if self.scaler is not None and self.max_norm is not None:
             self.scaler.unscale_(self.optimizer)
         if self.max_norm is not None:
@@ -231,6 +285,24 @@ class FastStep:
         mb._history.append(losses)
         return losses
 
+    def _check_lr_factors(self) -> None:
+        """Drop the graphs if a float lr (a torch LR scheduler's factor) changed: it is baked in."""
+        now = self._float_lrs()
+        if now != self._lr_factors:
+            self._lr_factors = now
+            if self._graphs:
+                self._graphs.clear()
+                self._grads_of = None
+                if not self._warned_lr:
+                    self._warned_lr = True
+                    warnings.warn(
+                        "compile_step: a param group's float lr changed (a torch LR scheduler?); "
+                        "it is a constant inside the CUDA graph, so the step re-captures. Per-model "
+                        "schedules (modelbatch.optim) write the [N] lr tensors and need no "
+                        "re-capture.",
+                        stacklevel=3,
+                    )
+
     def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
         """One training step of every active model.
 
@@ -245,6 +317,7 @@ class FastStep:
         """
         if self.mode == "eager":
             return self._record(self._eager(inputs, targets))
+        self._check_lr_factors()
         key = _signature((inputs, targets))
         entry = self._graphs.get(key)
         if entry is None:
@@ -289,6 +362,8 @@ def compile_step(
     mode: str = "auto",
     warmup: int = 2,
     max_graphs: int = 4,
+    fuse_optimizer: bool = True,
+    compile_model: bool = False,
 ) -> FastStep:
     """A training step `step(x, y) -> losses [N]` that runs as one CUDA graph.
 
@@ -325,6 +400,12 @@ def compile_step(
             impossible) or `"eager"`.
         warmup: eager steps per input shape before capture (>= 1).
         max_graphs: most input shapes captured.
+        fuse_optimizer: on the graph path, compile the per-tensor update of a
+            `modelbatch.optim` optimizer with `torch.compile` (one fused kernel per
+            parameter tensor instead of about eight; same math, rounding within
+            fp32 tolerance). Compiles once per optimizer class, at the first step.
+        compile_model: also compile forward and loss with `torch.compile` (fuses
+            elementwise work; costs compile time at the first step).
 
     Returns:
         A `FastStep`; `step(x, y)` returns the per-model losses `[N]` on the device.
@@ -351,6 +432,8 @@ def compile_step(
         mode=mode,
         warmup=warmup,
         max_graphs=max_graphs,
+        fuse_optimizer=fuse_optimizer,
+        compile_model=compile_model,
     )
 
 
