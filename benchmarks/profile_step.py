@@ -63,7 +63,7 @@ def main() -> None:
         print("ideal (eager, no graph):\n" + kernels(ideal_eager, batches))
         del ideal
     mb = _arms.build_batch(make, args.n, device)
-    step, keep, _ = _arms.modelbatch_step(mb, dtype, "auto")
+    step, _keep, _ = _arms.modelbatch_step(mb, dtype, "auto")
     for i in range(4):
         step(*batches[i % len(batches)])  # compiles the fused optimizer
     print("modelbatch step body (eager, fused optimizer):\n" + kernels(step._eager, batches))
