@@ -72,9 +72,11 @@ def build_batch(make: Callable[[], nn.Module], n: int, device: torch.device) -> 
     return ModelBatch(models)
 
 
-def modelbatch_step(mb: ModelBatch, dtype: torch.dtype | None, mode: str) -> tuple[Step, list, str]:
+def modelbatch_step(
+    mb: ModelBatch, dtype: torch.dtype | None, mode: str, **options: Any
+) -> tuple[Step, list, str]:
     opt, name = library_optimizer(mb, mb.num_models)
-    step = compile_step(mb, opt, autocast_dtype=dtype, mode=mode)
+    step = compile_step(mb, opt, autocast_dtype=dtype, mode=mode, **options)
     return step, [opt, step], name
 
 

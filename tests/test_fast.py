@@ -109,6 +109,44 @@ def test_retired_model_is_untouched_and_others_train() -> None:
         assert not torch.equal(v[0], before[k][0]), k
 
 
+def test_relayout_keeps_values_and_training() -> None:
+    from modelbatch.fast import _adopt_grad_layouts, _stride_recorder
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models()
+    twins = []
+    for relayout in (False, True):
+        mb = ModelBatch(copy.deepcopy(models))
+        opt = OptimizerFactory(torch.optim.Adam).create_optimizer(
+            mb, [{"lr": 0.01 * (i + 1)} for i in range(N)]
+        )
+        twins.append((mb, opt, relayout))
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    batches = batches * 4
+    for t, (x, y) in enumerate(batches):
+        for mb, opt, relayout in twins:
+            params = list(mb.parameters())
+            layouts: dict = {}
+            hooks = [p.register_hook(_stride_recorder(layouts, id(p))) for p in params]
+            opt.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            for h in hooks:
+                h.remove()
+            opt.step()
+            if relayout and t == 0:
+                before = [p.detach().clone() for p in params]
+                _adopt_grad_layouts(params, layouts, opt)
+                weight = mb.stacked_params()["0.weight"]
+                assert weight.stride() == layouts[id(weight)] != weight.contiguous().stride()
+                for p, b in zip(params, before):
+                    assert torch.equal(p, b)
+                    assert opt.state[p]["exp_avg"].stride() == p.stride()
+    (mb_a, _, _), (mb_b, _, _) = twins
+    for (k, a), b in zip(mb_a.stacked_params().items(), mb_b.stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+
+
 def test_bad_arguments_are_named() -> None:
     mb = ModelBatch(make_models())
     with pytest.raises(TypeError, match="compile_step: expected a ModelBatch"):

@@ -69,6 +69,53 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def _adopt_grad_layouts(
+    params: list[Tensor], layouts: dict[int, tuple[int, ...]], optimizer: torch.optim.Optimizer
+) -> None:
+    """Store each parameter in the memory layout its incoming gradient has.
+
+    Under vmap a linear layer's weight gradient arrives transposed (`[N, in, out]`
+    in memory for an `[N, out, in]` weight); autograd then copies it into the
+    parameter's layout at every step, a strided copy as large as the weights
+    (about a fifth of an MLP step at large N). Giving the parameter, its grad and
+    its optimizer state that layout once makes the copy disappear; values,
+    shapes and names are unchanged.
+    """
+    with torch.no_grad():
+        for p in params:
+            stride = layouts.get(id(p))
+            if stride is None or stride == p.stride() or not _dense(p.shape, stride):
+                continue
+
+            def moved(t: Tensor, stride: tuple[int, ...] = stride) -> Tensor:
+                out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+                return out.copy_(t)
+
+            p.data = moved(p.data)
+            if p.grad is not None:
+                p.grad = moved(p.grad)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.data = moved(value.data)
+
+
+def _stride_recorder(layouts: dict[int, tuple[int, ...]], key: int) -> Callable:
+    def hook(grad: Tensor) -> None:
+        layouts[key] = grad.stride()
+
+    return hook
+
+
+def _dense(shape: torch.Size, stride: tuple[int, ...]) -> bool:
+    """Whether `stride` lays `shape` out densely without overlap (a permutation of dims)."""
+    expected = 1
+    for size, st in sorted(zip(shape, stride), key=lambda d: d[1]):
+        if size != 1 and st != expected:
+            return False
+        expected *= size
+    return True
+
+
 class _Graph:
     """One captured step: the graph, its static inputs and outputs, the grads it writes."""
 
@@ -108,6 +155,7 @@ class FastStep:
         max_graphs: int = 4,
         fuse_optimizer: bool = True,
         compile_model: bool = False,
+        relayout: bool = True,
     ) -> None:
         if not isinstance(model_batch, ModelBatch):
             raise TypeError(
@@ -174,6 +222,7 @@ class FastStep:
             self.reason = self._make_capturable()
         self.mode = "eager" if self.reason is not None else "graph"
         self.fused = False
+        self._relayout_pending = self.mode == "graph" and relayout
         if self.mode == "graph" and fuse_optimizer:
             self.fused = _fuse(optimizer)
         self._forward_loss: Callable[[Any, Tensor], Tensor] = self._forward_loss_eager
@@ -262,10 +311,20 @@ class FastStep:
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
+        layouts: dict[int, tuple[int, ...]] = {}
+        hooks = []
+        if self._relayout_pending:
+            for p in self._params:
+                hooks.append(p.register_hook(_stride_recorder(layouts, id(p))))
         with torch.cuda.stream(side):
             losses = self._eager(inputs, targets)
         current.wait_stream(side)
         losses.record_stream(current)
+        for h in hooks:
+            h.remove()
+        if self._relayout_pending:
+            self._relayout_pending = False
+            _adopt_grad_layouts(self._params, layouts, self.optimizer)
         return losses
 
     def _capture(self, inputs: Any, targets: Tensor) -> _Graph:
@@ -364,6 +423,7 @@ def compile_step(
     max_graphs: int = 4,
     fuse_optimizer: bool = True,
     compile_model: bool = False,
+    relayout: bool = True,
 ) -> FastStep:
     """A training step `step(x, y) -> losses [N]` that runs as one CUDA graph.
 
@@ -406,6 +466,10 @@ def compile_step(
             fp32 tolerance). Compiles once per optimizer class, at the first step.
         compile_model: also compile forward and loss with `torch.compile` (fuses
             elementwise work; costs compile time at the first step).
+        relayout: on the graph path, after the first step store each parameter
+            (and its grad and optimizer state) in the memory layout its gradient
+            arrives in, so autograd stops copying weight gradients every step.
+            Values and shapes are unchanged; `param.stride()` may change.
 
     Returns:
         A `FastStep`; `step(x, y)` returns the per-model losses `[N]` on the device.
@@ -434,6 +498,7 @@ def compile_step(
         max_graphs=max_graphs,
         fuse_optimizer=fuse_optimizer,
         compile_model=compile_model,
+        relayout=relayout,
     )
 
 
