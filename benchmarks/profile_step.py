@@ -26,7 +26,9 @@ def kernels(fn, batches, steps: int = 3) -> str:
     for i in range(3):
         fn(*batches[i % len(batches)])
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(
+        activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
         for i in range(steps):
             fn(*batches[i % len(batches)])
         torch.cuda.synchronize()
@@ -38,6 +40,17 @@ def kernels(fn, batches, steps: int = 3) -> str:
     for e in events[:14]:
         lines.append(
             f"  {e.device_time_total / steps / 1e3:8.3f} ms {e.count // steps:4d}x  {e.key[:90]}"
+        )
+    copies = [
+        e
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::bmm", "aten::mm")
+    ]
+    copies.sort(key=lambda e: -e.device_time_total)
+    for e in copies[:8]:
+        lines.append(
+            f"  {e.device_time_total / steps / 1e3:8.3f} ms {e.count // steps:4d}x  "
+            f"{e.key} {str(e.input_shapes)[:110]}"
         )
     return "\n".join(lines)
 

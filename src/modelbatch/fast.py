@@ -15,7 +15,6 @@ as device tensors `[N]` and stay there until the caller reads them.
 from __future__ import annotations
 
 import contextlib
-import types
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -46,26 +45,37 @@ def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-_COMPILED: dict[tuple[type, str], Callable] = {}
+_COMPILED: dict[str, Callable] = {}
 
 
 def _fuse(optimizer: torch.optim.Optimizer) -> bool:
-    """Compile a modelbatch optimizer's per-tensor update and coefficients; whether it did.
+    """Run a modelbatch optimizer's per-tensor update compiled; whether it could.
 
     The update is a handful of elementwise ops over `[N, *shape]` tensors, each a
-    full pass over memory; compiled, it is one kernel per tensor. Compiled once per
-    class and shared by every instance (bound per instance, the class is untouched).
+    full pass over memory; compiled, it is one kernel per tensor. The pure update
+    functions of `modelbatch.optim` are compiled once per process (with dynamic
+    shapes, so new N or layer sizes reuse them) and bound on this instance only.
     """
-    from .optim import BatchOptimizer
+    from .optim import BatchAdagrad, BatchAdam, BatchRMSprop, BatchSGD, _functional
 
-    if not isinstance(optimizer, BatchOptimizer):
+    table = (
+        (BatchAdam, "adam_update"),
+        (BatchSGD, "sgd_update"),
+        (BatchRMSprop, "rmsprop_update"),
+        (BatchAdagrad, "adagrad_update"),
+    )
+    name = next((fn for cls, fn in table if isinstance(optimizer, cls)), None)
+    if name is None:
         return False
-    cls = type(optimizer)
-    for name in ("_update", "_coefficients"):
-        fn = _COMPILED.get((cls, name))
-        if fn is None:
-            fn = _COMPILED[(cls, name)] = torch.compile(getattr(cls, name), dynamic=None)
-        setattr(optimizer, name, types.MethodType(fn, optimizer))
+    fn = _COMPILED.get(name)
+    if fn is None:
+        fn = _COMPILED[name] = torch.compile(getattr(_functional, name), dynamic=True)
+    extra = (optimizer.decoupled,) if isinstance(optimizer, BatchAdam) else ()
+
+    def update(p: Tensor, grad: Tensor, state: dict, c: dict) -> None:
+        fn(p, grad, state, c, *extra)
+
+    optimizer._update = update  # type: ignore[method-assign]
     return True
 
 
