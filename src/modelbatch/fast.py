@@ -73,7 +73,11 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
     extra = (optimizer.decoupled,) if isinstance(optimizer, BatchAdam) else ()
 
     def update(p: Tensor, grad: Tensor, state: dict, c: dict) -> None:
-        fn(p, grad, state, c, *extra)
+        # Parameters of different rank, layout or dtype each need a variant; this
+        # runs only while warming up and capturing (a replay runs no Python), so
+        # a generous recompile limit costs nothing per step.
+        with torch._dynamo.config.patch(recompile_limit=64):
+            fn(p, grad, state, c, *extra)
 
     optimizer._update = update  # type: ignore[method-assign]
     return True
