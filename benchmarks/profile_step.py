@@ -41,6 +41,13 @@ def kernels(fn, batches, steps: int = 3) -> str:
         lines.append(
             f"  {e.device_time_total / steps / 1e3:8.3f} ms {e.count // steps:4d}x  {e.key[:90]}"
         )
+    ops = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    lines.append("  by operator (self CUDA time):")
+    for e in ops[:12]:
+        lines.append(
+            f"  {e.self_device_time_total / steps / 1e3:8.3f} ms {e.count // steps:4d}x  {e.key[:80]}"
+        )
     copies = [
         e
         for e in prof.key_averages(group_by_input_shape=True)

@@ -38,7 +38,6 @@ VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fast", "auto", {}),
     ("fast_unfused", "auto", {"fuse_optimizer": False}),
     ("fast_compiled", "auto", {"compile_model": True}),
-    ("fast_norelayout", "auto", {"relayout": False}),
 )
 
 

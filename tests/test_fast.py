@@ -109,42 +109,36 @@ def test_retired_model_is_untouched_and_others_train() -> None:
         assert not torch.equal(v[0], before[k][0]), k
 
 
-def test_relayout_keeps_values_and_training() -> None:
-    from modelbatch.fast import _adopt_grad_layouts, _stride_recorder
-    from modelbatch.optim import OptimizerFactory
+@pytest.mark.parametrize(("decoupled", "amsgrad"), [(False, False), (True, False), (False, True)])
+def test_fused_adam_update_is_the_library_math(decoupled: bool, amsgrad: bool) -> None:
+    from modelbatch.fast import _adam_update_fused
+    from modelbatch.optim import _functional
 
-    models = make_models()
-    twins = []
-    for relayout in (False, True):
-        mb = ModelBatch(copy.deepcopy(models))
-        opt = OptimizerFactory(torch.optim.Adam).create_optimizer(
-            mb, [{"lr": 0.01 * (i + 1)} for i in range(N)]
-        )
-        twins.append((mb, opt, relayout))
-    gen = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
-    batches = batches * 4
-    for t, (x, y) in enumerate(batches):
-        for mb, opt, relayout in twins:
-            params = list(mb.parameters())
-            layouts: dict = {}
-            hooks = [p.register_hook(_stride_recorder(layouts, id(p))) for p in params]
-            opt.zero_grad()
-            mb.compute_loss(mb(x), y).backward()
-            for h in hooks:
-                h.remove()
-            opt.step()
-            if relayout and t == 0:
-                before = [p.detach().clone() for p in params]
-                _adopt_grad_layouts(params, layouts, opt)
-                weight = mb.stacked_params()["0.weight"]
-                assert weight.stride() == layouts[id(weight)] != weight.contiguous().stride()
-                for p, b in zip(params, before):
-                    assert torch.equal(p, b)
-                    assert opt.state[p]["exp_avg"].stride() == p.stride()
-    (mb_a, _, _), (mb_b, _, _) = twins
-    for (k, a), b in zip(mb_a.stacked_params().items(), mb_b.stacked_params().values()):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=k)
+    gen = torch.Generator().manual_seed(4)
+    n = 5
+    hp = {
+        "lr": torch.rand(n, generator=gen) * 0.1,
+        "betas": torch.stack([torch.full((n,), 0.9), torch.rand(n, generator=gen) * 0.1 + 0.89], 1),
+        "eps": torch.full((n,), 1e-8),
+        "weight_decay": torch.rand(n, generator=gen) * 0.1,
+        "amsgrad": torch.tensor([amsgrad, False, amsgrad, True, False]) & amsgrad,
+        "maximize": torch.tensor([False, True, False, False, False]),
+    }
+    mask = torch.tensor([True, True, False, True, True])
+    c = _functional.adam_coefficients(hp, torch.full((n,), 3.0), mask, 1.0, decoupled)
+    p = torch.randn(n, 7, 3, generator=gen)
+    g = torch.randn(n, 7, 3, generator=gen)
+    g[2] = float("nan")  # a frozen model's NaN gradient must not leak
+    state = {"exp_avg": torch.randn(n, 7, 3, generator=gen), "exp_avg_sq": torch.rand(n, 7, 3)}
+    if amsgrad:
+        state["max_exp_avg_sq"] = state["exp_avg_sq"] + torch.rand(n, 7, 3, generator=gen)
+    ref_p, ref_state = p.clone(), {k: v.clone() for k, v in state.items()}
+    _functional.adam_update(ref_p, g.clone(), ref_state, c, decoupled)
+    _adam_update_fused(p, g.clone(), state, c, decoupled)
+    torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=1e-7)
+    assert torch.equal(p[2], ref_p[2])
+    for k in state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-6, atol=1e-7)
 
 
 def test_bad_arguments_are_named() -> None:
@@ -199,7 +193,12 @@ def test_evaluate_regression_has_no_accuracy_and_rejects_bad_loaders() -> None:
 # ---------------------------------------------------------------------- CUDA graph path
 
 
-def _twin_steps(bn: bool = False, dtype: torch.dtype | None = None, fuse: bool = True):
+def _twin_steps(
+    bn: bool = False,
+    dtype: torch.dtype | None = None,
+    fuse: bool = True,
+    cls: type = torch.optim.Adam,
+):
     from modelbatch.optim import OptimizerFactory
 
     models = [m.cuda() for m in make_models(bn=bn)]
@@ -207,7 +206,7 @@ def _twin_steps(bn: bool = False, dtype: torch.dtype | None = None, fuse: bool =
     twins = []
     for mode in ("eager", "graph"):
         mb = ModelBatch(copy.deepcopy(models))
-        opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, configs)
+        opt = OptimizerFactory(cls).create_optimizer(mb, configs)
         step = quiet_step(mb, opt, autocast_dtype=dtype, mode=mode, fuse_optimizer=fuse)
         twins.append((mb, opt, step))
     return twins
@@ -215,9 +214,19 @@ def _twin_steps(bn: bool = False, dtype: torch.dtype | None = None, fuse: bool =
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("dtype", "fuse"), [(None, True), (None, False), (torch.bfloat16, True)])
-def test_graph_step_equals_eager_step(dtype: torch.dtype | None, fuse: bool) -> None:
-    (mb_e, opt_e, eager), (mb_g, opt_g, graph) = _twin_steps(dtype=dtype, fuse=fuse)
+@pytest.mark.parametrize(
+    ("dtype", "fuse", "cls"),
+    [
+        (None, True, torch.optim.Adam),
+        (None, True, torch.optim.AdamW),
+        (None, False, torch.optim.Adam),
+        (None, True, torch.optim.SGD),
+        (torch.bfloat16, True, torch.optim.Adam),
+    ],
+)
+def test_graph_step_equals_eager_step(dtype: torch.dtype | None, fuse: bool, cls: type) -> None:
+    (mb_e, opt_e, eager), (mb_g, opt_g, graph) = _twin_steps(dtype=dtype, fuse=fuse, cls=cls)
+    fuse = fuse and cls is not torch.optim.SGD  # only Adam/AdamW have a fused update
     assert graph.mode == "graph" and eager.mode == "eager" and graph.fused == fuse
     gen = torch.Generator(device="cuda").manual_seed(0)
     for epoch in range(4):

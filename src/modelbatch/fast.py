@@ -48,85 +48,62 @@ def _as_args(x: Any) -> tuple:
 _COMPILED: dict[str, Callable] = {}
 
 
-def _fuse(optimizer: torch.optim.Optimizer) -> bool:
-    """Run a modelbatch optimizer's per-tensor update compiled; whether it could.
+def _adam_update_fused(
+    param: Tensor, grad: Tensor, state: dict[str, Tensor], c: dict[str, Tensor], decoupled: bool
+) -> None:
+    """`modelbatch.optim`'s Adam/AdamW update as one expression, for `torch.compile`.
 
-    The update is a handful of elementwise ops over `[N, *shape]` tensors, each a
-    full pass over memory; compiled, it is one kernel per tensor. The pure update
-    functions of `modelbatch.optim` are compiled once per process (with dynamic
-    shapes, so new N or layer sizes reuse them) and bound on this instance only.
+    The same math as `adam_update` (lerp moments, `p += m / (sqrt(v) * A + B)`,
+    frozen models' gradient replaced by 0), written without `out=` and in-place
+    intermediates so that Inductor emits one kernel per parameter tensor: it
+    reads p, g, m, v once and writes p, m, v once.
     """
-    from .optim import BatchAdagrad, BatchAdam, BatchRMSprop, BatchSGD, _functional
+    shape = (-1,) + (1,) * (param.dim() - 1)
+    frozen = c["frozen"].view(shape)
+    if decoupled:
+        start = param * c["decay"].view(shape)
+        u = torch.where(frozen, 0.0, grad)
+    else:
+        start = param
+        u = torch.where(frozen, 0.0, grad + param * c["wd"].view(shape))
+    m = torch.lerp(state["exp_avg"], u, c["w1"].view(shape))
+    v = torch.lerp(state["exp_avg_sq"], u * u, c["w2"].view(shape))
+    source = v
+    max_sq = state.get("max_exp_avg_sq")
+    if max_sq is not None:
+        source = torch.maximum(max_sq * c["amsgrad"].view(shape), v)
+        max_sq.copy_(source)
+    denom = torch.sqrt(source) * c["A"].view(shape) + c["B"].view(shape)
+    param.copy_(start + m / denom)
+    state["exp_avg"].copy_(m)
+    state["exp_avg_sq"].copy_(v)
 
-    table = (
-        (BatchAdam, "adam_update"),
-        (BatchSGD, "sgd_update"),
-        (BatchRMSprop, "rmsprop_update"),
-        (BatchAdagrad, "adagrad_update"),
-    )
-    name = next((fn for cls, fn in table if isinstance(optimizer, cls)), None)
-    if name is None:
+
+def _fuse(optimizer: torch.optim.Optimizer) -> bool:
+    """Run a modelbatch Adam/AdamW's per-tensor update compiled; whether it could.
+
+    Eagerly the update is about eight elementwise ops per parameter tensor, each
+    a full pass over `[N, *shape]` memory; compiled, one kernel per tensor.
+    Compiled once per process and bound on this instance only. Other optimizers
+    run their eager update inside the graph.
+    """
+    from .optim import BatchAdam
+
+    if not isinstance(optimizer, BatchAdam):
         return False
-    fn = _COMPILED.get(name)
+    fn = _COMPILED.get("adam")
     if fn is None:
-        fn = _COMPILED[name] = torch.compile(getattr(_functional, name), dynamic=True)
-    extra = (optimizer.decoupled,) if isinstance(optimizer, BatchAdam) else ()
+        fn = _COMPILED["adam"] = torch.compile(_adam_update_fused)
+    decoupled = optimizer.decoupled
 
     def update(p: Tensor, grad: Tensor, state: dict, c: dict) -> None:
-        # Parameters of different rank, layout or dtype each need a variant; this
+        # Parameters of different rank, size or dtype each need a variant; this
         # runs only while warming up and capturing (a replay runs no Python), so
         # a generous recompile limit costs nothing per step.
         with torch._dynamo.config.patch(recompile_limit=64):
-            fn(p, grad, state, c, *extra)
+            fn(p, grad, state, c, decoupled)
 
     optimizer._update = update  # type: ignore[method-assign]
-    return True
-
-
-def _adopt_grad_layouts(
-    params: list[Tensor], layouts: dict[int, tuple[int, ...]], optimizer: torch.optim.Optimizer
-) -> None:
-    """Store each parameter in the memory layout its incoming gradient has.
-
-    Under vmap a linear layer's weight gradient arrives transposed (`[N, in, out]`
-    in memory for an `[N, out, in]` weight); autograd then copies it into the
-    parameter's layout at every step, a strided copy as large as the weights
-    (about a fifth of an MLP step at large N). Giving the parameter, its grad and
-    its optimizer state that layout once makes the copy disappear; values,
-    shapes and names are unchanged.
-    """
-    with torch.no_grad():
-        for p in params:
-            stride = layouts.get(id(p))
-            if stride is None or stride == p.stride() or not _dense(p.shape, stride):
-                continue
-
-            def moved(t: Tensor, stride: tuple[int, ...] = stride) -> Tensor:
-                out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
-                return out.copy_(t)
-
-            p.data = moved(p.data)
-            if p.grad is not None:
-                p.grad = moved(p.grad)
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.data = moved(value.data)
-
-
-def _stride_recorder(layouts: dict[int, tuple[int, ...]], key: int) -> Callable:
-    def hook(grad: Tensor) -> None:
-        layouts[key] = grad.stride()
-
-    return hook
-
-
-def _dense(shape: torch.Size, stride: tuple[int, ...]) -> bool:
-    """Whether `stride` lays `shape` out densely without overlap (a permutation of dims)."""
-    expected = 1
-    for size, st in sorted(zip(shape, stride), key=lambda d: d[1]):
-        if size != 1 and st != expected:
-            return False
-        expected *= size
     return True
 
 
@@ -169,7 +146,6 @@ class FastStep:
         max_graphs: int = 4,
         fuse_optimizer: bool = True,
         compile_model: bool = False,
-        relayout: bool = True,
     ) -> None:
         if not isinstance(model_batch, ModelBatch):
             raise TypeError(
@@ -236,7 +212,6 @@ class FastStep:
             self.reason = self._make_capturable()
         self.mode = "eager" if self.reason is not None else "graph"
         self.fused = False
-        self._relayout_pending = self.mode == "graph" and relayout
         if self.mode == "graph" and fuse_optimizer:
             self.fused = _fuse(optimizer)
         self._forward_loss: Callable[[Any, Tensor], Tensor] = self._forward_loss_eager
@@ -325,20 +300,10 @@ class FastStep:
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
-        layouts: dict[int, tuple[int, ...]] = {}
-        hooks = []
-        if self._relayout_pending:
-            for p in self._params:
-                hooks.append(p.register_hook(_stride_recorder(layouts, id(p))))
         with torch.cuda.stream(side):
             losses = self._eager(inputs, targets)
         current.wait_stream(side)
         losses.record_stream(current)
-        for h in hooks:
-            h.remove()
-        if self._relayout_pending:
-            self._relayout_pending = False
-            _adopt_grad_layouts(self._params, layouts, self.optimizer)
         return losses
 
     def _capture(self, inputs: Any, targets: Tensor) -> _Graph:
@@ -437,7 +402,6 @@ def compile_step(
     max_graphs: int = 4,
     fuse_optimizer: bool = True,
     compile_model: bool = False,
-    relayout: bool = True,
 ) -> FastStep:
     """A training step `step(x, y) -> losses [N]` that runs as one CUDA graph.
 
@@ -474,16 +438,12 @@ def compile_step(
             impossible) or `"eager"`.
         warmup: eager steps per input shape before capture (>= 1).
         max_graphs: most input shapes captured.
-        fuse_optimizer: on the graph path, compile the per-tensor update of a
-            `modelbatch.optim` optimizer with `torch.compile` (one fused kernel per
-            parameter tensor instead of about eight; same math, rounding within
-            fp32 tolerance). Compiles once per optimizer class, at the first step.
+        fuse_optimizer: on the graph path, run the per-tensor update of a
+            `modelbatch.optim` Adam/AdamW compiled with `torch.compile` (one fused
+            kernel per parameter tensor instead of about eight; same math,
+            rounding within fp32 tolerance). Compiles once per process.
         compile_model: also compile forward and loss with `torch.compile` (fuses
             elementwise work; costs compile time at the first step).
-        relayout: on the graph path, after the first step store each parameter
-            (and its grad and optimizer state) in the memory layout its gradient
-            arrives in, so autograd stops copying weight gradients every step.
-            Values and shapes are unchanged; `param.stride()` may change.
 
     Returns:
         A `FastStep`; `step(x, y)` returns the per-model losses `[N]` on the device.
@@ -512,7 +472,6 @@ def compile_step(
         max_graphs=max_graphs,
         fuse_optimizer=fuse_optimizer,
         compile_model=compile_model,
-        relayout=relayout,
     )
 
 
