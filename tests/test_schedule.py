@@ -16,12 +16,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.optim import (
-    CosineAnnealingLR,
-    ExponentialLR,
-    MultiStepLR,
-    PerModelScheduler,
-    StepLR,
-    WarmupCosineLR,
+    BatchAdam,
+    BatchCosineAnnealingLR,
+    BatchExponentialLR,
+    BatchLRScheduler,
+    BatchMultiStepLR,
+    BatchSGD,
+    BatchStepLR,
+    BatchWarmupCosineLR,
     clip_grad_norm_,
     clip_grad_value_,
 )
@@ -31,30 +33,11 @@ STEPS = 30
 LRS = [0.05, 0.1, 0.2, 0.03, 0.15]
 
 
-class _StandInSGD(torch.optim.Optimizer):
-    """Plain SGD following the optimizer contract: effective lr group["lr"] * hparams["lr"][i]."""
-
-    def __init__(self, params: Any, lrs: list[float]) -> None:
-        super().__init__(params, {"lr": 1.0})
-        device = self.param_groups[0]["params"][0].device
-        self.hparams = {"lr": torch.tensor(lrs, dtype=torch.float64, device=device)}
-
-    @torch.no_grad()
-    def step(self, closure: Any = None, *, skip: torch.Tensor | None = None) -> None:
-        group = self.param_groups[0]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            lr = (group["lr"] * self.hparams["lr"]).view(-1, *([1] * (p.dim() - 1)))
-            new = p - lr * p.grad
-            keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-            if skip is not None:
-                keep = keep | skip
-            p.copy_(torch.where(keep.view_as(lr), p, new))
-
-
-def make_sgd(mb: ModelBatch, lrs: list[float]) -> Any:
-    return _StandInSGD(mb.parameters(), lrs)
+def make_sgd(params: Any, lrs: list[float], model_batch: Any = None) -> BatchSGD:
+    """The vectorized SGD with model i's lr = lrs[i] (stacked params or a ModelBatch)."""
+    if isinstance(params, ModelBatch):
+        params, model_batch = params.parameters(), params
+    return BatchSGD(params, [{"lr": lr} for lr in lrs], model_batch=model_batch)
 
 
 # ---------------------------------------------------------------- the table
@@ -82,31 +65,31 @@ def _warmup_cosine_torch(opt: torch.optim.Optimizer, i: int) -> Any:
 
 SCHEDULES: dict[str, tuple[Ours, Theirs]] = {
     "step": (
-        lambda opt: StepLR(opt, step_size=STEP_SIZE, gamma=GAMMA),
+        lambda opt: BatchStepLR(opt, step_size=STEP_SIZE, gamma=GAMMA),
         lambda opt, i: tls.StepLR(opt, step_size=STEP_SIZE[i], gamma=GAMMA[i]),
     ),
     "multistep": (
-        lambda opt: MultiStepLR(opt, milestones=MILESTONES, gamma=torch.tensor(GAMMA)),
+        lambda opt: BatchMultiStepLR(opt, milestones=MILESTONES, gamma=torch.tensor(GAMMA)),
         lambda opt, i: tls.MultiStepLR(opt, milestones=MILESTONES[i], gamma=GAMMA[i]),
     ),
     "multistep_shared": (
-        lambda opt: MultiStepLR(opt, milestones=[4, 9, 16], gamma=GAMMA),
+        lambda opt: BatchMultiStepLR(opt, milestones=[4, 9, 16], gamma=GAMMA),
         lambda opt, i: tls.MultiStepLR(opt, milestones=[4, 9, 16], gamma=GAMMA[i]),
     ),
     "exponential": (
-        lambda opt: ExponentialLR(opt, gamma=GAMMA),
+        lambda opt: BatchExponentialLR(opt, gamma=GAMMA),
         lambda opt, i: tls.ExponentialLR(opt, gamma=GAMMA[i]),
     ),
     "cosine": (
-        lambda opt: CosineAnnealingLR(opt, T_max=T_MAX, eta_min=ETA_MIN),
+        lambda opt: BatchCosineAnnealingLR(opt, T_max=T_MAX, eta_min=ETA_MIN),
         lambda opt, i: tls.CosineAnnealingLR(opt, T_max=T_MAX[i], eta_min=ETA_MIN[i]),
     ),
     "warmup_cosine": (
-        lambda opt: WarmupCosineLR(opt, WARMUP, TOTAL, eta_min=ETA_MIN, start_factor=START),
+        lambda opt: BatchWarmupCosineLR(opt, WARMUP, TOTAL, eta_min=ETA_MIN, start_factor=START),
         _warmup_cosine_torch,
     ),
     "any_torch_onecycle": (
-        lambda opt: PerModelScheduler(
+        lambda opt: BatchLRScheduler(
             opt,
             tls.OneCycleLR,
             [{"max_lr": m, "pct_start": p} for m, p in zip(MAX_LR, PCT)],
@@ -118,7 +101,7 @@ SCHEDULES: dict[str, tuple[Ours, Theirs]] = {
         ),
     ),
     "any_torch_lambda": (
-        lambda opt: PerModelScheduler(
+        lambda opt: BatchLRScheduler(
             opt, tls.LambdaLR, [{"lr_lambda": (lambda t, k=k: 1 / (1 + k * t))} for k in GAMMA]
         ),
         lambda opt, i: tls.LambdaLR(opt, lr_lambda=lambda t: 1 / (1 + GAMMA[i] * t)),
@@ -138,7 +121,7 @@ def test_one_step_moves_each_model_one_step_of_its_own_schedule(kind: str) -> No
     """The anti-compounding test: after every step(), model i's lr equals torch's on model i."""
     ours_fn, theirs_fn = SCHEDULES[kind]
     params = nn.Parameter(torch.randn(N, 3))
-    opt = _StandInSGD([params], LRS)
+    opt = make_sgd([params], LRS)
     sched = ours_fn(opt)
     singles = []
     for i in range(N):
@@ -158,8 +141,8 @@ def test_one_step_moves_each_model_one_step_of_its_own_schedule(kind: str) -> No
 
 def test_exponential_one_step_is_gamma_not_gamma_to_the_n() -> None:
     params = nn.Parameter(torch.randn(N, 3))
-    opt = _StandInSGD([params], LRS)
-    sched = ExponentialLR(opt, gamma=GAMMA)
+    opt = make_sgd([params], LRS)
+    sched = BatchExponentialLR(opt, gamma=GAMMA)
     sched.step()
     expected = torch.tensor(LRS, dtype=torch.float64) * torch.tensor(GAMMA, dtype=torch.float64)
     assert torch.equal(opt.hparams["lr"], expected)
@@ -183,15 +166,35 @@ CLIPS: dict[
     ),
 }
 
+# Adam: model i also gets its own betas, so the schedule is checked on top of
+# a stateful update with per-model hyperparameters.
+BETAS = [(0.9, 0.999), (0.8, 0.99), (0.95, 0.9), (0.5, 0.999), (0.85, 0.95)]
+ADAM_LRS = [1e-3, 3e-3, 5e-4, 2e-3, 1e-2]
+OPTIMIZERS: dict[str, tuple[Callable[[ModelBatch], Any], Callable[[nn.Module, int], Any]]] = {
+    "sgd": (
+        lambda mb: make_sgd(mb, LRS),
+        lambda m, i: torch.optim.SGD(m.parameters(), lr=LRS[i]),
+    ),
+    "adam": (
+        lambda mb: BatchAdam(
+            mb.parameters(),
+            [{"lr": lr, "betas": b} for lr, b in zip(ADAM_LRS, BETAS)],
+            model_batch=mb,
+        ),
+        lambda m, i: torch.optim.Adam(m.parameters(), lr=ADAM_LRS[i], betas=BETAS[i]),
+    ),
+}
+
 TRAINING_TABLE = [
-    ("step", "none"),
-    ("multistep", "norm2"),
-    ("exponential", "norm_inf"),
-    ("cosine", "norm2"),
-    ("warmup_cosine", "value"),
-    ("warmup_cosine", "norm2"),
-    ("any_torch_onecycle", "norm2"),
-    ("any_torch_lambda", "none"),
+    ("step", "none", "sgd"),
+    ("multistep", "norm2", "sgd"),
+    ("exponential", "norm_inf", "sgd"),
+    ("cosine", "norm2", "sgd"),
+    ("cosine", "value", "adam"),
+    ("warmup_cosine", "value", "sgd"),
+    ("warmup_cosine", "norm2", "adam"),
+    ("any_torch_onecycle", "norm2", "sgd"),
+    ("any_torch_lambda", "none", "adam"),
 ]
 
 
@@ -199,18 +202,19 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize(("kind", "clip"), TRAINING_TABLE)
-def test_training_matches_torch_per_model(kind: str, clip: str) -> None:
+@pytest.mark.parametrize(("kind", "clip", "optimizer"), TRAINING_TABLE)
+def test_training_matches_torch_per_model(kind: str, clip: str, optimizer: str) -> None:
     """N=5 models, 30 steps, own lr, own schedule and own clip each, against torch one by one."""
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)) for _ in range(N)]
     separate = [copy.deepcopy(m) for m in models]
     mb = ModelBatch(models)
-    opt = make_sgd(mb, LRS)
+    make_ours, make_theirs = OPTIMIZERS[optimizer]
+    opt = make_ours(mb)
     ours_fn, theirs_fn = SCHEDULES[kind]
     sched = ours_fn(opt)
     clip_ours, clip_theirs = CLIPS[clip]
-    torch_opts = [torch.optim.SGD(m.parameters(), lr=LRS[i]) for i, m in enumerate(separate)]
+    torch_opts = [make_theirs(m, i) for i, m in enumerate(separate)]
     torch_scheds = [theirs_fn(o, i) for i, o in enumerate(torch_opts)]
 
     gen = torch.Generator().manual_seed(1)
@@ -245,12 +249,12 @@ def test_training_matches_torch_per_model(kind: str, clip: str) -> None:
 )
 def test_state_dict_resumes_the_same_trajectory(kind: str) -> None:
     ours_fn, _ = SCHEDULES[kind]
-    opt_a = _StandInSGD([nn.Parameter(torch.randn(N, 2))], LRS)
+    opt_a = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
     sched_a = ours_fn(opt_a)
     for _ in range(7):
         sched_a.step()
     state = sched_a.state_dict()
-    opt_b = _StandInSGD([nn.Parameter(torch.randn(N, 2))], [1.0] * N)
+    opt_b = make_sgd([nn.Parameter(torch.randn(N, 2))], [1.0] * N)
     opt_b.hparams["lr"].copy_(torch.tensor(LRS, dtype=torch.float64))
     sched_b = ours_fn(opt_b)
     sched_b.load_state_dict(state)
@@ -263,8 +267,8 @@ def test_state_dict_resumes_the_same_trajectory(kind: str) -> None:
 
 
 def test_reset_models_restarts_only_those_schedules() -> None:
-    opt = _StandInSGD([nn.Parameter(torch.randn(N, 2))], LRS)
-    sched = StepLR(opt, step_size=STEP_SIZE, gamma=GAMMA)
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchStepLR(opt, step_size=STEP_SIZE, gamma=GAMMA)
     for _ in range(6):
         sched.step()
     before = opt.hparams["lr"].clone()
@@ -280,8 +284,8 @@ def test_reset_models_restarts_only_those_schedules() -> None:
 
 
 def test_reset_models_generic_scheduler() -> None:
-    opt = _StandInSGD([nn.Parameter(torch.randn(N, 2))], LRS)
-    sched = PerModelScheduler(opt, tls.ExponentialLR, [{"gamma": g} for g in GAMMA])
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchLRScheduler(opt, tls.ExponentialLR, [{"gamma": g} for g in GAMMA])
     for _ in range(4):
         sched.step()
     sched.reset_models([2], per_model_kwargs=[{"gamma": 0.5}])
@@ -292,8 +296,8 @@ def test_reset_models_generic_scheduler() -> None:
 
 
 def test_warmup_cosine_stays_at_eta_min_after_total_steps() -> None:
-    opt = _StandInSGD([nn.Parameter(torch.randn(N, 2))], LRS)
-    sched = WarmupCosineLR(opt, warmup_steps=[0, 1, 2, 3, 4], total_steps=10, eta_min=ETA_MIN)
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchWarmupCosineLR(opt, warmup_steps=[0, 1, 2, 3, 4], total_steps=10, eta_min=ETA_MIN)
     assert opt.hparams["lr"][0].item() == pytest.approx(LRS[0])  # no warmup: starts at base
     for _ in range(25):
         sched.step()
@@ -301,8 +305,8 @@ def test_warmup_cosine_stays_at_eta_min_after_total_steps() -> None:
 
 
 def test_reduce_on_plateau_with_per_model_metrics() -> None:
-    opt = _StandInSGD([nn.Parameter(torch.randn(N, 2))], LRS)
-    sched = PerModelScheduler(opt, tls.ReduceLROnPlateau, factor=0.5, patience=0)
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchLRScheduler(opt, tls.ReduceLROnPlateau, factor=0.5, patience=0)
     sched.step(torch.ones(N))
     # Models 0 and 2 stop improving; the others keep improving.
     sched.step(torch.tensor([1.0, 0.5, 1.0, 0.5, 0.5]))
@@ -312,22 +316,22 @@ def test_reduce_on_plateau_with_per_model_metrics() -> None:
 
 
 def test_bad_inputs_give_clear_errors() -> None:
-    opt = _StandInSGD([nn.Parameter(torch.randn(N, 2))], LRS)
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
     plain = torch.optim.SGD([nn.Parameter(torch.randn(2))], lr=0.1)
     with pytest.raises(TypeError, match=r"StepLR: expected a modelbatch.optim optimizer"):
-        StepLR(plain, step_size=2)
+        BatchStepLR(plain, step_size=2)
     with pytest.raises(ValueError, match=r"StepLR: gamma must be a number or have shape \[N=5\]"):
-        StepLR(opt, step_size=2, gamma=[0.1, 0.2])
+        BatchStepLR(opt, step_size=2, gamma=[0.1, 0.2])
     with pytest.raises(ValueError, match=r"StepLR: step_size must be an int >= 1, got \[0.0\]"):
-        StepLR(opt, step_size=[1, 2, 0, 3, 4])
+        BatchStepLR(opt, step_size=[1, 2, 0, 3, 4])
     with pytest.raises(ValueError, match="WarmupCosineLR: total_steps must be > warmup_steps"):
-        WarmupCosineLR(opt, warmup_steps=10, total_steps=10)
+        BatchWarmupCosineLR(opt, warmup_steps=10, total_steps=10)
     with pytest.raises(ValueError, match="MultiStepLR: milestones must be one list shared"):
-        MultiStepLR(opt, milestones=[[1], [2]])
-    with pytest.raises(ValueError, match="PerModelScheduler: per_model_kwargs has 2 entries"):
-        PerModelScheduler(opt, tls.StepLR, [{"step_size": 1}] * 2)
+        BatchMultiStepLR(opt, milestones=[[1], [2]])
+    with pytest.raises(ValueError, match="BatchLRScheduler: per_model_kwargs has 2 entries"):
+        BatchLRScheduler(opt, tls.StepLR, [{"step_size": 1}] * 2)
     with pytest.raises(ValueError, match=r"StepLR\.reset_models: unknown schedule parameter"):
-        StepLR(opt, step_size=2).reset_models([0], T_max=3)
+        BatchStepLR(opt, step_size=2).reset_models([0], T_max=3)
 
 
 class _CountOps(TorchDispatchMode):
@@ -342,23 +346,51 @@ class _CountOps(TorchDispatchMode):
 
 def _vectorized(kind: str, opt: Any, n: int) -> Any:
     if kind == "step":
-        return StepLR(opt, step_size=torch.randint(1, 9, (n,)), gamma=0.5)
+        return BatchStepLR(opt, step_size=torch.randint(1, 9, (n,)), gamma=0.5)
     if kind == "multistep":
-        return MultiStepLR(opt, milestones=[[2, 5]] * n, gamma=0.5)
+        return BatchMultiStepLR(opt, milestones=[[2, 5]] * n, gamma=0.5)
     if kind == "exponential":
-        return ExponentialLR(opt, gamma=torch.rand(n))
+        return BatchExponentialLR(opt, gamma=torch.rand(n))
     if kind == "cosine":
-        return CosineAnnealingLR(opt, T_max=torch.randint(5, 50, (n,)))
-    return WarmupCosineLR(opt, torch.randint(0, 5, (n,)), 60)
+        return BatchCosineAnnealingLR(opt, T_max=torch.randint(5, 50, (n,)))
+    return BatchWarmupCosineLR(opt, torch.randint(0, 5, (n,)), 60)
 
 
 @pytest.mark.parametrize("kind", ["step", "multistep", "exponential", "cosine", "warmup_cosine"])
 def test_vectorized_step_launch_count_does_not_grow_with_n(kind: str) -> None:
     counts = []
     for n in (5, 400):
-        opt = _StandInSGD([nn.Parameter(torch.randn(n, 2))], [0.1] * n)
+        opt = make_sgd([nn.Parameter(torch.randn(n, 2))], [0.1] * n)
         sched = _vectorized(kind, opt, n)
         with _CountOps() as ops:
             sched.step()
         counts.append(ops.count)
     assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("kind", ["step", "warmup_cosine", "any_torch_onecycle"])
+def test_every_param_group_follows_its_own_base_rates(kind: str) -> None:
+    ours_fn, theirs_fn = SCHEDULES[kind]
+    first, second = nn.Parameter(torch.randn(N, 3)), nn.Parameter(torch.randn(N, 2))
+    opt = make_sgd([first], LRS)
+    opt.add_param_group({"params": [second]})
+    group_lrs = [0.5 * lr + 0.01 for lr in LRS]
+    opt.param_groups[1]["hparams"]["lr"].copy_(torch.tensor(group_lrs))
+    sched = ours_fn(opt)
+    singles = []
+    for i in range(N):
+        groups = [
+            {"params": [nn.Parameter(torch.randn(3))], "lr": LRS[i]},
+            {"params": [nn.Parameter(torch.randn(2))], "lr": group_lrs[i]},
+        ]
+        single = torch.optim.SGD(groups, lr=LRS[i])
+        singles.append((single, theirs_fn(single, i)))
+    for step in range(1, 12):
+        for o, s in singles:
+            o.step()
+            s.step()
+        sched.step()
+        for g in range(2):
+            expected = [o.param_groups[g]["lr"] for o, _ in singles]
+            _assert_lr_close(opt.param_groups[g]["hparams"]["lr"], expected, step)
+    assert [t.shape for t in sched.get_last_lr()] == [(N,), (N,)]

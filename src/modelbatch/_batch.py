@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._metrics import format_table, per_model_rows
 from ._stack import build_stacked_tree, check_compatible, meta_skeleton
+from .nn._convert import vmap_forward_context
 
 __all__ = ["ModelBatch"]
 
@@ -156,7 +157,17 @@ class ModelBatch(nn.Module):
             return functional_call(skeleton, state_i, a, kw)
 
         vmapped = torch.vmap(run_one, in_dims=(0, in_dim), randomness="different")
-        return vmapped(state, (args, kwargs))
+        try:
+            with vmap_forward_context(self.active.device):
+                return vmapped(state, (args, kwargs))
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+            from .nn._errors import explain_forward_error
+
+            # vmap's own message names an aten op; say which of the user's layers failed.
+            clearer = explain_forward_error(err, skeleton)
+            if clearer is None:
+                raise
+            raise clearer from err
 
     # ------------------------------------------------------------------ losses
 
@@ -349,6 +360,10 @@ class ModelBatch(nn.Module):
         device = self.active.device
         module = copy.deepcopy(self._export_skeleton).to_empty(device=device)
         module.load_state_dict(self._model_state(i))
+        from .nn._convert import restore_config
+
+        # Per-model dropout rates live in non-persistent [N] buffers, not in the state dict.
+        restore_config(module, self.stacked_buffers(), i)
         module.train(self.training)
         return module
 

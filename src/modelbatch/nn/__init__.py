@@ -1,5 +1,43 @@
-"""vmap-friendly layers and the conversion of user models before stacking."""
+"""vmap-friendly layers and the conversion of user models before stacking.
 
-from ._convert import prepare_models
+`ModelBatch` substitutes torch layers that `torch.vmap` cannot batch with the
+twins below (same parameter names, same math); the twins also work on their
+own, like the torch layers they mirror.
+"""
 
-__all__ = ["prepare_models"]
+from ._convert import prepare_models, restore_config, vmap_forward_context
+from ._dropout import (
+    AlphaDropout,
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    FeatureAlphaDropout,
+)
+from ._errors import UnbatchableLayerError
+from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
+
+__all__ = [
+    "AlphaDropout",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "Bilinear",
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "FeatureAlphaDropout",
+    "GRU",
+    "GRUCell",
+    "LSTM",
+    "LSTMCell",
+    "RNN",
+    "RNNCell",
+    "RReLU",
+    "UnbatchableLayerError",
+    "prepare_models",
+    "restore_config",
+    "vmap_forward_context",
+]

@@ -1,18 +1,192 @@
-"""Prepare user models for stacking: substitute layers that vmap cannot batch."""
+"""Prepare user models for stacking: substitute layers that vmap cannot batch.
+
+Runs once, at `ModelBatch` construction. The user's models are never
+modified: a model that needs a substitution is replaced by a shallow copy in
+which only the modules on the path to the substituted layer are new; every
+parameter and buffer is the user's own tensor (nothing is copied).
+
+Substitutions (torch type -> `modelbatch.nn` twin, same parameter names):
+
+| torch layer | when | why |
+| --- | --- | --- |
+| `nn.LSTM`, `nn.GRU`, `nn.RNN`, `nn.LSTMCell` | always | no vmap batching rule |
+| `nn.GRUCell`, `nn.RNNCell`, `nn.Bilinear` | always | vmap would loop over the models |
+| `nn.BatchNorm1d/2d/3d` | `momentum=None` and tracking stats | reads a tensor as a float |
+| `nn.RReLU` | always | no vmap batching rule |
+| `nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, `FeatureAlphaDropout` | `per_model_dropout=True` | p must be a per-model tensor |
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["prepare_models"]
+from ._dropout import TORCH_TWINS as DROPOUT_TWINS
+from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
+
+__all__ = ["prepare_models", "restore_config", "substitution_for", "vmap_forward_context"]
+
+logger = logging.getLogger("modelbatch")
+
+Substitute = Callable[[nn.Module, "torch.device"], nn.Module]
+
+_ALWAYS: dict[type[nn.Module], Substitute] = {
+    nn.LSTM: lambda m, _: LSTM.from_torch(m),
+    nn.GRU: lambda m, _: GRU.from_torch(m),
+    nn.RNN: lambda m, _: RNN.from_torch(m),
+    nn.LSTMCell: lambda m, _: LSTMCell.from_torch(m),
+    nn.GRUCell: lambda m, _: GRUCell.from_torch(m),
+    nn.RNNCell: lambda m, _: RNNCell.from_torch(m),
+    nn.RReLU: lambda m, _: RReLU.from_torch(m),
+    nn.Bilinear: lambda m, _: Bilinear.from_torch(m),
+}
+_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Substitute | None:
+    """How to replace `module` for vmap, or None when torch's own layer works.
+
+    Raises:
+        ValueError: for a layer known not to work under vmap and without a twin.
+    """
+    kind = type(module)
+    if kind in _ALWAYS:
+        return _ALWAYS[kind]
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+        if not module.track_running_stats:
+            return None
+        if kind in _BATCHNORM:
+            return lambda m, _: _BATCHNORM[kind].from_torch(m)  # type: ignore[attr-defined]
+        raise ValueError(
+            f"ModelBatch: {kind.__name__}(momentum=None) cannot run under torch.vmap (the "
+            "cumulative average reads num_batches_tracked as a Python float); use "
+            "nn.BatchNorm1d/2d/3d or give a momentum, e.g. momentum=0.1."
+        )
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+        raise ValueError(
+            f"ModelBatch: {kind.__name__}(sparse=True) cannot be stacked (sparse gradients "
+            "have no model axis under torch.vmap); use sparse=False."
+        )
+    if per_model_dropout and kind in DROPOUT_TWINS:
+        twin = DROPOUT_TWINS[kind]
+        return lambda m, device: twin.from_torch(m, device)
+    return None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _with_replacements(model: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
+    """A shallow copy of `model` with the named submodules replaced; the user's model is untouched."""
+    if "" in replacements:
+        return replacements[""]
+    clones: dict[str, nn.Module] = {}
+
+    def clone(path: str) -> nn.Module:
+        if path not in clones:
+            original = model.get_submodule(path)
+            node = copy.copy(original)
+            node._modules = dict(original._modules)
+            if path:
+                parent_path, _, leaf = path.rpartition(".")
+                clone(parent_path)._modules[leaf] = node
+            clones[path] = node
+        return clones[path]
+
+    for name, new in replacements.items():
+        parent_path, _, leaf = name.rpartition(".")
+        clone(parent_path)._modules[leaf] = new
+    return clones[""]
 
 
 def prepare_models(
     models: Sequence[nn.Module], *, per_model_dropout: bool = False
 ) -> list[nn.Module]:
-    """Return the models to stack (copies where a layer had to be substituted)."""
-    if per_model_dropout:
-        raise NotImplementedError("ModelBatch: per_model_dropout is not available yet.")
-    return list(models)
+    """Return the models to stack, with layers that vmap cannot batch substituted.
+
+    Args:
+        models: N compatible models (already checked by `check_compatible`).
+        per_model_dropout: replace every torch dropout module by its
+            `modelbatch.nn` twin whose `p` is a buffer, so that each model
+            keeps its own rate.
+
+    Returns:
+        N models: the user's own where nothing was substituted, else shallow
+        copies sharing every parameter and buffer with the user's.
+    """
+    models = list(models)
+    plan: dict[str, Substitute] = {}
+    for name, module in models[0].named_modules():
+        sub = substitution_for(module, per_model_dropout)
+        if sub is not None:
+            plan[name] = sub
+    if not plan:
+        return models
+    automatic = [
+        f"{name or 'model'} ({type(models[0].get_submodule(name)).__name__})"
+        for name in plan
+        if type(models[0].get_submodule(name)) not in DROPOUT_TWINS
+    ]
+    if automatic:
+        logger.info(
+            "ModelBatch: running %s as vmap-friendly modelbatch.nn layers (same parameter "
+            "names and math; exported models use torch's layers).",
+            ", ".join(automatic),
+        )
+    prepared = []
+    for model in models:
+        device = _device_of(model)
+        replacements = {name: sub(model.get_submodule(name), device) for name, sub in plan.items()}
+        prepared.append(_with_replacements(model, replacements))
+    return prepared
+
+
+def restore_config(module: nn.Module, buffers: Mapping[str, Tensor], index: int) -> None:
+    """Give an exported torch module model `index`'s own dropout rates.
+
+    `buffers` are the stacked buffers of a `ModelBatch`; a per-model dropout
+    layer `name` keeps its rates there as `name.p` `[N]`.
+    """
+    for name, sub in module.named_modules():
+        key = f"{name}.p" if name else "p"
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and key in buffers:
+            sub.p = float(buffers[key][index])
+
+
+@contextlib.contextmanager
+def vmap_forward_context(device: torch.device) -> Iterator[None]:
+    """Route attention through kernels that vmap batches, for one vmapped forward.
+
+    - The fused "fast path" of `nn.MultiheadAttention` and
+      `nn.TransformerEncoderLayer` (eval mode) has no batching rule and no
+      backward: vmap would run it model by model and gradients would fail.
+    - On CPU, `scaled_dot_product_attention` picks a flash kernel without a
+      batching rule; the math backend is made of batched matmuls.
+    """
+    was_enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        if device.type == "cpu":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was_enabled)

@@ -1,6 +1,5 @@
-"""Vectorized optimizers over stacked parameters, per-model schedules and clipping."""
+"""Vectorized optimizers over stacked parameters, with per-model hyperparameters."""
 
-from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
 from ._factory import ELEMENTWISE, NOT_SEPARABLE, VECTORIZED, OptimizerFactory
 from ._hparams import per_model
 from ._optimizers import (
@@ -10,14 +9,6 @@ from ._optimizers import (
     BatchOptimizer,
     BatchRMSprop,
     BatchSGD,
-)
-from ._schedule import (
-    CosineAnnealingLR,
-    ExponentialLR,
-    MultiStepLR,
-    PerModelScheduler,
-    StepLR,
-    WarmupCosineLR,
 )
 
 __all__ = [
@@ -32,12 +23,26 @@ __all__ = [
     "ELEMENTWISE",
     "NOT_SEPARABLE",
     "per_model",
-    "CosineAnnealingLR",
-    "ExponentialLR",
-    "MultiStepLR",
-    "PerModelScheduler",
-    "StepLR",
-    "WarmupCosineLR",
+]
+
+# --- per-model LR schedules and gradient clipping (sched-amp) ---
+from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
+from ._schedule import (
+    BatchCosineAnnealingLR,
+    BatchExponentialLR,
+    BatchLRScheduler,
+    BatchMultiStepLR,
+    BatchStepLR,
+    BatchWarmupCosineLR,
+)
+
+__all__ += [
+    "BatchStepLR",
+    "BatchMultiStepLR",
+    "BatchExponentialLR",
+    "BatchCosineAnnealingLR",
+    "BatchWarmupCosineLR",
+    "BatchLRScheduler",
     "clip_grad_norm_",
     "clip_grad_value_",
     "per_model_grad_norm",

@@ -132,7 +132,17 @@ class OptimizerFactory:
         params = list(model_batch.parameters())
         batch_cls = cls if issubclass(cls, BatchOptimizer) else VECTORIZED.get(cls)
         if batch_cls is not None:
-            return batch_cls(params, configs, model_batch=model_batch, base_config=self.base_config)
+            try:
+                return batch_cls(
+                    params, configs, model_batch=model_batch, base_config=self.base_config
+                )
+            except (ValueError, TypeError) as error:
+                # Re-raise at the public entry, under the name the user called.
+                prefix = f"{batch_cls.__name__}: "
+                if str(error).startswith(prefix):
+                    message = "OptimizerFactory: " + str(error)[len(prefix) :]
+                    raise type(error)(message) from None
+                raise
         full = [{**self.base_config, **c} for c in configs]
         for i, cfg in enumerate(full):
             if cfg != full[0]:
@@ -176,11 +186,7 @@ class _MaskedTorchOptimizer:
             p: (p.clone(), {k: v.clone() for k, v in state[p].items() if self._per_model(v, p)})
             for p in params
         }
-        # Call the class's own step, not a hooked copy (hooks already ran around this one).
-        parent = super().step  # type: ignore[misc]
-        inner = getattr(parent, "__wrapped__", None)
-        with torch.enable_grad():
-            loss = inner(self, closure) if inner is not None else parent(closure)
+        loss = self._torch_step(closure)
         for p, (p_old, state_old) in saved.items():
             keep = per_model(~mask, p.dim())
             p.copy_(torch.where(keep, p_old, p))
@@ -191,6 +197,17 @@ class _MaskedTorchOptimizer:
                         old = self._fresh(k, p)
                     v.copy_(torch.where(keep, old, v))
         return loss
+
+    def _torch_step(self, closure: Any) -> Any:
+        # The torch class's own step. Torch patches a class's step with a hook
+        # wrapper once an instance exists; that layer is skipped here because
+        # the hooks already run around this (patched) step.
+        mro = type(self).__mro__
+        start = mro.index(_MaskedTorchOptimizer) + 1
+        fn = next(c.__dict__["step"] for c in mro[start:] if "step" in c.__dict__)
+        if getattr(fn, "hooked", False):
+            fn = fn.__wrapped__
+        return fn(self, closure)
 
     def _fresh(self, key: str, p: Tensor) -> Tensor:
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))  # type: ignore[attr-defined]

@@ -1,12 +1,12 @@
 """Per-model learning-rate schedules.
 
-A vectorized optimizer keeps each model's base learning rate in
-`optimizer.hparams["lr"]` (`[N]`); model i steps with
-`param_group["lr"] * hparams["lr"][i]`. The schedules here write
+A vectorized optimizer keeps each model's base learning rate in every param
+group's `group["hparams"]["lr"]` (`[N]`); model i steps with
+`group["lr"] * group["hparams"]["lr"][i]`. The schedules here write
 `hparams["lr"]` in place from a closed form of each model's own step count
 and its own schedule parameters (`[N]` tensors), so one `step()` moves every
 model exactly one step of its own schedule and nothing compounds. The shared
-factor `param_group["lr"]` stays free for an ordinary torch scheduler.
+float factor `group["lr"]` stays free for an ordinary torch scheduler.
 """
 
 from __future__ import annotations
@@ -21,28 +21,31 @@ from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 __all__ = [
-    "CosineAnnealingLR",
-    "ExponentialLR",
-    "MultiStepLR",
-    "PerModelScheduler",
-    "StepLR",
-    "WarmupCosineLR",
+    "BatchCosineAnnealingLR",
+    "BatchExponentialLR",
+    "BatchLRScheduler",
+    "BatchMultiStepLR",
+    "BatchStepLR",
+    "BatchWarmupCosineLR",
 ]
 
 _F64 = torch.float64
 
 
-def _lr_vector(name: str, optimizer: Any) -> Tensor:
-    hparams = getattr(optimizer, "hparams", None)
-    lr = hparams.get("lr") if isinstance(hparams, Mapping) else None
-    if not isinstance(lr, Tensor) or lr.dim() != 1:
+def _lr_tensors(name: str, optimizer: Any) -> list[Tensor]:
+    """Every param group's per-model base learning rates, each `[N]` (written in place)."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    lrs = [g.get("hparams", {}).get("lr") if isinstance(g, Mapping) else None for g in groups]
+    if not lrs or not all(isinstance(lr, Tensor) and lr.dim() == 1 for lr in lrs):
         raise TypeError(
-            f"{name}: expected a modelbatch.optim optimizer whose hparams['lr'] is an [N] tensor "
-            f"of per-model learning rates, got {type(optimizer).__name__}; build the optimizer "
-            "with modelbatch.optim, or use torch.optim.lr_scheduler for one schedule shared by "
-            "all models."
+            f"{name}: expected a modelbatch.optim optimizer whose param groups hold "
+            f"hparams['lr'], an [N] tensor of per-model learning rates; got "
+            f"{type(optimizer).__name__}. Build the optimizer with modelbatch.optim (e.g. "
+            "BatchSGD), or use torch.optim.lr_scheduler for one schedule shared by all models."
         )
-    return lr
+    if len({lr.shape[0] for lr in lrs}) != 1:
+        raise ValueError(f"{name}: the param groups disagree on the number of models.")
+    return lrs
 
 
 def _index(name: str, indices: Any, n: int, device: torch.device) -> Tensor:
@@ -59,10 +62,10 @@ def _index(name: str, indices: Any, n: int, device: torch.device) -> Tensor:
 class _VectorSchedule(LRScheduler):
     """Base of the closed-form schedules: subclasses define `_lr_at(t)`.
 
-    State: `initial_lr` `[N]` (float64, captured from `hparams["lr"]` at
-    construction), `steps` `[N]` (each model's own step count), and the
-    schedule parameters listed in `_params`, each `[N]`. `last_epoch` counts
-    `step()` calls as in torch.
+    State: `initial_lr` `[G, N]` (float64, each param group's `hparams["lr"]`
+    captured at construction), `steps` `[N]` (each model's own step count),
+    and the schedule parameters listed in `_params`, each `[N]`. `last_epoch`
+    counts `step()` calls as in torch.
     """
 
     _params: tuple[str, ...] = ()
@@ -71,11 +74,11 @@ class _VectorSchedule(LRScheduler):
         # LRScheduler.__init__ is not called: it rewrites param_group["lr"],
         # which here is the shared factor, not the per-model rate.
         name = type(self).__name__
-        lr = _lr_vector(name, optimizer)
+        lrs = _lr_tensors(name, optimizer)
         self.optimizer = optimizer
-        self.num_models = n = lr.shape[0]
-        device = lr.device
-        self.initial_lr = lr.detach().to(_F64).clone()
+        self.num_models = n = lrs[0].shape[0]
+        device = lrs[0].device
+        self.initial_lr = torch.stack([lr.detach().to(device, _F64) for lr in lrs])
         self.steps = torch.zeros(n, dtype=torch.int64, device=device)
         self.last_epoch = 0
         for key, value in params.items():
@@ -106,12 +109,14 @@ class _VectorSchedule(LRScheduler):
         """Validate the schedule parameters once, at construction."""
 
     def _lr_at(self, t: Tensor) -> Tensor:
+        """Rates `[G, N]` (float64) at per-model steps `t` `[N]`."""
         raise NotImplementedError
 
     def _write(self) -> None:
-        lr = self.optimizer.hparams["lr"]
+        values = self._lr_at(self.steps.to(_F64))
         with torch.no_grad():
-            lr.copy_(self._lr_at(self.steps.to(_F64)))
+            for lr, value in zip(_lr_tensors(type(self).__name__, self.optimizer), values):
+                lr.copy_(value)
 
     def step(self, epoch: None = None) -> None:  # type: ignore[override]
         """Move every model one step along its own schedule."""
@@ -125,20 +130,21 @@ class _VectorSchedule(LRScheduler):
         self._write()
 
     def get_last_lr(self) -> list[Tensor]:
-        """The per-model learning rates in the optimizer: `[hparams["lr"]]`, one `[N]` tensor."""
-        return [self.optimizer.hparams["lr"].detach().clone()]
+        """The per-model learning rates now in the optimizer: one `[N]` tensor per param group."""
+        return [lr.detach().clone() for lr in _lr_tensors(type(self).__name__, self.optimizer)]
 
     def get_lr(self) -> list[Tensor]:  # type: ignore[override]
-        """The per-model learning rates at the current step: `[[N]]` (float64)."""
-        return [self._lr_at(self.steps.to(_F64))]
+        """The per-model learning rates at the current steps: one `[N]` (float64) per group."""
+        return list(self._lr_at(self.steps.to(_F64)))
 
     def reset_models(self, indices: Any, initial_lr: Any = None, **params: Any) -> None:
         """Restart these models' schedules from step 0.
 
         Args:
             indices: model indices (int, sequence, `[K]` tensor or `[N]` bool mask).
-            initial_lr: their new base learning rates (a number or `[K]`); by
-                default each keeps the base rate it started with.
+            initial_lr: their new base learning rates (a number or `[K]`, for
+                every param group); by default each keeps the base rate it
+                started with.
             **params: new schedule parameters for them (a number or `[K]`),
                 e.g. `gamma=0.5`.
         """
@@ -160,7 +166,7 @@ class _VectorSchedule(LRScheduler):
                     f"{name}: {key} must be a number or have one value per index "
                     f"({idx.numel()}), got shape {tuple(v.shape)}."
                 )
-            target[idx] = v
+            target[..., idx] = v
         self._check()
         self.steps[idx] = 0
         self._write()
@@ -188,16 +194,16 @@ class _VectorSchedule(LRScheduler):
         self._write()
 
 
-class StepLR(_VectorSchedule):
+class BatchStepLR(_VectorSchedule):
     """Model i's rate: `initial_lr_i * gamma_i ** (t // step_size_i)`.
 
     Args:
-        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` are `[N]`).
         step_size: a number or `[N]`, steps between decays (>= 1).
         gamma: a number or `[N]`, the decay factor.
 
     Example:
-        >>> sched = StepLR(opt, step_size=[10, 20, 30], gamma=0.5)
+        >>> sched = BatchStepLR(opt, step_size=[10, 20, 30], gamma=0.5)
         >>> sched.step(); opt.hparams["lr"].shape
         torch.Size([3])
     """
@@ -216,11 +222,11 @@ class StepLR(_VectorSchedule):
         return self.initial_lr * self.gamma.pow(torch.floor(t / self.step_size))
 
 
-class MultiStepLR(_VectorSchedule):
+class BatchMultiStepLR(_VectorSchedule):
     """Model i's rate: `initial_lr_i * gamma_i ** (number of its milestones <= t)`.
 
     Args:
-        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` are `[N]`).
         milestones: one increasing list of steps shared by every model
             (`[10, 20]`), or one list per model (`[[10], [5, 15], ...]`,
             lengths may differ).
@@ -232,7 +238,7 @@ class MultiStepLR(_VectorSchedule):
     gamma: Tensor
 
     def __init__(self, optimizer: Any, milestones: Any, gamma: Any = 0.1) -> None:
-        lr = _lr_vector(type(self).__name__, optimizer)
+        lr = _lr_tensors(type(self).__name__, optimizer)[0]
         self.milestones = self._pad(milestones, lr.shape[0]).to(lr.device)
         super().__init__(optimizer, gamma=gamma)
 
@@ -250,7 +256,7 @@ class MultiStepLR(_VectorSchedule):
                 rows = [[float(x) for x in seq]] * n
         if len(rows) != n:
             raise ValueError(
-                f"MultiStepLR: milestones must be one list shared by all models or one list per "
+                f"BatchMultiStepLR: milestones must be one list shared by all models or one list per "
                 f"model (N={n}), got {len(rows)} lists."
             )
         width = max(1, *(len(r) for r in rows))
@@ -263,7 +269,7 @@ class MultiStepLR(_VectorSchedule):
 
     def reset_models(self, indices: Any, initial_lr: Any = None, **params: Any) -> None:
         if "milestones" in params:
-            name = "MultiStepLR.reset_models"
+            name = "BatchMultiStepLR.reset_models"
             idx = _index(name, indices, self.num_models, self.steps.device)
             rows = self._pad(params.pop("milestones"), idx.numel()).to(self.steps.device)
             width = max(rows.shape[1], self.milestones.shape[1])
@@ -282,11 +288,11 @@ class MultiStepLR(_VectorSchedule):
         super().load_state_dict(state_dict)
 
 
-class ExponentialLR(_VectorSchedule):
+class BatchExponentialLR(_VectorSchedule):
     """Model i's rate: `initial_lr_i * gamma_i ** t`.
 
     Args:
-        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` are `[N]`).
         gamma: a number or `[N]`, the decay factor per step.
     """
 
@@ -304,14 +310,14 @@ def _cosine(base: Tensor, eta_min: Tensor, t: Tensor, period: Tensor) -> Tensor:
     return eta_min + (base - eta_min) * (1 + torch.cos(math.pi * t / period)) / 2
 
 
-class CosineAnnealingLR(_VectorSchedule):
+class BatchCosineAnnealingLR(_VectorSchedule):
     """Model i's rate: `eta_min_i + (initial_lr_i - eta_min_i) * (1 + cos(pi t / T_max_i)) / 2`.
 
     The closed form of `torch.optim.lr_scheduler.CosineAnnealingLR` (which,
     like this, rises again after `T_max`).
 
     Args:
-        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` are `[N]`).
         T_max: a number or `[N]`, steps of the half period (> 0).
         eta_min: a number or `[N]`, the lowest rate.
     """
@@ -330,7 +336,7 @@ class CosineAnnealingLR(_VectorSchedule):
         return _cosine(self.initial_lr, self.eta_min, t, self.T_max)
 
 
-class WarmupCosineLR(_VectorSchedule):
+class BatchWarmupCosineLR(_VectorSchedule):
     """Linear warmup, then cosine decay to `eta_min`, then constant at `eta_min`.
 
     Model i's rate at step t, with `W = warmup_steps_i`, `T = total_steps_i`:
@@ -341,7 +347,7 @@ class WarmupCosineLR(_VectorSchedule):
     milestones=[W])` on model i.
 
     Args:
-        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` are `[N]`).
         warmup_steps: a number or `[N]` (>= 0; 0 means no warmup).
         total_steps: a number or `[N]` (> warmup_steps).
         eta_min: a number or `[N]`, the final rate.
@@ -386,27 +392,28 @@ class WarmupCosineLR(_VectorSchedule):
         return torch.where(t > self.total_steps, self.eta_min, lr)
 
 
-class PerModelScheduler(LRScheduler):
+class BatchLRScheduler(LRScheduler):
     """Any torch LR scheduler class, with its own arguments for each model.
 
-    Keeps N small torch schedulers, each on a one-parameter dummy optimizer
-    whose lr starts at model i's `hparams["lr"][i]`, and copies their N rates
-    into `hparams["lr"]` after every `step()`.
+    Keeps N small torch schedulers, each on a dummy optimizer with one
+    one-element param group per param group of `optimizer`, whose lrs start at
+    model i's `hparams["lr"][i]`, and copies their rates into `hparams["lr"]`
+    after every `step()`.
 
     Warning:
         Each `step()` runs a Python loop over the N schedulers and one
         host-to-device copy: fine for hundreds of models, slow for very large
-        N. Prefer the vectorized schedules (`StepLR`, `MultiStepLR`,
-        `ExponentialLR`, `CosineAnnealingLR`, `WarmupCosineLR`) there.
+        N. Prefer the vectorized schedules (`BatchStepLR`, `BatchMultiStepLR`,
+        `BatchExponentialLR`, `BatchCosineAnnealingLR`, `BatchWarmupCosineLR`) there.
 
     Args:
-        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` is `[N]`).
+        optimizer: a modelbatch.optim optimizer (its `hparams["lr"]` are `[N]`).
         scheduler_cls: a torch scheduler class, e.g. `torch.optim.lr_scheduler.OneCycleLR`.
         per_model_kwargs: N dicts of arguments, one per model, or None.
         **kwargs: arguments shared by every model (a per-model entry wins).
 
     Example:
-        >>> sched = PerModelScheduler(opt, torch.optim.lr_scheduler.OneCycleLR,
+        >>> sched = BatchLRScheduler(opt, torch.optim.lr_scheduler.OneCycleLR,
         ...     [{"max_lr": m} for m in (0.1, 0.2, 0.3)], total_steps=100)
         >>> sched.step(); opt.hparams["lr"].shape
         torch.Size([3])
@@ -419,32 +426,37 @@ class PerModelScheduler(LRScheduler):
         per_model_kwargs: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
-        lr = _lr_vector("PerModelScheduler", optimizer)
+        lrs = _lr_tensors("BatchLRScheduler", optimizer)
         self.optimizer = optimizer
-        self.num_models = n = lr.shape[0]
+        self.num_models = n = lrs[0].shape[0]
         if per_model_kwargs is not None and len(per_model_kwargs) != n:
             raise ValueError(
-                f"PerModelScheduler: per_model_kwargs has {len(per_model_kwargs)} entries, "
+                f"BatchLRScheduler: per_model_kwargs has {len(per_model_kwargs)} entries, "
                 f"expected one dict per model (N={n})."
             )
         self.scheduler_cls = scheduler_cls
         self.shared_kwargs = dict(kwargs)
         self.per_model_kwargs = [dict(k) for k in (per_model_kwargs or [{}] * n)]
         self.last_epoch = 0
-        base = lr.detach().to(_F64).cpu().tolist()
+        # base[i][g]: model i's base rate in param group g.
+        base = torch.stack([lr.detach().to("cpu", _F64) for lr in lrs], dim=1).tolist()
         self.schedulers = [self._make(i, base[i]) for i in range(n)]
         self._write()
 
-    def _make(self, i: int, base_lr: float) -> Any:
-        dummy = torch.zeros((), requires_grad=True)
-        opt = torch.optim.SGD([dummy], lr=base_lr)
+    def _make(self, i: int, base_lrs: list[float]) -> Any:
+        groups = [{"params": [torch.zeros((), requires_grad=True)], "lr": lr} for lr in base_lrs]
+        opt = torch.optim.SGD(groups, lr=base_lrs[0])
         return self.scheduler_cls(opt, **{**self.shared_kwargs, **self.per_model_kwargs[i]})
 
+    def _rates(self) -> list[list[float]]:
+        return [[g["lr"] for g in s.optimizer.param_groups] for s in self.schedulers]
+
     def _write(self) -> None:
-        rates = [s.optimizer.param_groups[0]["lr"] for s in self.schedulers]
-        lr = self.optimizer.hparams["lr"]
+        # One host-to-device copy per param group, whatever N.
+        rates = torch.tensor(self._rates(), dtype=_F64).T
         with torch.no_grad():
-            lr.copy_(torch.tensor(rates, dtype=_F64))
+            for lr, value in zip(_lr_tensors("BatchLRScheduler", self.optimizer), rates):
+                lr.copy_(value)
 
     def step(self, metrics: Any = None) -> None:  # type: ignore[override]
         """Step every model's scheduler once; `metrics` (`[N]`) for ReduceLROnPlateau."""
@@ -453,7 +465,7 @@ class PerModelScheduler(LRScheduler):
             values = torch.as_tensor(metrics).reshape(-1).tolist()
             if len(values) != self.num_models:
                 raise ValueError(
-                    f"PerModelScheduler.step: metrics must have one value per model "
+                    f"BatchLRScheduler.step: metrics must have one value per model "
                     f"(N={self.num_models}), got {len(values)}."
                 )
         with warnings.catch_warnings():
@@ -465,8 +477,8 @@ class PerModelScheduler(LRScheduler):
         self._write()
 
     def get_last_lr(self) -> list[Tensor]:
-        """The per-model learning rates in the optimizer: `[hparams["lr"]]`, one `[N]` tensor."""
-        return [self.optimizer.hparams["lr"].detach().clone()]
+        """The per-model learning rates now in the optimizer: one `[N]` tensor per param group."""
+        return [lr.detach().clone() for lr in _lr_tensors("BatchLRScheduler", self.optimizer)]
 
     def get_lr(self) -> list[Tensor]:  # type: ignore[override]
         return self.get_last_lr()
@@ -481,11 +493,12 @@ class PerModelScheduler(LRScheduler):
 
         Args:
             indices: model indices (int, sequence, `[K]` tensor or `[N]` bool mask).
-            initial_lr: their new base rates (a number or `[K]`); by default
-                each keeps the base rate its scheduler started with.
+            initial_lr: their new base rates (a number or `[K]`, for every
+                param group); by default each keeps the base rates its
+                scheduler started with.
             per_model_kwargs: K dicts of new scheduler arguments, or None to keep theirs.
         """
-        name = "PerModelScheduler.reset_models"
+        name = "BatchLRScheduler.reset_models"
         idx = _index(name, indices, self.num_models, torch.device("cpu")).tolist()
         if per_model_kwargs is not None:
             if len(per_model_kwargs) != len(idx):
@@ -495,10 +508,12 @@ class PerModelScheduler(LRScheduler):
                 )
             for i, kw in zip(idx, per_model_kwargs):
                 self.per_model_kwargs[i] = dict(kw)
+        groups = len(self.schedulers[0].optimizer.param_groups)
         if initial_lr is None:
-            rates = [self.schedulers[i].base_lrs[0] for i in idx]
+            rates = [list(self.schedulers[i].base_lrs) for i in idx]
         else:
-            rates = torch.as_tensor(initial_lr, dtype=_F64).expand(len(idx)).tolist()
+            flat = torch.as_tensor(initial_lr, dtype=_F64).expand(len(idx)).tolist()
+            rates = [[r] * groups for r in flat]
         for i, rate in zip(idx, rates):
             self.schedulers[i] = self._make(i, rate)
         self._write()
@@ -508,7 +523,7 @@ class PerModelScheduler(LRScheduler):
         return {
             "last_epoch": self.last_epoch,
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "lrs": [s.optimizer.param_groups[0]["lr"] for s in self.schedulers],
+            "lrs": self._rates(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -516,11 +531,12 @@ class PerModelScheduler(LRScheduler):
         states = state_dict["schedulers"]
         if len(states) != self.num_models:
             raise ValueError(
-                f"PerModelScheduler.load_state_dict: the state holds {len(states)} schedulers, "
+                f"BatchLRScheduler.load_state_dict: the state holds {len(states)} schedulers, "
                 f"expected N={self.num_models}."
             )
-        for sched, state, rate in zip(self.schedulers, states, state_dict["lrs"]):
+        for sched, state, rates in zip(self.schedulers, states, state_dict["lrs"]):
             sched.load_state_dict(state)
-            sched.optimizer.param_groups[0]["lr"] = rate
+            for group, rate in zip(sched.optimizer.param_groups, rates):
+                group["lr"] = rate
         self.last_epoch = int(state_dict["last_epoch"])
         self._write()

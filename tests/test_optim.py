@@ -1,0 +1,481 @@
+"""Vectorized optimizers: equivalence with torch.optim, isolation, launch count, state."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _reference import (
+    make_batches,
+    make_models,
+    max_rel_diff,
+    snapshot,
+    train_batched,
+    train_one_by_one,
+)
+from torch.optim import SGD, Adagrad, Adam, AdamW, RMSprop
+
+from modelbatch import ModelBatch
+from modelbatch.optim import BatchAdam, BatchOptimizer, OptimizerFactory
+
+N, STEPS, TOL = 5, 30, 1e-5
+
+# The tensors here are tiny: intra-op threads only add contention on a shared machine.
+torch.set_num_threads(1)
+
+# Every model differs from the others in every hyperparameter that applies.
+VECTORIZED_CASES = [
+    pytest.param(
+        SGD,
+        [
+            {"lr": 0.1},
+            {"lr": 0.05, "momentum": 0.9},
+            {"lr": 0.1, "momentum": 0.5, "dampening": 0.3, "weight_decay": 1e-2},
+            {"lr": 0.02, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+            {"lr": 0.01, "momentum": 0.3, "maximize": True},
+        ],
+        id="SGD",
+    ),
+    pytest.param(
+        Adam,
+        [
+            {"lr": 1e-2},
+            {"lr": 3e-3, "betas": (0.8, 0.99)},
+            {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.1},
+            {"lr": 5e-3, "eps": 1e-3, "maximize": True},
+            {"lr": 2e-2, "betas": (0.5, 0.9), "amsgrad": True, "eps": 1e-6},
+        ],
+        id="Adam",
+    ),
+    pytest.param(
+        AdamW,
+        [
+            {"lr": 1e-2},
+            {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.8, 0.95)},
+            {"lr": 1e-3, "amsgrad": True, "weight_decay": 0.0},
+            {"lr": 5e-3, "maximize": True, "eps": 1e-4},
+            {"lr": 2e-2, "betas": (0.5, 0.9), "weight_decay": 0.5},
+        ],
+        id="AdamW",
+    ),
+    pytest.param(
+        RMSprop,
+        [
+            {"lr": 1e-2},
+            {"lr": 3e-3, "centered": True, "alpha": 0.9},
+            {"lr": 1e-3, "momentum": 0.9, "eps": 1e-6},
+            {"lr": 2e-3, "alpha": 0.8, "centered": True, "momentum": 0.5, "weight_decay": 0.1},
+            {"lr": 1e-3, "maximize": True, "eps": 1e-4},
+        ],
+        id="RMSprop",
+    ),
+    pytest.param(
+        Adagrad,
+        [
+            {"lr": 0.1},
+            {"lr": 0.03, "lr_decay": 0.01},
+            {"lr": 0.1, "initial_accumulator_value": 0.5},
+            {"lr": 0.05, "weight_decay": 0.1, "eps": 1e-3},
+            {"lr": 0.01, "maximize": True, "lr_decay": 0.1},
+        ],
+        id="Adagrad",
+    ),
+]
+
+# Elementwise torch classes run as they are when every model shares their values.
+FALLBACK_CASES = [
+    pytest.param(cls, [dict(cfg) for _ in range(N)], id=cls.__name__)
+    for cls, cfg in [
+        (torch.optim.Adamax, {"lr": 1e-2, "weight_decay": 1e-2}),
+        (torch.optim.NAdam, {"lr": 5e-3}),
+        (torch.optim.RAdam, {"lr": 1e-2}),
+        (torch.optim.ASGD, {"lr": 1e-2}),
+        (torch.optim.Adadelta, {"lr": 0.5}),
+        (torch.optim.Rprop, {"lr": 1e-3}),
+    ]
+]
+
+ALL_CASES = [
+    *VECTORIZED_CASES,
+    pytest.param(
+        Adam,
+        [
+            {"lr": 1e-3 * (i + 1), "weight_decay": 0.1 * i, "decoupled_weight_decay": True}
+            for i in range(N)
+        ],
+        id="Adam-decoupled",
+    ),
+    *FALLBACK_CASES,
+]
+
+
+def _build(cls, configs, seed=0):
+    mb = ModelBatch(make_models(N, seed))
+    return mb, OptimizerFactory(cls).create_optimizer(mb, configs)
+
+
+# ---------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize(("cls", "configs"), ALL_CASES)
+def test_matches_torch_one_by_one(cls, configs):
+    models, batches = make_models(N), make_batches(N, STEPS)
+    reference = train_one_by_one(models, cls, configs, batches)
+    mb, opt = _build(cls, configs)
+    train_batched(mb, opt, batches)
+    assert max_rel_diff(mb, reference) <= TOL
+    # the run moved the weights, so the comparison above can fail
+    assert max_rel_diff(mb, models) > 1e-3
+
+
+@pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
+def test_gradient_accumulation(cls, configs):
+    models, batches = make_models(N), make_batches(N, 10)
+    reference = train_one_by_one(models, cls, configs, batches, accumulate=2)
+    mb, opt = _build(cls, configs)
+    train_batched(mb, opt, batches, accumulate=2)
+    assert max_rel_diff(mb, reference) <= TOL
+
+
+def test_hparams_changed_mid_training_take_effect():
+    configs = [{"lr": 1e-2 * (i + 1), "betas": (0.9, 0.999)} for i in range(N)]
+    models, batches = make_models(N), make_batches(N, 20)
+
+    def change_reference(t, opts):
+        if t == 10:
+            opts[2].param_groups[0]["lr"] = 0.1
+            opts[3].param_groups[0]["betas"] = (0.5, 0.9)
+            opts[0].param_groups[0]["weight_decay"] = 0.2
+
+    def change_batched(t, opt):
+        if t == 10:
+            opt.hparams["lr"][2] = 0.1
+            opt.set_hparams(3, betas=(0.5, 0.9))
+            opt.set_hparams([0], weight_decay=0.2)
+
+    reference = train_one_by_one(models, Adam, configs, batches, change_reference)
+    mb, opt = _build(Adam, configs)
+    train_batched(mb, opt, batches, change_batched)
+    assert max_rel_diff(mb, reference) <= TOL
+
+
+@pytest.mark.parametrize(
+    "factor", [lambda t: 0.9**t, lambda t: min(1.0, t / 5)], ids=["decay", "warmup-from-0"]
+)
+@pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
+def test_torch_lr_scheduler_scales_every_models_lr(cls, configs, factor):
+    models, batches = make_models(N), make_batches(N, 15)
+    ref_scheds = []
+
+    def ref_hook(t, opts):
+        if t == 0:
+            ref_scheds.extend(torch.optim.lr_scheduler.LambdaLR(o, factor) for o in opts)
+        else:
+            for s in ref_scheds:
+                s.step()
+
+    reference = train_one_by_one(models, cls, configs, batches, ref_hook)
+    mb, opt = _build(cls, configs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    train_batched(mb, opt, batches, lambda t, o: sched.step() if t > 0 else None)
+    assert opt.param_groups[0]["lr"] == pytest.approx(factor(14))
+    assert max_rel_diff(mb, reference) <= TOL
+
+
+@pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
+def test_reset_models_matches_a_fresh_optimizer(cls, configs):
+    models, batches = make_models(N), make_batches(N, 16)
+    new_config = {"lr": 0.02}
+
+    def ref_hook(t, opts):
+        if t == 8:
+            opts[1] = cls(opts[1].param_groups[0]["params"], **new_config)
+
+    reference = train_one_by_one(models, cls, configs, batches, ref_hook)
+    mb, opt = _build(cls, configs)
+    train_batched(
+        mb, opt, batches, lambda t, o: o.reset_models([1], [new_config]) if t == 8 else None
+    )
+    assert max_rel_diff(mb, reference) <= TOL
+
+
+def test_model_batch_builds_through_the_factory():
+    lrs = [0.1, 0.05, 0.02, 0.01, 0.2]
+    models, batches = make_models(N), make_batches(N, 10)
+    configs = [{"lr": lr, "momentum": 0.9, "nesterov": True} for lr in lrs]
+    reference = train_one_by_one(models, SGD, configs, batches)
+    mb = ModelBatch(
+        models,
+        lr_list=lrs,
+        optimizer_cls=SGD,
+        optimizer_kwargs={"momentum": 0.9, "nesterov": True},
+    )
+    assert torch.equal(mb.optimizer.hparams["lr"], torch.tensor(lrs, dtype=torch.float64))
+    for x, y in batches:
+        mb.zero_grad()
+        mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+        mb.step()
+    assert max_rel_diff(mb, reference) <= TOL
+    with pytest.raises(ValueError, match="not both"):
+        ModelBatch(models, lr_list=lrs, optimizer_cls=SGD, optimizer_kwargs={"lr": 0.1})
+
+
+# ---------------------------------------------------------------------- isolation (bitwise)
+
+
+def _others_equal(a, b, k):
+    for name in a:
+        if name.startswith("p."):
+            keep = [i for i in range(N) if i != k]
+            assert torch.equal(a[name][keep], b[name][keep]), name
+
+
+@pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
+def test_nan_inputs_of_one_model_leave_the_others_bitwise_unchanged(cls, configs):
+    batches, k = make_batches(N, 8), 2
+    poisoned = [(x.clone(), y) for x, y in batches]
+    for x, _ in poisoned[3:]:
+        x[k] = float("nan")
+    runs = []
+    for data in (batches, poisoned):
+        mb, opt = _build(cls, configs)
+        train_batched(mb, opt, data)
+        runs.append(snapshot(mb))
+    assert torch.isnan(runs[1]["p.0.weight"][k]).all()
+    _others_equal(runs[0], runs[1], k)
+
+
+@pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
+def test_huge_lr_of_one_model_leaves_the_others_bitwise_unchanged(cls, configs):
+    batches, k = make_batches(N, 8), 1
+    huge = copy.deepcopy(configs)
+    huge[k]["lr"] = 1e30
+    runs = []
+    for cfgs in (configs, huge):
+        mb, opt = _build(cls, cfgs)
+        train_batched(mb, opt, batches)
+        runs.append(snapshot(mb))
+    assert not torch.equal(runs[0]["p.0.weight"][k], runs[1]["p.0.weight"][k])
+    _others_equal(runs[0], runs[1], k)
+
+
+@pytest.mark.parametrize("how", ["retire", "skip"])
+@pytest.mark.parametrize(("cls", "configs"), ALL_CASES)
+def test_held_model_is_bitwise_frozen_even_with_nan_grads(cls, configs, how):
+    batches, k = make_batches(N, 8), 3
+    free_mb, free_opt = _build(cls, configs)
+    train_batched(free_mb, free_opt, batches)
+    free = snapshot(free_mb)
+
+    mb, opt = _build(cls, configs)
+    held_at = 0 if how == "retire" and cls in (torch.optim.Rprop, Adagrad) else 4
+    frozen = {}
+    for t, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+        skip = None
+        if t >= held_at:
+            for p in mb.parameters():
+                p.grad[k] = float("nan")
+            if how == "retire":
+                mb.retire(k)
+            else:
+                skip = torch.zeros(N, dtype=torch.bool)
+                skip[k] = True
+            if not frozen:
+                frozen = {key: v[k].clone() for key, v in snapshot(mb, opt).items()}
+        opt.step(skip=skip)
+    after = snapshot(mb, opt)
+    for key, v in frozen.items():
+        assert torch.equal(after[key][k], v), key
+    _others_equal(free, after, k)
+
+
+# ---------------------------------------------------------------------- launch count
+
+
+def _ops_in_one_step(cls, configs, n):
+    torch.manual_seed(0)
+    mb = ModelBatch(make_models(n))
+    opt = OptimizerFactory(cls).create_optimizer(mb, [configs[i % len(configs)] for i in range(n)])
+    x = torch.randn(n, 4, 6)
+    y = torch.randint(0, 3, (n, 4))
+    for _ in range(2):  # the first step creates the state
+        opt.zero_grad()
+        mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+    return [e.name for e in prof.events()]
+
+
+@pytest.mark.parametrize(("cls", "configs"), ALL_CASES)
+def test_operator_count_does_not_depend_on_n(cls, configs):
+    small, large = _ops_in_one_step(cls, configs, 8), _ops_in_one_step(cls, configs, 512)
+    assert len(small) > 0
+    assert sorted(small) == sorted(large)
+
+
+# ---------------------------------------------------------------------- state dict
+
+
+@pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
+def test_state_dict_round_trip_continues_bitwise(cls, configs):
+    batches = make_batches(N, 20)
+    mb, opt = _build(cls, configs)
+    train_batched(mb, opt, batches[:10])
+    weights = copy.deepcopy(mb.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    train_batched(mb, opt, batches[10:])
+    uninterrupted = snapshot(mb, opt)
+
+    other = list(reversed(configs))  # the loaded values must replace these
+    mb2, opt2 = _build(cls, other, seed=7)
+    live = {k: v for k, v in opt2.hparams.items()}
+    mb2.load_state_dict(weights)
+    opt2.load_state_dict(saved)
+    for key, t in opt2.hparams.items():
+        assert t is live[key]  # loaded in place
+        assert torch.equal(t, saved["param_groups"][0]["hparams"][key])
+    train_batched(mb2, opt2, batches[10:])
+    resumed = snapshot(mb2, opt2)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+def test_state_dict_of_another_size_is_refused():
+    _, opt = _build(Adam, [{}] * N)
+    mb3 = ModelBatch(make_models(3))
+    opt3 = OptimizerFactory(Adam).create_optimizer(mb3)
+    with pytest.raises(ValueError, match=r"BatchAdam.load_state_dict: .*same optimizer class"):
+        opt3.load_state_dict(opt.state_dict())
+
+
+# ---------------------------------------------------------------------- layout and API
+
+
+def test_hparams_live_in_the_param_group():
+    configs = [{"lr": 0.1 * (i + 1), "betas": (0.9, 0.99 - 0.01 * i)} for i in range(N)]
+    _, opt = _build(Adam, configs)
+    group = opt.param_groups[0]
+    assert isinstance(opt, BatchAdam) and isinstance(opt, BatchOptimizer)
+    assert opt.hparams is group["hparams"]
+    assert group["lr"] == 1.0
+    assert opt.hparams["betas"].shape == (N, 2)
+    assert opt.hparams["amsgrad"].dtype == torch.bool
+    assert opt.hparams["lr"].tolist() == pytest.approx([0.1 * (i + 1) for i in range(N)])
+
+
+def test_unused_fused_and_foreach_options_are_accepted():
+    _, opt = _build(Adam, [{"lr": 1e-3, "foreach": True, "fused": False}] * N)
+    assert isinstance(opt, BatchAdam)
+
+
+@pytest.mark.parametrize(
+    ("cls", "configs", "error", "message"),
+    [
+        (Adam, [{"lr": 0.1}] * 3 + [{"lr": -0.1}] + [{}], ValueError,
+         r"^OptimizerFactory: config 3 has lr=-0.1; expected lr >= 0\.$"),
+        (Adam, [{"lr": math.nan}] + [{}] * 4, ValueError, r"config 0 has lr=nan"),
+        (Adam, [{}] * 4 + [{"betas": (0.9, 1.5)}], ValueError,
+         r"config 4 has betas=\(0.9, 1.5\); expected 0 <= beta < 1"),
+        (SGD, [{}, {"nesterov": True}] + [{}] * 3, ValueError,
+         r"config 1 has nesterov=True, momentum=0.0, dampening=0.0; expected momentum > 0"),
+        (Adam, [{"lr_typo": 1.0}] + [{}] * 4, ValueError,
+         r"config 0 has unknown keys \['lr_typo'\]; accepted keys are \[.*'betas'"),
+        (Adam, [{"amsgrad": "yes"}] + [{}] * 4, TypeError, r"config 0 has amsgrad='yes'; expected True or False"),
+        (Adam, [{}] * 3, ValueError, r"got 3 configs for N=5 models"),
+        (Adam, [{"decoupled_weight_decay": True}] + [{}] * 4, ValueError,
+         r"decoupled_weight_decay must be the same for every model"),
+        (Adam, [{"differentiable": True}] * 5, ValueError, r"differentiable=True is not supported"),
+        (torch.optim.Adamax, [{"lr": 0.1}, {"lr": 0.2}] + [{}] * 3, ValueError,
+         r"config 1 differs from config 0 in \['lr'\].*torch.optim.SGD, torch.optim.Adam"),
+    ],
+)  # fmt: skip
+def test_bad_configs_are_refused_clearly(cls, configs, error, message):
+    mb = ModelBatch(make_models(N))
+    with pytest.raises(error, match=message):
+        OptimizerFactory(cls).create_optimizer(mb, configs)
+
+
+@pytest.mark.parametrize("name", ["LBFGS", "Adafactor", "Muon", "SparseAdam"])
+def test_non_separable_optimizers_are_refused(name):
+    if not hasattr(torch.optim, name):
+        pytest.skip(f"torch.optim.{name} does not exist in this torch")
+    with pytest.raises(
+        ValueError, match=rf"^OptimizerFactory: torch.optim.{name} is not supported: "
+    ):
+        OptimizerFactory(getattr(torch.optim, name))
+
+
+def test_unknown_optimizer_classes_are_refused():
+    class Custom(torch.optim.SGD):
+        pass
+
+    with pytest.raises(ValueError, match="cannot tell whether Custom updates each element"):
+        OptimizerFactory(Custom)
+    with pytest.raises(TypeError, match=r"expected a torch\.optim\.Optimizer class"):
+        OptimizerFactory(torch.optim.Adam([torch.zeros(1, requires_grad=True)]))  # type: ignore[arg-type]
+
+
+def test_set_hparams_is_validated():
+    _, opt = _build(Adam, [{}] * N)
+    with pytest.raises(
+        ValueError, match=r"^BatchAdam.set_hparams: model 2 has lr=-1.0; expected lr >= 0"
+    ):
+        opt.set_hparams(2, lr=-1.0)
+    assert float(opt.hparams["lr"][2]) == 1e-3  # unchanged
+    with pytest.raises(ValueError, match="created without the state amsgrad needs"):
+        opt.set_hparams(0, amsgrad=True)
+    with pytest.raises(ValueError, match=r"unknown hyperparameters \['momentum'\]"):
+        opt.set_hparams(0, momentum=0.9)
+    with pytest.raises(IndexError, match=r"model indices must be in \[0, 5\)"):
+        opt.set_hparams(7, lr=0.1)
+
+
+def test_skip_of_the_wrong_shape_is_refused():
+    mb, opt = _build(SGD, [{"lr": 0.1}] * N)
+    x, y = make_batches(N, 1)[0]
+    mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+    with pytest.raises(ValueError, match=r"BatchSGD.step: skip must be a \[N=5\] bool tensor"):
+        opt.step(skip=torch.zeros(3, dtype=torch.bool))
+
+
+def test_fallback_cannot_reset_one_model():
+    _, opt = _build(torch.optim.NAdam, [{}] * N)
+    with pytest.raises(ValueError, match="shares scalar state"):
+        opt.reset_models([0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hparams_follow_the_model_batch_to_the_gpu():
+    configs = [{"lr": 1e-2 * (i + 1), "amsgrad": i % 2 == 0} for i in range(N)]
+    batches = make_batches(N, 6)
+    mb_cpu, opt_cpu = _build(Adam, configs)
+    train_batched(mb_cpu, opt_cpu, batches)
+    mb, opt = _build(Adam, configs)
+    train_batched(mb, opt, batches[:3])
+    mb.to("cuda")
+    lr = opt.hparams["lr"]
+    train_batched(mb, opt, [(x.cuda(), y.cuda()) for x, y in batches[3:]])
+    assert opt.hparams["lr"] is lr and lr.device.type == "cuda"
+    for name, p in mb.stacked_params().items():
+        torch.testing.assert_close(p.cpu(), mb_cpu.stacked_params()[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("torch_class_used_first", [False, True])
+def test_fallback_step_hooks_run_once(torch_class_used_first):
+    if torch_class_used_first:  # torch then patches the class's step with its hook wrapper
+        torch.optim.Adadelta([torch.zeros(1, requires_grad=True)])
+    mb, opt = _build(torch.optim.Adadelta, [{}] * N)
+    calls = []
+    opt.register_step_post_hook(lambda *args: calls.append(1))
+    x, y = make_batches(N, 1)[0]
+    mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+    before = snapshot(mb)
+    opt.step()
+    assert calls == [1]
+    assert not torch.equal(before["p.0.weight"], mb.stacked_params()["0.weight"])
