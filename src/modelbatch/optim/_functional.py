@@ -6,9 +6,11 @@ Each optimizer is two functions:
   hyperparameters (`[N]` tensors), the per-model step counts (`[N]`, advanced in
   place for the models that update) and the update mask (`[N]` bool) into the
   `[N]` coefficient vectors of this step. It runs once per step and param group.
-- `<name>_update(param, grad, state, c)` updates one stacked parameter
+- `<name>_update(param, grad, state, c, scratch)` updates one stacked parameter
   `[N, *shape]` and its state in place with a fixed number of ops, every
-  coefficient broadcast as `[N, 1, ...]`.
+  coefficient broadcast as `[N, 1, ...]`. `scratch` holds one or two tensors
+  shaped like the parameter that the update may overwrite: kept between steps,
+  they spare a fresh allocation (and, on CPU, its page faults) per step.
 
 Models outside the mask are left bitwise unchanged: their gradient is replaced
 by 0 (so NaN or inf cannot leak into their state) and their coefficients make
@@ -26,7 +28,7 @@ move gets `A = 0, B = inf`, so its increment is exactly 0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -71,11 +73,12 @@ def _denominator(mask: Tensor, scale: Tensor, eps: Tensor, rate: Tensor) -> Coef
     return {"A": a, "B": b}
 
 
-def _masked_grad(grad: Tensor, param: Tensor, c: Coefficients) -> Tensor:
-    """`sign * (sign * g + wd * p)` for updating models, exactly 0 for the others (new tensor)."""
+def _masked_grad(grad: Tensor, param: Tensor, c: Coefficients, out: Tensor) -> Tensor:
+    """`sign * (sign * g + wd * p)` for updating models, exactly 0 for the others, into `out`."""
     nd = param.dim()
-    u = torch.addcmul(grad, param, per_model(c["wd"], nd))
-    return u.masked_fill_(per_model(c["frozen"], nd), 0.0)
+    torch.addcmul(grad, param, per_model(c["wd"], nd), out=out)
+    # After the decay term, so that not even an inf weight of a held model reaches its state.
+    return torch.where(per_model(c["mask"], nd), out, c["zero"], out=out)
 
 
 # ---------------------------------------------------------------------- Adam / AdamW
@@ -98,7 +101,7 @@ def adam_coefficients(
     c["w1"] = torch.where(mask, 1.0 - beta1, zero)
     c["w2"] = torch.where(mask, 1.0 - beta2, zero)
     c["amsgrad"] = hp["amsgrad"].to(lr.dtype)
-    c["frozen"] = ~mask
+    c.update(mask=mask, zero=zero.new_zeros(()))
     if decoupled:
         c["wd"] = zero
         c["decay"] = torch.where(mask, 1.0 - lr * hp["weight_decay"], 1.0)
@@ -108,7 +111,12 @@ def adam_coefficients(
 
 
 def adam_update(
-    param: Tensor, grad: Tensor, state: Mapping[str, Tensor], c: Coefficients, decoupled: bool
+    param: Tensor,
+    grad: Tensor,
+    state: Mapping[str, Tensor],
+    c: Coefficients,
+    decoupled: bool,
+    scratch: Sequence[Tensor],
 ) -> None:
     """One Adam/AdamW step of a stacked parameter `[N, *shape]`.
 
@@ -119,9 +127,9 @@ def adam_update(
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     if decoupled:
         param.mul_(per_model(c["decay"], nd))
-        u = torch.where(per_model(c["frozen"], nd), 0.0, grad)
+        u = torch.where(per_model(c["mask"], nd), grad, c["zero"], out=scratch[0])
     else:
-        u = _masked_grad(grad, param, c)
+        u = _masked_grad(grad, param, c, scratch[0])
     exp_avg.lerp_(u, per_model(c["w1"], nd))
     u.mul_(u)
     exp_avg_sq.lerp_(u, per_model(c["w2"], nd))
@@ -155,7 +163,8 @@ def sgd_coefficients(
     # model without momentum uses its gradient as is (dampening ignored).
     plain = first | (momentum == 0)
     return {
-        "frozen": ~mask,
+        "mask": mask,
+        "zero": zero.new_zeros(()),
         "wd": hp["weight_decay"] * sign,
         "rate": rate,
         "momentum": torch.where(mask, torch.where(first, zero, momentum), one),
@@ -165,10 +174,16 @@ def sgd_coefficients(
     }
 
 
-def sgd_update(param: Tensor, grad: Tensor, state: Mapping[str, Tensor], c: Coefficients) -> None:
+def sgd_update(
+    param: Tensor,
+    grad: Tensor,
+    state: Mapping[str, Tensor],
+    c: Coefficients,
+    scratch: Sequence[Tensor],
+) -> None:
     """One SGD step of a stacked parameter; state `momentum_buffer` `[N, *shape]` if any model uses momentum."""
     nd = param.dim()
-    u = _masked_grad(grad, param, c)
+    u = _masked_grad(grad, param, c, scratch[0])
     buf = state.get("momentum_buffer")
     if buf is None:
         param.addcmul_(u, per_model(c["rate"], nd))
@@ -193,7 +208,8 @@ def rmsprop_coefficients(
     weight = torch.where(mask, 1.0 - hp["alpha"], zero)
     c = _denominator(mask, one, hp["eps"], rate)
     c.update(
-        frozen=~mask,
+        mask=mask,
+        zero=zero.new_zeros(()),
         wd=hp["weight_decay"] * sign,
         rate=rate,
         weight=weight,
@@ -207,7 +223,11 @@ def rmsprop_coefficients(
 
 
 def rmsprop_update(
-    param: Tensor, grad: Tensor, state: Mapping[str, Tensor], c: Coefficients
+    param: Tensor,
+    grad: Tensor,
+    state: Mapping[str, Tensor],
+    c: Coefficients,
+    scratch: Sequence[Tensor],
 ) -> None:
     """One RMSprop step of a stacked parameter.
 
@@ -215,11 +235,11 @@ def rmsprop_update(
     `momentum_buffer` if any model uses momentum, each `[N, *shape]`.
     """
     nd = param.dim()
-    u = _masked_grad(grad, param, c)
+    u = _masked_grad(grad, param, c, scratch[0])
     grad_avg = state.get("grad_avg")
     if grad_avg is not None:
         grad_avg.lerp_(u, per_model(c["weight_centered"], nd))
-    avg = u * u
+    avg = torch.mul(u, u, out=scratch[1])
     state["square_avg"].lerp_(avg, per_model(c["weight"], nd))
     if grad_avg is not None:
         torch.addcmul(state["square_avg"], grad_avg, grad_avg, value=-1, out=avg)
@@ -249,17 +269,21 @@ def adagrad_coefficients(
     clr = hp["lr"] * lr_factor / (1.0 + (step - 1.0) * hp["lr_decay"])
     rate = torch.where(mask, -clr * sign, zero)
     c = _denominator(mask, torch.ones_like(zero), hp["eps"], rate)
-    c.update(frozen=~mask, wd=hp["weight_decay"] * sign)
+    c.update(mask=mask, zero=zero.new_zeros(()), wd=hp["weight_decay"] * sign)
     return c
 
 
 def adagrad_update(
-    param: Tensor, grad: Tensor, state: Mapping[str, Tensor], c: Coefficients
+    param: Tensor,
+    grad: Tensor,
+    state: Mapping[str, Tensor],
+    c: Coefficients,
+    scratch: Sequence[Tensor],
 ) -> None:
     """One Adagrad step of a stacked parameter; state `sum` `[N, *shape]`."""
     nd = param.dim()
-    u = _masked_grad(grad, param, c)
+    u = _masked_grad(grad, param, c, scratch[0])
     state["sum"].addcmul_(u, u)
-    std = state["sum"].sqrt()
+    std = torch.sqrt(state["sum"], out=scratch[1])
     torch.addcmul(per_model(c["B"], nd), std, per_model(c["A"], nd), out=std)
     param.addcdiv_(u, std)

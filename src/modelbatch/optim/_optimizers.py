@@ -79,6 +79,8 @@ class BatchOptimizer(torch.optim.Optimizer):
     rules: ClassVar[tuple[Rule, ...]]
     #: options that must be equal for every model (they choose the math).
     shared: ClassVar[tuple[str, ...]] = ()
+    #: how many parameter-sized scratch tensors one update overwrites.
+    scratch_count: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -116,6 +118,8 @@ class BatchOptimizer(torch.optim.Optimizer):
         self.num_models = len(configs)
         self._base_config = base
         self._model_batch = model_batch
+        # Scratch tensors per parameter, reused every step; not optimizer state.
+        self._scratch: dict[Tensor, list[Tensor]] = {}
         device = _first_device(param_list)
         self._new_hparams = build_hparams(name, self.specs, full, device)
         check_rules(name, self.rules, self._new_hparams)
@@ -302,7 +306,12 @@ class BatchOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _update(
-        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], c: dict[str, Tensor]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        c: dict[str, Tensor],
+        scratch: list[Tensor],
     ) -> None:
         raise NotImplementedError
 
@@ -342,7 +351,11 @@ class BatchOptimizer(torch.optim.Optimizer):
                         for k, v in coefficients.items()
                     }
                     by_dtype[p.dtype] = c
-                self._update(p, p.grad, state, c)
+                scratch = self._scratch.get(p)
+                if scratch is None or scratch[0].device != p.device:
+                    scratch = [torch.empty_like(p) for _ in range(self.scratch_count)]
+                    self._scratch[p] = scratch
+                self._update(p, p.grad, state, c, scratch)
         return loss
 
 
@@ -401,9 +414,14 @@ class BatchAdam(BatchOptimizer):
         )
 
     def _update(
-        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], c: dict[str, Tensor]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        c: dict[str, Tensor],
+        scratch: list[Tensor],
     ) -> None:
-        F.adam_update(p, grad, state, c, self.decoupled)
+        F.adam_update(p, grad, state, c, self.decoupled, scratch)
 
 
 class BatchAdamW(BatchAdam):
@@ -444,9 +462,14 @@ class BatchSGD(BatchOptimizer):
         return F.sgd_coefficients(group["hparams"], group["step"], mask, group["lr"])
 
     def _update(
-        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], c: dict[str, Tensor]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        c: dict[str, Tensor],
+        scratch: list[Tensor],
     ) -> None:
-        F.sgd_update(p, grad, state, c)
+        F.sgd_update(p, grad, state, c, scratch)
 
 
 class BatchRMSprop(BatchOptimizer):
@@ -458,6 +481,7 @@ class BatchRMSprop(BatchOptimizer):
         "momentum": _FLOAT, "centered": _BOOL, "maximize": _BOOL,
     }  # fmt: skip
     rules = tuple(_nonneg(k) for k in ("lr", "eps", "momentum", "weight_decay", "alpha"))
+    scratch_count = 2
 
     @classmethod
     def structure(cls, hparams: Mapping[str, Tensor]) -> dict[str, bool]:
@@ -478,9 +502,14 @@ class BatchRMSprop(BatchOptimizer):
         return F.rmsprop_coefficients(group["hparams"], group["step"], mask, group["lr"])
 
     def _update(
-        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], c: dict[str, Tensor]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        c: dict[str, Tensor],
+        scratch: list[Tensor],
     ) -> None:
-        F.rmsprop_update(p, grad, state, c)
+        F.rmsprop_update(p, grad, state, c, scratch)
 
 
 class BatchAdagrad(BatchOptimizer):
@@ -494,6 +523,7 @@ class BatchAdagrad(BatchOptimizer):
     rules = tuple(
         _nonneg(k) for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
     )
+    scratch_count = 2
 
     def _state_keys(self, group: Mapping[str, Any]) -> list[str]:
         return ["sum"]
@@ -506,6 +536,11 @@ class BatchAdagrad(BatchOptimizer):
         return F.adagrad_coefficients(group["hparams"], group["step"], mask, group["lr"])
 
     def _update(
-        self, p: Tensor, grad: Tensor, state: dict[str, Tensor], c: dict[str, Tensor]
+        self,
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Tensor],
+        c: dict[str, Tensor],
+        scratch: list[Tensor],
     ) -> None:
-        F.adagrad_update(p, grad, state, c)
+        F.adagrad_update(p, grad, state, c, scratch)
