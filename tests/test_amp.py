@@ -365,3 +365,45 @@ def test_docs_page_snippets_run() -> None:
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)
     assert namespace["scaler"].get_scale().shape == (4,)
+
+
+def test_reset_models_restores_only_their_scale() -> None:
+    mb = ModelBatch(_models())
+    opt = make_sgd(mb, LRS)
+    scaler = BatchGradScaler(mb, init_scale=torch.tensor(INIT_SCALES), growth_interval=1)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
+        if step == 2:
+            next(iter(mb.parameters())).grad[3, 0, 0] = float("nan")
+        scaler.step(opt)
+        scaler.update()
+    before = scaler.get_scale()
+    assert not torch.equal(before, torch.tensor(INIT_SCALES))
+    scaler.reset_models([1, 3])
+    after = scaler.get_scale()
+    assert after[[1, 3]].tolist() == [INIT_SCALES[1], INIT_SCALES[3]]
+    assert torch.equal(after[[0, 2]], before[[0, 2]])
+    assert scaler.get_growth_tracker()[[1, 3]].tolist() == [0, 0]
+    scaler.reset_models(torch.tensor([False, False, True, False]), init_scale=8.0)
+    assert scaler.get_scale()[2].item() == 8.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_found_inf_flags_exactly_the_models_with_a_non_finite_gradient(dtype) -> None:
+    n = 64
+    mb = ModelBatch(_models(n)).to(dtype)
+    opt = make_sgd(mb, [0.1] * n)
+    scaler = BatchGradScaler(mb)
+    scaler.scale(
+        mb.compute_loss(mb(torch.randn(8, 6, dtype=dtype)), torch.randint(0, 3, (8,)))
+    ).backward()
+    gen = torch.Generator().manual_seed(5)
+    bad = torch.rand(n, generator=gen) < 0.5
+    values = [float("nan"), float("inf"), float("-inf")]
+    for i in bad.nonzero().reshape(-1).tolist():
+        grads = [p.grad for p in mb.parameters()]
+        g = grads[int(torch.randint(0, len(grads), (), generator=gen))][i].reshape(-1)
+        g[int(torch.randint(0, g.numel(), (), generator=gen))] = values[i % 3]
+    scaler.unscale_(opt)
+    assert torch.equal(scaler.found_inf(opt) > 0, bad)

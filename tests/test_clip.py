@@ -17,9 +17,21 @@ from modelbatch.optim import clip_grad_norm_, clip_grad_value_, per_model_grad_n
 N = 5
 
 
+class _Net(nn.Module):
+    """An MLP with a scalar temperature: stacked, that parameter is 1-D `[N]`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
+        self.temperature = nn.Parameter(torch.rand(()) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) / self.temperature
+
+
 def _models(n: int = N, seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
-    return [nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)) for _ in range(n)]
+    return [_Net() for _ in range(n)]
 
 
 def _batched_and_separate(n: int = N, seed: int = 0):
@@ -115,7 +127,7 @@ def test_non_finite_norm_changes_only_that_model() -> None:
     mb, _ = _batched_and_separate()
     clean, _ = _batched_and_separate()
     k = 2
-    next(mb.parameters()).grad[k, 0, 0] = float("inf")
+    mb.stacked_params()["body.0.weight"].grad[k, 0, 0] = float("inf")
     norms = clip_grad_norm_(mb, 0.5)
     reference = clip_grad_norm_(clean, 0.5)
     assert not torch.isfinite(norms[k])

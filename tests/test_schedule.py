@@ -394,3 +394,30 @@ def test_every_param_group_follows_its_own_base_rates(kind: str) -> None:
             expected = [o.param_groups[g]["lr"] for o, _ in singles]
             _assert_lr_close(opt.param_groups[g]["hparams"]["lr"], expected, step)
     assert [t.shape for t in sched.get_last_lr()] == [(N,), (N,)]
+
+
+def test_is_a_torch_lr_scheduler_with_per_model_base_rates() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchCosineAnnealingLR(opt, T_max=10)
+    assert isinstance(sched, tls.LRScheduler)
+    assert torch.equal(sched.base_lrs[0], torch.tensor(LRS, dtype=torch.float64))
+    generic = BatchLRScheduler(opt, tls.ExponentialLR, gamma=0.5)
+    assert isinstance(generic, tls.LRScheduler)
+
+
+def test_multistep_reset_models_with_new_milestones() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchMultiStepLR(opt, milestones=MILESTONES, gamma=GAMMA)
+    for _ in range(4):
+        sched.step()
+    sched.reset_models([3], milestones=[[1, 2, 3, 4, 5, 6, 7]], gamma=0.5)
+    for _ in range(3):
+        sched.step()
+    assert opt.hparams["lr"][3].item() == pytest.approx(LRS[3] * 0.5**3)
+    # Model 1 (milestones 2, 8, 20) is at step 7: one decay.
+    assert opt.hparams["lr"][1].item() == pytest.approx(LRS[1] * GAMMA[1])
+    restored = BatchMultiStepLR(make_sgd([nn.Parameter(torch.randn(N, 2))], LRS), [3], 0.1)
+    restored.load_state_dict(sched.state_dict())
+    sched.step()
+    restored.step()
+    assert torch.equal(restored.optimizer.hparams["lr"], opt.hparams["lr"])

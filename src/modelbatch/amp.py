@@ -134,6 +134,7 @@ class BatchGradScaler:
                 f"{tuple(scale.shape)}."
             )
         self._scale = scale.expand(n).clone()
+        self._init_scale = self._scale.clone()
         self._growth_tracker = torch.zeros(n, dtype=torch.int32, device=device)
         self._per_optimizer: dict[int, dict[str, Any]] = {}
         self._attached = False
@@ -257,7 +258,10 @@ class BatchGradScaler:
                     )
                 if g.is_sparse:
                     raise TypeError("BatchGradScaler.unscale_: sparse gradients are not supported.")
-                bad = ~torch.isfinite(g.reshape(n, -1)).all(dim=1)
+                # The max-abs norm is inf/nan exactly when some entry is (nan
+                # propagates through max), and is cheaper than isfinite().all().
+                peak = torch.linalg.vector_norm(g.reshape(n, -1), float("inf"), dim=1)
+                bad = ~torch.isfinite(peak)
                 found_inf.masked_fill_(bad.to(found_inf.device), 1.0)
                 g.mul_(inv_scale.to(g.device).view(n, *([1] * (g.dim() - 1))))
         state["found_inf"] = found_inf
@@ -368,6 +372,35 @@ class BatchGradScaler:
         scale.copy_(new)
 
     # ------------------------------------------------------------------ state
+
+    def reset_models(self, indices: Any, init_scale: float | Tensor | None = None) -> None:
+        """Give these models a fresh scale and growth tracker (a model replaced in place).
+
+        Args:
+            indices: model indices (int, sequence, `[K]` tensor or `[N]` bool mask).
+            init_scale: their new scale (a float or `[K]`); by default the
+                `init_scale` this scaler was created with.
+        """
+        n = self.num_models
+        idx = torch.as_tensor(indices, device=self._scale.device).reshape(-1)
+        if idx.dtype == torch.bool:
+            if idx.numel() != n:
+                raise ValueError(
+                    f"BatchGradScaler.reset_models: a boolean mask must have N={n} entries, "
+                    f"got {idx.numel()}."
+                )
+            idx = idx.nonzero().reshape(-1)
+        elif idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
+            raise IndexError(
+                f"BatchGradScaler.reset_models: model indices must be in [0, {n}), got "
+                f"{idx.tolist()}."
+            )
+        value = self._init_scale if init_scale is None else init_scale
+        scale = torch.as_tensor(value, dtype=torch.float32, device=self._scale.device)
+        if scale.dim() == 1 and scale.shape[0] == n and init_scale is None:
+            scale = scale[idx]
+        self._scale[idx] = scale
+        self._growth_tracker[idx] = 0
 
     def get_scale(self) -> Tensor:
         """The current per-model scales: `[N]` (ones when disabled). No host synchronization."""

@@ -104,7 +104,8 @@ def _norms(name: str, params: Sequence[Tensor], n: int, norm_type: float) -> Ten
     # Norm of per-tensor norms, the composition torch's clip_grad_norm_ uses, so
     # model i's result matches torch on model i alone.
     per_tensor = [
-        torch.linalg.vector_norm(g.flatten(1), norm_type, dim=1).to(grads[0].device) for g in grads
+        torch.linalg.vector_norm(g.reshape(g.shape[0], -1), norm_type, dim=1).to(grads[0].device)
+        for g in grads
     ]
     return torch.linalg.vector_norm(torch.stack(per_tensor), norm_type, dim=0)
 

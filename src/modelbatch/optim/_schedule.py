@@ -35,8 +35,12 @@ _F64 = torch.float64
 def _lr_tensors(name: str, optimizer: Any) -> list[Tensor]:
     """Every param group's per-model base learning rates, each `[N]` (written in place)."""
     groups = getattr(optimizer, "param_groups", None) or []
-    lrs = [g.get("hparams", {}).get("lr") if isinstance(g, Mapping) else None for g in groups]
-    if not lrs or not all(isinstance(lr, Tensor) and lr.dim() == 1 for lr in lrs):
+    lrs: list[Tensor] = []
+    for group in groups:
+        lr = group.get("hparams", {}).get("lr") if isinstance(group, Mapping) else None
+        if isinstance(lr, Tensor) and lr.dim() == 1:
+            lrs.append(lr)
+    if not lrs or len(lrs) != len(groups):
         raise TypeError(
             f"{name}: expected a modelbatch.optim optimizer whose param groups hold "
             f"hparams['lr'], an [N] tensor of per-model learning rates; got "
@@ -129,9 +133,14 @@ class _VectorSchedule(LRScheduler):
         self.steps += 1
         self._write()
 
-    def get_last_lr(self) -> list[Tensor]:
+    def get_last_lr(self) -> list[Tensor]:  # type: ignore[override]
         """The per-model learning rates now in the optimizer: one `[N]` tensor per param group."""
         return [lr.detach().clone() for lr in _lr_tensors(type(self).__name__, self.optimizer)]
+
+    @property
+    def base_lrs(self) -> list[Tensor]:  # type: ignore[override]
+        """The per-model base rates the schedules start from: one `[N]` per param group."""
+        return list(self.initial_lr)
 
     def get_lr(self) -> list[Tensor]:  # type: ignore[override]
         """The per-model learning rates at the current steps: one `[N]` (float64) per group."""
@@ -476,7 +485,7 @@ class BatchLRScheduler(LRScheduler):
         self.last_epoch += 1
         self._write()
 
-    def get_last_lr(self) -> list[Tensor]:
+    def get_last_lr(self) -> list[Tensor]:  # type: ignore[override]
         """The per-model learning rates now in the optimizer: one `[N]` tensor per param group."""
         return [lr.detach().clone() for lr in _lr_tensors("BatchLRScheduler", self.optimizer)]
 
