@@ -1,4 +1,4 @@
-"""Timing of the vmapped modelbatch LSTM against N sequential cuDNN `nn.LSTM`s.
+"""Timing of the vmapped modelbatch LSTM (or GRU) against N sequential cuDNN `nn.LSTM`s.
 
 For each N, both arms run the same N LSTMs (same weights) on one shared batch
 already on the device:
@@ -8,6 +8,8 @@ already on the device:
 - `modelbatch`: one `ModelBatch` of the same N models, whose `nn.LSTM` runs as
   `modelbatch.nn.LSTM` under one `torch.vmap` (one batched matmul per time
   step for all N models).
+
+`--kind gru` runs the same comparison for `nn.GRU`.
 
 Each time is the median over `--repeats` timed runs after `--warmup` runs,
 bracketed by `torch.cuda.synchronize()`. Modes: `train` (forward + backward of
@@ -59,10 +61,11 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
     return statistics.median(samples)
 
 
-def build(n: int, args: argparse.Namespace, device: torch.device) -> list[nn.LSTM]:
+def build(n: int, args: argparse.Namespace, device: torch.device) -> list[nn.Module]:
     torch.manual_seed(0)
+    kind = {"lstm": nn.LSTM, "gru": nn.GRU}[args.kind]
     return [
-        nn.LSTM(
+        kind(
             args.input_size,
             args.hidden_size,
             num_layers=args.layers,
@@ -72,7 +75,7 @@ def build(n: int, args: argparse.Namespace, device: torch.device) -> list[nn.LST
     ]
 
 
-def sequential_arm(models: list[nn.LSTM], x: torch.Tensor, mode: str) -> Callable[[], None]:
+def sequential_arm(models: list[nn.Module], x: torch.Tensor, mode: str) -> Callable[[], None]:
     def train() -> None:
         for m in models:
             m.zero_grad(set_to_none=True)
@@ -101,7 +104,7 @@ def modelbatch_arm(mb: ModelBatch, x: torch.Tensor, mode: str) -> Callable[[], N
     return train if mode == "train" else forward
 
 
-def check(models: list[nn.LSTM], mb: ModelBatch, x: torch.Tensor, k: int = 4) -> float:
+def check(models: list[nn.Module], mb: ModelBatch, x: torch.Tensor, k: int = 4) -> float:
     with torch.no_grad():
         batched = mb(x)[0]
         return max(
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--input-size", type=int, default=32)
     parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--kind", choices=["lstm", "gru"], default="lstm")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--bidirectional", action="store_true")
     parser.add_argument("--modes", nargs="+", default=["train", "forward"])
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {
             k: getattr(args, k)
             for k in (
+                "kind",
                 "seq_len",
                 "batch",
                 "input_size",

@@ -546,6 +546,25 @@ def test_unbatchable_layer_error_names_the_layer() -> None:
     assert isinstance(info.value, RuntimeError)
 
 
+class FunctionalRReLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rrelu(x, training=True)  # aten::rrelu has no vmap rule
+
+
+def test_missing_batching_rule_names_the_layer() -> None:
+    mb = ModelBatch([nn.Sequential(nn.Linear(4, 4), FunctionalRReLU()) for _ in range(2)])
+    with pytest.raises(UnbatchableLayerError, match=r"layer '1' \(FunctionalRReLU\).*rrelu"):
+        mb(torch.randn(3, 4))
+
+
+def test_attention_fast_path_setting_is_restored() -> None:
+    mb = ModelBatch([Outer() for _ in range(2)])
+    assert torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(UnbatchableLayerError):
+        mb(torch.randn(3, 4))
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
 def test_ordinary_errors_pass_through_unchanged() -> None:
     mb = ModelBatch([nn.Linear(4, 4) for _ in range(2)])
     with pytest.raises(RuntimeError) as info:

@@ -101,6 +101,7 @@ class SeqModel(nn.Module):
         self.head = nn.Linear(out, 2)
 
     def forward(self, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None):
+        self.rnn.flatten_parameters()  # common in user code; a no-op on the twins
         state = h0 if c0 is None else (h0, c0)
         y, h_n = self.rnn(x, state)
         return self.head(y), h_n

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._metrics import format_table, per_model_rows
 from ._stack import build_stacked_tree, check_compatible, meta_skeleton
-from .nn._convert import vmap_forward_context
+from .nn._convert import restore_config, vmap_forward_context
+from .nn._errors import explain_forward_error
 
 __all__ = ["ModelBatch"]
 
@@ -161,8 +162,6 @@ class ModelBatch(nn.Module):
             with vmap_forward_context(self.active.device):
                 return vmapped(state, (args, kwargs))
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
-            from .nn._errors import explain_forward_error
-
             # vmap's own message names an aten op; say which of the user's layers failed.
             clearer = explain_forward_error(err, skeleton)
             if clearer is None:
@@ -360,8 +359,6 @@ class ModelBatch(nn.Module):
         device = self.active.device
         module = copy.deepcopy(self._export_skeleton).to_empty(device=device)
         module.load_state_dict(self._model_state(i))
-        from .nn._convert import restore_config
-
         # Per-model dropout rates live in non-persistent [N] buffers, not in the state dict.
         restore_config(module, self.stacked_buffers(), i)
         module.train(self.training)

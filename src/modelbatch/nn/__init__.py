@@ -5,6 +5,7 @@ twins below (same parameter names, same math); the twins also work on their
 own, like the torch layers they mirror.
 """
 
+from ._cells import GRUCell, LSTMCell, RNNCell
 from ._convert import prepare_models, restore_config, vmap_forward_context
 from ._dropout import (
     AlphaDropout,
@@ -15,7 +16,7 @@ from ._dropout import (
     FeatureAlphaDropout,
 )
 from ._errors import UnbatchableLayerError
-from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._rnn import GRU, LSTM, RNN
 from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
 
 __all__ = [

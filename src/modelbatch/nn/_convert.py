@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._cells import GRUCell, LSTMCell, RNNCell
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
-from ._rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from ._rnn import GRU, LSTM, RNN
 from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
 
 __all__ = ["prepare_models", "restore_config", "substitution_for", "vmap_forward_context"]
@@ -84,10 +85,8 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
     return torch.device("cpu")
 
 

@@ -52,7 +52,7 @@ class _TensorDropout(nn.Module):
         self.inplace = inplace
 
     @classmethod
-    def from_torch(cls, module: nn.Module, device: Any = None) -> _TensorDropout:
+    def from_torch(cls, module: Any, device: Any = None) -> _TensorDropout:
         """The tensor-rate twin of a torch dropout module (same p, same train/eval mode)."""
         twin = cls(float(module.p), inplace=bool(getattr(module, "inplace", False)))
         twin.p = twin.p.to(device)

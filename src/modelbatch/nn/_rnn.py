@@ -13,14 +13,14 @@ so `load_state_dict` works in both directions.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RNNCell"]
+__all__ = ["GRU", "LSTM", "RNN"]
 
 _TORCH_TYPES: dict[str, type[nn.Module]] = {
     "LSTM": nn.LSTM,
@@ -135,7 +135,7 @@ class _RNNBase(nn.Module):
         return s
 
     @classmethod
-    def from_torch(cls, module: nn.Module) -> _RNNBase:
+    def from_torch(cls, module: Any) -> _RNNBase:
         """The vmappable twin of a torch `nn.LSTM`/`nn.GRU`/`nn.RNN`, sharing its parameters.
 
         No weight is copied: the new module holds the very `nn.Parameter`
@@ -157,9 +157,10 @@ class _RNNBase(nn.Module):
         }
         if cls.mode == "LSTM":
             kwargs["proj_size"] = module.proj_size
+        sizes: tuple[Any, ...] = (module.input_size, module.hidden_size)
         if isinstance(module, nn.RNN):
             kwargs["nonlinearity"] = module.nonlinearity
-        twin = cls(module.input_size, module.hidden_size, **kwargs)
+        twin = cls(*sizes, **kwargs)
         if list(twin._parameters) != list(module._parameters):
             raise ValueError(
                 f"modelbatch.nn.{cls.__name__}.from_torch: parameter names "
@@ -168,6 +169,9 @@ class _RNNBase(nn.Module):
         twin._parameters = dict(module._parameters)
         twin.train(module.training)
         return twin
+
+    def flatten_parameters(self) -> None:
+        """No-op, for models that call it in their forward (it packs weights for cuDNN)."""
 
     # ------------------------------------------------------------------ forward
 
@@ -231,30 +235,34 @@ class _RNNBase(nn.Module):
     def _direction(
         self, x: Tensor, h: Tensor, c: Tensor | None, suffix: str, reverse: bool
     ) -> tuple[Tensor, Tensor, Tensor | None]:
-        p = self._parameters
+        # Under functional_call these are the stacked tensors' per-model slices.
+        p = cast("dict[str, Tensor]", self._parameters)
         w_ih, w_hh = p[f"weight_ih{suffix}"], p[f"weight_hh{suffix}"]
         b_ih, b_hh = p.get(f"bias_ih{suffix}"), p.get(f"bias_hh{suffix}")
         # The input projection of every step is one matmul outside the loop.
         fold_hh = self.mode != "GRU"  # GRU keeps b_hn inside the reset product
-        bias = b_ih + b_hh if (b_ih is not None and fold_hh) else b_ih
-        x_gates = F.linear(x, w_ih, bias)
+        bias = b_ih + b_hh if (b_ih is not None and b_hh is not None and fold_hh) else b_ih
+        # unbind, not x_t: the backward of T selects would build T full-size
+        # zero tensors; unbind's backward is one stack.
+        x_steps = F.linear(x, w_ih, bias).unbind(0)
+        if reverse:
+            x_steps = x_steps[::-1]
         w_hh_t = w_hh.t()
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
         outputs: list[Tensor] = []
         if self.mode == "LSTM":
             w_hr = p.get(f"weight_hr{suffix}")
             w_hr_t = None if w_hr is None else w_hr.t()
-            for t in steps:
-                h, c = _lstm_cell(x_gates[t], h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]
+            for x_t in x_steps:
+                h, c = _lstm_cell(x_t, h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]
                 outputs.append(h)
         elif self.mode == "GRU":
-            for t in steps:
-                h = _gru_cell(x_gates[t], h, w_hh_t, b_hh)
+            for x_t in x_steps:
+                h = _gru_cell(x_t, h, w_hh_t, b_hh)
                 outputs.append(h)
         else:
             act = torch.tanh if self.mode == "RNN_TANH" else torch.relu
-            for t in steps:
-                h = act(torch.addmm(x_gates[t], h, w_hh_t))
+            for x_t in x_steps:
+                h = act(torch.addmm(x_t, h, w_hh_t))
                 outputs.append(h)
         if reverse:
             outputs.reverse()
@@ -394,138 +402,3 @@ class RNN(_RNNBase):
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Any:
         y, h_n, _, _ = self._forward(input, hx)
         return y, h_n
-
-
-class _CellBase(nn.Module):
-    """Shared parameters of the single-step cells (torch's names and initialisation)."""
-
-    gates = 4
-    torch_type: type[nn.Module] = nn.LSTMCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        super().__init__()
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.bias = bias
-        factory = {"device": device, "dtype": dtype}
-        rows = self.gates * hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(rows, input_size, **factory))
-        self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size, **factory))
-        if bias:
-            self.bias_ih = nn.Parameter(torch.empty(rows, **factory))
-            self.bias_hh = nn.Parameter(torch.empty(rows, **factory))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
-        stdv = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
-
-    def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}"
-
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> _CellBase:
-        """The vmappable twin of the torch cell, sharing its parameters (nothing is copied)."""
-        if type(module) is not cls.torch_type:
-            raise TypeError(
-                f"modelbatch.nn.{cls.__name__}.from_torch: expected a torch "
-                f"{cls.torch_type.__name__}, got {type(module).__name__}."
-            )
-        kwargs = {}
-        if isinstance(module, nn.RNNCell):
-            kwargs["nonlinearity"] = module.nonlinearity
-        twin = cls(module.input_size, module.hidden_size, module.bias, device="meta", **kwargs)
-        twin._parameters = dict(module._parameters)
-        twin.train(module.training)
-        return twin
-
-    def _prepare(self, input: Tensor, hx: Tensor | None) -> tuple[Tensor, Tensor, bool]:
-        if input.dim() not in (1, 2):
-            raise ValueError(
-                f"modelbatch.nn.{type(self).__name__}: expected input [B, {self.input_size}] "
-                f"or [{self.input_size}], got {tuple(input.shape)}."
-            )
-        batched = input.dim() == 2
-        x = input if batched else input.unsqueeze(0)
-        if hx is None:
-            hx = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype, device=x.device)
-        elif not batched:
-            hx = hx.unsqueeze(0)
-        return x, hx, batched
-
-
-class LSTMCell(_CellBase):
-    """`torch.nn.LSTMCell` that runs under `torch.vmap`; same arguments and parameter names.
-
-    Shapes:
-        input `[B, I]` (or `[I]`); `hx = (h [B, H], c [B, H])`, optional.
-        Returns `(h' [B, H], c' [B, H])`.
-    """
-
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> Any:
-        x, h, batched = self._prepare(input, None if hx is None else hx[0])
-        c = torch.zeros_like(h) if hx is None else (hx[1] if batched else hx[1].unsqueeze(0))
-        bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
-        h, c = _lstm_cell(F.linear(x, self.weight_ih, bias), h, c, self.weight_hh.t(), None)
-        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
-
-
-class GRUCell(_CellBase):
-    """`torch.nn.GRUCell` that runs under `torch.vmap` without a per-model fallback loop.
-
-    Shapes:
-        input `[B, I]` (or `[I]`); `hx` `[B, H]`, optional. Returns `h' [B, H]`.
-    """
-
-    gates = 3
-    torch_type = nn.GRUCell
-
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        x, h, batched = self._prepare(input, hx)
-        h = _gru_cell(
-            F.linear(x, self.weight_ih, self.bias_ih), h, self.weight_hh.t(), self.bias_hh
-        )
-        return h if batched else h.squeeze(0)
-
-
-class RNNCell(_CellBase):
-    """`torch.nn.RNNCell` (tanh or relu) that runs under `torch.vmap` without a fallback loop.
-
-    Shapes:
-        as `GRUCell`.
-    """
-
-    gates = 1
-    torch_type = nn.RNNCell
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        nonlinearity: str = "tanh",
-        device: Any = None,
-        dtype: Any = None,
-    ) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(
-                f"modelbatch.nn.RNNCell: nonlinearity must be 'tanh' or 'relu', got "
-                f"{nonlinearity!r}."
-            )
-        self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, bias, device, dtype)
-
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        x, h, batched = self._prepare(input, hx)
-        bias = None if self.bias_ih is None else self.bias_ih + self.bias_hh
-        pre = torch.addmm(F.linear(x, self.weight_ih, bias), h, self.weight_hh.t())
-        h = torch.tanh(pre) if self.nonlinearity == "tanh" else torch.relu(pre)
-        return h if batched else h.squeeze(0)
