@@ -54,18 +54,18 @@ def _adam_update_fused(
     """`modelbatch.optim`'s Adam/AdamW update as one expression, for `torch.compile`.
 
     The same math as `adam_update` (lerp moments, `p += m / (sqrt(v) * A + B)`,
-    frozen models' gradient replaced by 0), written without `out=` and in-place
+    held models' gradient replaced by 0), written without `out=` and in-place
     intermediates so that Inductor emits one kernel per parameter tensor: it
     reads p, g, m, v once and writes p, m, v once.
     """
     shape = (-1,) + (1,) * (param.dim() - 1)
-    frozen = c["frozen"].view(shape)
+    live = c["mask"].view(shape)
     if decoupled:
         start = param * c["decay"].view(shape)
-        u = torch.where(frozen, 0.0, grad)
+        u = torch.where(live, grad, 0.0)
     else:
         start = param
-        u = torch.where(frozen, 0.0, grad + param * c["wd"].view(shape))
+        u = torch.where(live, grad + param * c["wd"].view(shape), 0.0)
     m = torch.lerp(state["exp_avg"], u, c["w1"].view(shape))
     v = torch.lerp(state["exp_avg_sq"], u * u, c["w2"].view(shape))
     source = v
@@ -96,7 +96,7 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
         fn = _COMPILED["adam"] = torch.compile(_adam_update_fused)
     decoupled = optimizer.decoupled
 
-    def update(p: Tensor, grad: Tensor, state: dict, c: dict) -> None:
+    def update(p: Tensor, grad: Tensor, state: dict, c: dict, *scratch: Any) -> None:
         # Parameters of different rank, size or dtype each need a variant; this
         # runs only while warming up and capturing (a replay runs no Python), so
         # a generous recompile limit costs nothing per step.
