@@ -108,17 +108,17 @@ def run_sequential(configs: list[dict], epochs: int, batch: int, device: torch.d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="64 models, 2 epochs (CPU-sized)")
+    parser.add_argument("--quick", action="store_true", help="16 models, 2 epochs (CPU-sized)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--sequential-subset", type=int, default=None)
     parser.add_argument("--json", default=None, help="write the timings and results here")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    side = 8 if args.quick else 32
+    side = 4 if args.quick else 32
     epochs = args.epochs or (2 if args.quick else 20)
     configs = grid(side)
-    subset = args.sequential_subset or (4 if args.quick else 16)
+    subset = args.sequential_subset or (2 if args.quick else 16)
 
     batched = run_batched(configs, epochs, args.batch, device)
     seq = run_sequential(configs[:subset], epochs, args.batch, device)
