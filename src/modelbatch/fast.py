@@ -56,24 +56,28 @@ def _adam_update_fused(
     The same math as `adam_update` (lerp moments, `p += m / (sqrt(v) * A + B)`,
     held models' gradient replaced by 0), written without `out=` and in-place
     intermediates so that Inductor emits one kernel per parameter tensor: it
-    reads p, g, m, v once and writes p, m, v once.
+    reads p, g, m, v once and writes p, m, v once. Tensors come as `[N, numel]`
+    views, so one compiled kernel serves every parameter, size and N.
     """
-    shape = (-1,) + (1,) * (param.dim() - 1)
-    live = c["mask"].view(shape)
+
+    def per_model(key: str) -> Tensor:
+        return c[key].view(-1, 1)
+
+    live = per_model("mask")
     if decoupled:
-        start = param * c["decay"].view(shape)
+        start = param * per_model("decay")
         u = torch.where(live, grad, 0.0)
     else:
         start = param
-        u = torch.where(live, grad + param * c["wd"].view(shape), 0.0)
-    m = torch.lerp(state["exp_avg"], u, c["w1"].view(shape))
-    v = torch.lerp(state["exp_avg_sq"], u * u, c["w2"].view(shape))
+        u = torch.where(live, grad + param * per_model("wd"), 0.0)
+    m = torch.lerp(state["exp_avg"], u, per_model("w1"))
+    v = torch.lerp(state["exp_avg_sq"], u * u, per_model("w2"))
     source = v
     max_sq = state.get("max_exp_avg_sq")
     if max_sq is not None:
-        source = torch.maximum(max_sq * c["amsgrad"].view(shape), v)
+        source = torch.maximum(max_sq * per_model("amsgrad"), v)
         max_sq.copy_(source)
-    denom = torch.sqrt(source) * c["A"].view(shape) + c["B"].view(shape)
+    denom = torch.sqrt(source) * per_model("A") + per_model("B")
     param.copy_(start + m / denom)
     state["exp_avg"].copy_(m)
     state["exp_avg_sq"].copy_(v)
@@ -93,15 +97,19 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
         return False
     fn = _COMPILED.get("adam")
     if fn is None:
-        fn = _COMPILED["adam"] = torch.compile(_adam_update_fused)
+        fn = _COMPILED["adam"] = torch.compile(_adam_update_fused, dynamic=True)
     decoupled = optimizer.decoupled
+    eager = optimizer._update
 
     def update(p: Tensor, grad: Tensor, state: dict, c: dict, *scratch: Any) -> None:
-        # Parameters of different rank, size or dtype each need a variant; this
-        # runs only while warming up and capturing (a replay runs no Python), so
-        # a generous recompile limit costs nothing per step.
-        with torch._dynamo.config.patch(recompile_limit=64):
-            fn(p, grad, state, c, decoupled)
+        # Python runs here only while warming up and capturing, never on replay.
+        tensors = [p, grad, *state.values()]
+        if not all(t.is_contiguous() and t.dtype == torch.float32 for t in tensors):
+            eager(p, grad, state, c, *scratch)
+            return
+        n = p.shape[0]
+        flat = {k: v.view(n, -1) for k, v in state.items()}
+        fn(p.view(n, -1), grad.view(n, -1), flat, c, decoupled)
 
     optimizer._update = update  # type: ignore[method-assign]
     return True
