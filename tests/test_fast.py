@@ -142,6 +142,47 @@ def test_fused_adam_update_is_the_library_math(decoupled: bool, amsgrad: bool) -
         torch.testing.assert_close(state[k], ref_state[k], rtol=1e-6, atol=1e-7)
 
 
+def test_relayout_keeps_values_and_training() -> None:
+    from modelbatch.fast import _adopt_grad_layouts, _fuse, _stride_recorder
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models()
+    twins = []
+    for relayout in (False, True):
+        mb = ModelBatch(copy.deepcopy(models))
+        opt = OptimizerFactory(torch.optim.Adam).create_optimizer(
+            mb, [{"lr": 0.01 * (i + 1)} for i in range(N)]
+        )
+        if relayout:
+            assert _fuse(opt)  # the fused update on permuted layouts, compiled
+        twins.append((mb, opt, relayout))
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    batches = batches * 4
+    for t, (x, y) in enumerate(batches):
+        for mb, opt, relayout in twins:
+            params = list(mb.parameters())
+            layouts: dict = {}
+            hooks = [p.register_hook(_stride_recorder(layouts, id(p))) for p in params]
+            opt.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            for h in hooks:
+                h.remove()
+            opt.step()
+            if relayout and t == 0:
+                before = [p.detach().clone() for p in params]
+                _adopt_grad_layouts(params, layouts, opt)
+                weight = mb.stacked_params()["0.weight"]
+                assert weight.stride() == layouts[id(weight)] != weight.contiguous().stride()
+                for p, b in zip(params, before):
+                    assert torch.equal(p, b)
+                    assert opt.state[p]["exp_avg"].stride() == p.stride()
+    (mb_a, _, _), (mb_b, _, _) = twins
+    assert mb_b.stacked_params()["0.weight"].stride() != mb_a.stacked_params()["0.weight"].stride()
+    for (k, a), b in zip(mb_a.stacked_params().items(), mb_b.stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_bad_arguments_are_named() -> None:
     mb = ModelBatch(make_models())
     with pytest.raises(TypeError, match="compile_step: expected a ModelBatch"):
