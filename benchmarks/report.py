@@ -189,13 +189,32 @@ def plot(data: dict[str, Any], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table from several runs: a later run's (model, N, precision, arm) rows win."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for i, run in enumerate(runs):
+        for r in run["results"]:
+            rows[(r["model"], r["n"], r["precision"], r["arm"])] = {**r, "run": i}
+    meta = dict(runs[-1]["meta"])
+    meta["runs"] = [run["meta"] for run in runs]
+    return {"meta": meta, "results": list(rows.values())}
+
+
 def render(data: dict[str, Any], png_name: str) -> str:
     meta = data["meta"]
+    runs = meta.get("runs", [meta])
+    sources = []
+    for i, run in enumerate(runs):
+        models = sorted({r["model"] for r in data["results"] if r.get("run", 0) == i})
+        if models:
+            sources.append(f"- run {run['date']}: {', '.join(models)} (`{run['command']}`)")
     return "\n".join(
         [
-            f"Machine: **{meta['gpu']}**, torch {meta['torch']} (CUDA {meta['cuda']}), "
-            f"run {meta['date']}; batch {meta['batch_per_model']} per model, "
-            f"median of {meta['repeats']} timed repeats.",
+            f"Machine: **{meta['gpu']}**, torch {meta['torch']} (CUDA {meta['cuda']}); "
+            f"batch {meta['batch_per_model']} per model, median of {meta['repeats']} timed "
+            "repeats. Rows come from:",
+            "",
+            *sources,
             "",
             "#### Targets",
             "",
@@ -210,12 +229,12 @@ def render(data: dict[str, Any], png_name: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json")
+    parser.add_argument("json", nargs="+", help="runs; a later run's rows replace an earlier's")
     parser.add_argument("--docs", default=None, help="markdown page to update between markers")
     parser.add_argument("--png-link", default=None, help="image path as the docs page sees it")
     args = parser.parse_args(argv)
-    path = pathlib.Path(args.json)
-    data = json.loads(path.read_text())
+    path = pathlib.Path(args.json[-1])
+    data = merge([json.loads(pathlib.Path(p).read_text()) for p in args.json])
     png = path.with_suffix(".png")
     plot(data, png)
     path.with_suffix(".md").write_text(render(data, png.name) + "\n")

@@ -113,7 +113,8 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
         # Elementwise math does not care about element order: every tensor is
         # viewed [N, numel] in its (shared) memory order.
         flat = {k: _flat(v, order) for k, v in state.items()}
-        fn(_flat(p, order), _flat(grad, order), flat, c, decoupled)
+        with _fixed_matmul_flags():
+            fn(_flat(p, order), _flat(grad, order), flat, c, decoupled)
 
     optimizer._update = update  # type: ignore[method-assign]
     return True
@@ -176,6 +177,21 @@ def _model_major(shape: torch.Size, stride: tuple[int, ...]) -> bool:
 def _flat(t: Tensor, order: list[int]) -> Tensor:
     """`t` as `[N, numel]` in memory order (a view, no copy)."""
     return t.permute(order).view(t.shape[0], -1)
+
+
+@contextlib.contextmanager
+def _fixed_matmul_flags() -> Any:
+    """TF32 flags at their defaults while the (matmul-free) fused update runs.
+
+    torch.compile guards on the global TF32 flags; without this a TF32 run
+    compiles and uses a second variant of the same pointwise kernel.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 class _Graph:
