@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -116,12 +116,12 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
         with _fixed_matmul_flags():
             fn(_flat(p, order), _flat(grad, order), flat, c, decoupled)
 
-    optimizer._update = update  # type: ignore[method-assign]
+    optimizer._update = update  # type: ignore[method-assign,assignment]
     return True
 
 
 def _adopt_grad_layouts(
-    params: list[Tensor], layouts: dict[int, tuple[int, ...]], optimizer: torch.optim.Optimizer
+    params: Sequence[Tensor], layouts: dict[int, tuple[int, ...]], optimizer: torch.optim.Optimizer
 ) -> None:
     """Store each parameter in the memory layout its incoming gradient has.
 
