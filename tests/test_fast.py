@@ -111,7 +111,7 @@ def test_retired_model_is_untouched_and_others_train() -> None:
 
 @pytest.mark.parametrize(("decoupled", "amsgrad"), [(False, False), (True, False), (False, True)])
 def test_fused_adam_update_is_the_library_math(decoupled: bool, amsgrad: bool) -> None:
-    from modelbatch.fast import _adam_update_fused
+    from modelbatch._fused import _adam_update_fused
     from modelbatch.optim import _functional
 
     gen = torch.Generator().manual_seed(4)
@@ -143,7 +143,7 @@ def test_fused_adam_update_is_the_library_math(decoupled: bool, amsgrad: bool) -
 
 
 def test_relayout_keeps_values_and_training() -> None:
-    from modelbatch.fast import _adopt_grad_layouts, _fuse, _stride_recorder
+    from modelbatch._fused import _adopt_grad_layouts, _fuse, _stride_recorder
     from modelbatch.optim import OptimizerFactory
 
     models = make_models()
