@@ -1,0 +1,310 @@
+"""compile_step and evaluate: the eager fallback on the CPU, the CUDA-graph path on a GPU."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelbatch import ModelBatch
+from modelbatch.fast import EvalResult, compile_step, evaluate
+
+N = 4
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_models(n: int = N, seed: int = 0, bn: bool = False) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    if bn:
+        return [
+            nn.Sequential(
+                nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3), nn.Linear(8, 3)
+            )
+            for _ in range(n)
+        ]
+    return [nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(n)]
+
+
+def quiet_step(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compile_step(*args, **kwargs)
+
+
+def assert_close_to(mb: ModelBatch, refs: list[nn.Module], rtol: float, atol: float) -> None:
+    for i, ref in enumerate(refs):
+        got = mb.model(i).state_dict()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got[k], v, rtol=rtol, atol=atol, msg=f"model {i} {k}")
+
+
+# ---------------------------------------------------------------------- CPU (eager fallback)
+
+
+@pytest.mark.parametrize(("per_model", "clip"), [(False, False), (True, False), (False, True)])
+def test_eager_fallback_matches_separate_models(per_model: bool, clip: bool) -> None:
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models()
+    refs = copy.deepcopy(models)
+    mb = ModelBatch(models)
+    configs = [{"lr": 0.01 * (i + 1), "weight_decay": 0.05 * i} for i in range(N)]
+    opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, configs)
+    max_norms = [0.05, 0.2, 1.0, 5.0]
+    step = quiet_step(mb, opt, per_model=per_model, max_norm=max_norms if clip else None)
+    ref_opts = [torch.optim.Adam(m.parameters(), **c) for m, c in zip(refs, configs)]
+    gen = torch.Generator().manual_seed(1)
+    for t in range(6):
+        b = 10 if t < 5 else 7  # a last batch of another size
+        shape = (N, b) if per_model else (b,)
+        x = torch.randn(*shape, 6, generator=gen)
+        y = torch.randint(0, 3, shape, generator=gen)
+        losses = step(x, y)
+        for i, (m, o) in enumerate(zip(refs, ref_opts)):
+            xi, yi = (x[i], y[i]) if per_model else (x, y)
+            o.zero_grad()
+            loss = F.cross_entropy(m(xi), yi)
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(m.parameters(), max_norms[i])
+            o.step()
+            torch.testing.assert_close(losses[i], loss.detach(), rtol=1e-6, atol=0)
+    assert_close_to(mb, refs, rtol=1e-5, atol=1e-7)
+
+
+def test_cpu_fallback_says_why_once() -> None:
+    mb = ModelBatch(make_models())
+    with pytest.warns(UserWarning, match=r"compile_step: running the eager step.*CUDA"):
+        step = compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
+    assert step.mode == "eager" and "CUDA" in step.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+
+
+def test_losses_stay_on_device_and_are_recorded() -> None:
+    mb = ModelBatch(make_models())
+    step = quiet_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
+    first = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    second = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    assert first.shape == (N,) and first.dtype == torch.float32 and not first.requires_grad
+    assert mb.latest_losses is second
+    torch.testing.assert_close(mb.loss_history(), torch.stack([first, second]), rtol=0, atol=0)
+
+
+def test_retired_model_is_untouched_and_others_train() -> None:
+    mb = ModelBatch(make_models())
+    step = quiet_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
+    mb.retire(2)
+    before = {k: v.clone() for k, v in mb.stacked_params().items()}
+    losses = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    assert losses[2].item() == 0.0
+    for k, v in mb.stacked_params().items():
+        assert torch.equal(v[2], before[k][2]), k
+        assert not torch.equal(v[0], before[k][0]), k
+
+
+@pytest.mark.parametrize(("decoupled", "amsgrad"), [(False, False), (True, False), (False, True)])
+def test_fused_adam_update_is_the_library_math(decoupled: bool, amsgrad: bool) -> None:
+    from modelbatch._fused import _adam_update_fused
+    from modelbatch.optim import _functional
+
+    gen = torch.Generator().manual_seed(4)
+    n = 5
+    hp = {
+        "lr": torch.rand(n, generator=gen) * 0.1,
+        "betas": torch.stack([torch.full((n,), 0.9), torch.rand(n, generator=gen) * 0.1 + 0.89], 1),
+        "eps": torch.full((n,), 1e-8),
+        "weight_decay": torch.rand(n, generator=gen) * 0.1,
+        "amsgrad": torch.tensor([amsgrad, False, amsgrad, True, False]) & amsgrad,
+        "maximize": torch.tensor([False, True, False, False, False]),
+    }
+    mask = torch.tensor([True, True, False, True, True])
+    c = _functional.adam_coefficients(hp, torch.full((n,), 3.0), mask, 1.0, decoupled)
+    p = torch.randn(n, 7, 3, generator=gen)
+    g = torch.randn(n, 7, 3, generator=gen)
+    g[2] = float("nan")  # a frozen model's NaN gradient must not leak
+    state = {"exp_avg": torch.randn(n, 7, 3, generator=gen), "exp_avg_sq": torch.rand(n, 7, 3)}
+    if amsgrad:
+        state["max_exp_avg_sq"] = state["exp_avg_sq"] + torch.rand(n, 7, 3, generator=gen)
+    ref_p, ref_state = p.clone(), {k: v.clone() for k, v in state.items()}
+    _functional.adam_update(ref_p, g.clone(), ref_state, c, decoupled, [torch.empty_like(p)])
+    flat = {k: v.view(n, -1) for k, v in state.items()}
+    _adam_update_fused(p.view(n, -1), g.clone().view(n, -1), flat, c, decoupled)
+    torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=1e-7)
+    assert torch.equal(p[2], ref_p[2])
+    for k in state:
+        torch.testing.assert_close(state[k], ref_state[k], rtol=1e-6, atol=1e-7)
+
+
+def test_relayout_keeps_values_and_training() -> None:
+    from modelbatch._fused import _adopt_grad_layouts, _fuse, _stride_recorder
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models()
+    twins = []
+    for relayout in (False, True):
+        mb = ModelBatch(copy.deepcopy(models))
+        opt = OptimizerFactory(torch.optim.Adam).create_optimizer(
+            mb, [{"lr": 0.01 * (i + 1)} for i in range(N)]
+        )
+        if relayout:
+            assert _fuse(opt)  # the fused update on permuted layouts, compiled
+        twins.append((mb, opt, relayout))
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))]
+    batches = batches * 4
+    for t, (x, y) in enumerate(batches):
+        for mb, opt, relayout in twins:
+            params = list(mb.parameters())
+            layouts: dict = {}
+            hooks = [p.register_hook(_stride_recorder(layouts, id(p))) for p in params]
+            opt.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            for h in hooks:
+                h.remove()
+            opt.step()
+            if relayout and t == 0:
+                before = [p.detach().clone() for p in params]
+                _adopt_grad_layouts(params, layouts, opt)
+                weight = mb.stacked_params()["0.weight"]
+                assert weight.stride() == layouts[id(weight)] != weight.contiguous().stride()
+                for p, b in zip(params, before):
+                    assert torch.equal(p, b)
+                    assert opt.state[p]["exp_avg"].stride() == p.stride()
+    (mb_a, _, _), (mb_b, _, _) = twins
+    assert mb_b.stacked_params()["0.weight"].stride() != mb_a.stacked_params()["0.weight"].stride()
+    for (k, a), b in zip(mb_a.stacked_params().items(), mb_b.stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_bad_arguments_are_named() -> None:
+    mb = ModelBatch(make_models())
+    with pytest.raises(TypeError, match="compile_step: expected a ModelBatch"):
+        compile_step(nn.Linear(2, 2), torch.optim.SGD(mb.parameters(), lr=0.1))  # type: ignore[arg-type]
+    other = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="compile_step: the optimizer holds a parameter"):
+        compile_step(mb, torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="compile_step: mode must be"):
+        compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1), mode="fastest")
+    with pytest.raises(ValueError, match="compile_step: warmup must be >= 1"):
+        compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1), warmup=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="compile_step: mode='graph' is impossible"):
+            compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1), mode="graph")
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+def test_evaluate_matches_each_model(per_model: bool) -> None:
+    models = make_models(bn=True)
+    mb = ModelBatch(models)
+    mb.train()
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(N, 9), (N, 4)] if per_model else [(9,), (4,)]
+    loader = [
+        (torch.randn(*s, 6, generator=gen), torch.randint(0, 3, s, generator=gen)) for s in shapes
+    ]
+    result = evaluate(mb, loader, per_model=per_model)
+    assert isinstance(result, EvalResult) and mb.training
+    for i in range(N):
+        ref = mb.model(i).eval()
+        with torch.no_grad():
+            outs = [(ref(x[i] if per_model else x), y[i] if per_model else y) for x, y in loader]
+        total = sum(F.cross_entropy(o, y, reduction="sum") for o, y in outs)
+        hits = sum((o.argmax(-1) == y).sum() for o, y in outs)
+        torch.testing.assert_close(result.loss[i], total / 13, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(result.accuracy[i], hits.float() / 13, rtol=0, atol=0)
+
+
+def test_evaluate_regression_has_no_accuracy_and_rejects_bad_loaders() -> None:
+    torch.manual_seed(0)
+    mb = ModelBatch([nn.Linear(3, 1) for _ in range(N)], loss_fn=F.mse_loss)
+    result = evaluate(mb, [(torch.randn(5, 3), torch.randn(5, 1))])
+    assert result.accuracy is None and result.loss.shape == (N,)
+    with pytest.raises(ValueError, match="evaluate: expected the loader to yield"):
+        evaluate(mb, [torch.randn(5, 3)])
+    with pytest.raises(ValueError, match="evaluate: the loader yielded no batches"):
+        evaluate(mb, [])
+
+
+# ---------------------------------------------------------------------- CUDA graph path
+
+
+def _twin_steps(
+    bn: bool = False,
+    dtype: torch.dtype | None = None,
+    fuse: bool = True,
+    cls: type = torch.optim.Adam,
+):
+    from modelbatch.optim import OptimizerFactory
+
+    models = [m.cuda() for m in make_models(bn=bn)]
+    configs = [{"lr": 0.01 * (i + 1), "weight_decay": 0.1 * i} for i in range(N)]
+    twins = []
+    for mode in ("eager", "graph"):
+        mb = ModelBatch(copy.deepcopy(models))
+        opt = OptimizerFactory(cls).create_optimizer(mb, configs)
+        step = quiet_step(mb, opt, autocast_dtype=dtype, mode=mode, fuse_optimizer=fuse)
+        twins.append((mb, opt, step))
+    return twins
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize(
+    ("dtype", "fuse", "cls"),
+    [
+        (None, True, torch.optim.Adam),
+        (None, True, torch.optim.AdamW),
+        (None, False, torch.optim.Adam),
+        (None, True, torch.optim.SGD),
+        (torch.bfloat16, True, torch.optim.Adam),
+    ],
+)
+def test_graph_step_equals_eager_step(dtype: torch.dtype | None, fuse: bool, cls: type) -> None:
+    (mb_e, opt_e, eager), (mb_g, opt_g, graph) = _twin_steps(dtype=dtype, fuse=fuse, cls=cls)
+    fuse = fuse and cls is not torch.optim.SGD  # only Adam/AdamW have a fused update
+    assert graph.mode == "graph" and eager.mode == "eager" and graph.fused == fuse
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for epoch in range(4):
+        for b in (32, 32, 32, 20):  # the last batch of each epoch is smaller
+            x = torch.randn(b, 6, device="cuda", generator=gen)
+            y = torch.randint(0, 3, (b,), device="cuda", generator=gen)
+            le, lg = eager(x, y), graph(x, y)
+            # Fused (compiled) updates round differently from the eager ops: fp32 tolerance.
+            torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
+        if epoch == 1:
+            # Hyperparameters and the active mask are tensors: no re-capture.
+            for opt in (opt_e, opt_g):
+                opt.hparams["lr"][0] = 0.003
+            mb_e.retire(1)
+            mb_g.retire(1)
+    assert graph.num_graphs == 2
+    for (k, a), b in zip(mb_e.stacked_params().items(), mb_g.stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(mb_g.latest_losses[1], torch.zeros((), device="cuda"))
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_replay_does_not_sync_and_draws_fresh_dropout() -> None:
+    _, (mb, _, step) = _twin_steps(bn=True)
+    x = torch.randn(16, 6, device="cuda")
+    y = torch.randint(0, 3, (16,), device="cuda")
+    for _ in range(3):  # warm-up and capture
+        step(x, y)
+    mean_before = mb.stacked_buffers()["1.running_mean"].clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        first = step(x, y)
+        second = step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.num_graphs == 1
+    assert not torch.equal(first, second)  # new dropout masks (and new weights)
+    assert not torch.equal(mean_before, mb.stacked_buffers()["1.running_mean"])
