@@ -133,7 +133,9 @@ def test_fused_adam_update_is_the_library_math(decoupled: bool, amsgrad: bool) -
     if amsgrad:
         state["max_exp_avg_sq"] = state["exp_avg_sq"] + torch.rand(n, 7, 3, generator=gen)
     ref_p, ref_state = p.clone(), {k: v.clone() for k, v in state.items()}
-    _functional.adam_update(ref_p, g.clone(), ref_state, c, decoupled, [torch.empty_like(p)])
+    _functional.adam_update(
+        ref_p, g.clone(), ref_state, c, scratch=[torch.empty_like(p)], decoupled=decoupled
+    )
     flat = {k: v.view(n, -1) for k, v in state.items()}
     _adam_update_fused(p.view(n, -1), g.clone().view(n, -1), flat, c, decoupled)
     torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=1e-7)

@@ -67,16 +67,18 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
     if fn is None:
         fn = _COMPILED["adam"] = torch.compile(_adam_update_fused, dynamic=True)
     decoupled = optimizer.decoupled
-    eager = optimizer._update
+    # The optimizer's own per-parameter update (compiled or not): the fallback
+    # for tensors the fused kernel does not cover.
+    fallback = optimizer._update()
 
-    def update(p: Tensor, grad: Tensor, state: dict, c: dict, *scratch: Any) -> None:
+    def update(p: Tensor, grad: Tensor, state: dict, c: dict, scratch: Any) -> None:
         # Python runs here only while warming up and capturing, never on replay.
         tensors = [p, grad, *state.values()]
         order = _memory_order(p.shape, p.stride()) if _model_major(p.shape, p.stride()) else None
         if order is None or not all(
             t.stride() == p.stride() and t.dtype == torch.float32 for t in tensors
         ):
-            eager(p, grad, state, c, *scratch)
+            fallback(p, grad, state, c, scratch)
             return
         # Elementwise math does not care about element order: every tensor is
         # viewed [N, numel] in its (shared) memory order.
@@ -84,7 +86,9 @@ def _fuse(optimizer: torch.optim.Optimizer) -> bool:
         with _fixed_matmul_flags():
             fn(_flat(p, order), _flat(grad, order), flat, c, decoupled)
 
-    optimizer._update = update  # type: ignore[method-assign,assignment]
+    # step() fetches the per-parameter update through optimizer._update(), which
+    # returns this cached function.
+    optimizer._update_fn = update
     return True
 
 

@@ -364,14 +364,32 @@ class BatchOptimizer(torch.optim.Optimizer):
                     # buffer would be an output the kernel must write.
                     scratch: list[Tensor | None] = [None] * self.scratch_count
                 else:
-                    scratch = self._scratch.get(p)  # type: ignore[assignment]
-                    if scratch is None or scratch[0].device != p.device:  # type: ignore[union-attr]
-                        scratch = [torch.empty_like(p) for _ in range(self.scratch_count)]
-                        self._scratch[p] = scratch  # type: ignore[assignment]
+                    scratch = _LazyScratch(p, self.scratch_count, self._scratch)  # type: ignore[assignment]
                 # A compiled update sees a plain tensor: torch.compile specializes on
                 # the shape of each nn.Parameter, but not on that of a detached view.
                 update(p.detach() if self.compiled else p, p.grad, state, c, scratch)
         return loss
+
+
+class _LazyScratch(Sequence):
+    """Parameter-sized scratch tensors, allocated on first use and kept for later steps.
+
+    An update that never reads them (the fused update of `compile_step`) costs
+    no memory for them.
+    """
+
+    def __init__(self, param: Tensor, count: int, cache: dict[Tensor, list[Tensor]]) -> None:
+        self._param, self._count, self._cache = param, count, cache
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i):  # type: ignore[override]
+        buffers = self._cache.get(self._param)
+        if buffers is None or buffers[0].device != self._param.device:
+            p = self._param
+            buffers = self._cache[p] = [torch.empty_like(p) for _ in range(self._count)]
+        return buffers[i]
 
 
 def _cast(coefficients: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
