@@ -20,6 +20,7 @@ EXAMPLES = {
     ),
     "hf_trainer.py": (["--steps", "10"], "best"),
     "lightning.py": (["--epochs", "1"], "best"),
+    "sweep_digits.py": (["--quick"], "speedup"),
     "optuna_sweep.py": (
         ["--trials", "8", "--batch", "4", "--steps", "10", "--report-every", "5"],
         "est",

@@ -3,7 +3,7 @@
 The front door re-exports the names most programs need; the rest lives in the
 subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.amp`, `modelbatch.nn`, `modelbatch.data`, `modelbatch.checkpoint`,
-`modelbatch.lifecycle` and `modelbatch.integrations`.
+`modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
 from . import amp, checkpoint, data, lifecycle, nn, optim
@@ -11,16 +11,21 @@ from ._batch import ModelBatch
 from ._metrics import format_table
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
+from .fast import EvalResult, FastStep, compile_step, evaluate
 from .optim import OptimizerFactory
 
 __all__ = [
     "BatchGradScaler",
+    "EvalResult",
+    "FastStep",
     "ModelBatch",
     "OptimizerFactory",
     "ProgressBar",
     "amp",
     "checkpoint",
+    "compile_step",
     "data",
+    "evaluate",
     "format_table",
     "lifecycle",
     "nn",
