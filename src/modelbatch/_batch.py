@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ._indices import model_indices
 from ._metrics import format_table, per_model_rows
 from ._stack import (
     build_stacked_tree,
@@ -298,28 +299,17 @@ class ModelBatch(nn.Module):
 
     # ------------------------------------------------------------------ active mask
 
-    def _indices(self, indices: int | Sequence[int] | Tensor) -> Tensor:
-        idx = torch.as_tensor(indices, device=self.active.device).reshape(-1)
-        if idx.dtype == torch.bool:
-            if idx.numel() != self.num_models:
-                raise ValueError(
-                    f"ModelBatch: a boolean mask must have N={self.num_models} entries, "
-                    f"got {idx.numel()}."
-                )
-            return idx.nonzero().reshape(-1)
-        if idx.numel() and (int(idx.min()) < -self.num_models or int(idx.max()) >= self.num_models):
-            raise IndexError(
-                f"ModelBatch: model indices must be in [0, {self.num_models}), got {idx.tolist()}."
-            )
-        return idx.long()
-
     def retire(self, indices: int | Sequence[int] | Tensor) -> None:
         """Stop training these models: their loss is 0 and the optimizer leaves them unchanged."""
-        self.active[self._indices(indices)] = False
+        self.active[
+            model_indices("ModelBatch.retire", indices, self.num_models, self.active.device)
+        ] = False
 
     def activate(self, indices: int | Sequence[int] | Tensor) -> None:
         """Train these models again."""
-        self.active[self._indices(indices)] = True
+        self.active[
+            model_indices("ModelBatch.activate", indices, self.num_models, self.active.device)
+        ] = True
 
     # ------------------------------------------------------------------ export
 

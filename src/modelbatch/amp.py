@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._indices import model_indices
+
 __all__ = ["BatchGradScaler"]
 
 
@@ -382,19 +384,7 @@ class BatchGradScaler:
                 `init_scale` this scaler was created with.
         """
         n = self.num_models
-        idx = torch.as_tensor(indices, device=self._scale.device).reshape(-1)
-        if idx.dtype == torch.bool:
-            if idx.numel() != n:
-                raise ValueError(
-                    f"BatchGradScaler.reset_models: a boolean mask must have N={n} entries, "
-                    f"got {idx.numel()}."
-                )
-            idx = idx.nonzero().reshape(-1)
-        elif idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(
-                f"BatchGradScaler.reset_models: model indices must be in [0, {n}), got "
-                f"{idx.tolist()}."
-            )
+        idx = model_indices("BatchGradScaler.reset_models", indices, n, self._scale.device)
         value = self._init_scale if init_scale is None else init_scale
         scale = torch.as_tensor(value, dtype=torch.float32, device=self._scale.device)
         if scale.dim() == 1 and scale.shape[0] == n and init_scale is None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import ModelBatch
+from ._indices import model_indices
 from ._stack import check_compatible, meta_skeleton
 
 __all__ = ["EarlyStopping", "NaNGuard", "replace_model"]
@@ -119,7 +120,8 @@ class EarlyStopping:
 
     def reset(self, indices: int | Sequence[int] | Tensor) -> None:
         """Forget these models' history (after `replace_model`)."""
-        idx = self.model_batch._indices(indices)
+        mb = self.model_batch
+        idx = model_indices("EarlyStopping.reset", indices, mb.num_models, mb.active.device)
         self._best[idx] = math.inf
         self.wait[idx] = 0
         self.stopped[idx] = False
@@ -200,7 +202,8 @@ class NaNGuard:
 
     def reset(self, indices: int | Sequence[int] | Tensor) -> None:
         """Forget these models' divergence count (after `replace_model`)."""
-        self.diverged[self.model_batch._indices(indices)] = 0
+        mb = self.model_batch
+        self.diverged[model_indices("NaNGuard.reset", indices, mb.num_models, mb.active.device)] = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "events": list(self.events), "diverged": self.diverged.clone()}

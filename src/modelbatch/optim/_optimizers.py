@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._indices import model_indices
 from . import _functional as F
 from ._hparams import HPARAM_DTYPE, HParam, Rule, build_hparams, check_rules, per_model
 
@@ -189,7 +190,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                 f"{owner}: unknown hyperparameters {unknown}; per-model ones are "
                 f"{sorted(self.specs)}."
             )
-        idx = self._indices(owner, indices)
+        idx = model_indices(owner, indices, self.num_models, "cpu")
         specs = {k: self.specs[k] for k in values}
         new = build_hparams(owner, specs, [values] * len(idx), what="value")
         self._assign(owner, idx, new)
@@ -229,7 +230,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                 over the optimizer's base config.
         """
         owner = f"{type(self).__name__}.reset_models"
-        idx = self._indices(owner, indices)
+        idx = model_indices(owner, indices, self.num_models, "cpu")
         if configs is not None:
             if len(configs) != len(idx):
                 raise ValueError(
@@ -255,19 +256,6 @@ class BatchOptimizer(torch.optim.Optimizer):
                 for key, value in self.state.get(p, {}).items():
                     at = dev_idx.to(value.device)
                     value[at] = self._state_init(key, group, p)[at]
-
-    def _indices(self, owner: str, indices: int | Sequence[int] | Tensor) -> Tensor:
-        n = self.num_models
-        idx = torch.as_tensor(indices).reshape(-1)
-        if idx.dtype == torch.bool:
-            if idx.numel() != n:
-                raise ValueError(
-                    f"{owner}: a boolean mask must have N={n} entries, got {idx.numel()}."
-                )
-            return idx.nonzero().reshape(-1).cpu()
-        if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(f"{owner}: model indices must be in [0, {n}), got {idx.tolist()}.")
-        return (idx.long() % n).cpu()
 
     # ------------------------------------------------------------------ state
 

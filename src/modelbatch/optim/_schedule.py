@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
+from .._indices import model_indices
+
 __all__ = [
     "BatchCosineAnnealingLR",
     "BatchExponentialLR",
@@ -50,17 +52,6 @@ def _lr_tensors(name: str, optimizer: Any) -> list[Tensor]:
     if len({lr.shape[0] for lr in lrs}) != 1:
         raise ValueError(f"{name}: the param groups disagree on the number of models.")
     return lrs
-
-
-def _index(name: str, indices: Any, n: int, device: torch.device) -> Tensor:
-    idx = torch.as_tensor(indices, device=device).reshape(-1)
-    if idx.dtype == torch.bool:
-        if idx.numel() != n:
-            raise ValueError(f"{name}: a boolean mask must have N={n} entries, got {idx.numel()}.")
-        return idx.nonzero().reshape(-1)
-    if idx.numel() and (int(idx.min()) < -n or int(idx.max()) >= n):
-        raise IndexError(f"{name}: model indices must be in [0, {n}), got {idx.tolist()}.")
-    return idx.long() % n
 
 
 class _VectorSchedule(LRScheduler):
@@ -158,7 +149,7 @@ class _VectorSchedule(LRScheduler):
                 e.g. `gamma=0.5`.
         """
         name = f"{type(self).__name__}.reset_models"
-        idx = _index(name, indices, self.num_models, self.steps.device)
+        idx = model_indices(name, indices, self.num_models, self.steps.device)
         for key in params:
             if key not in self._params:
                 raise ValueError(
@@ -279,7 +270,7 @@ class BatchMultiStepLR(_VectorSchedule):
     def reset_models(self, indices: Any, initial_lr: Any = None, **params: Any) -> None:
         if "milestones" in params:
             name = "BatchMultiStepLR.reset_models"
-            idx = _index(name, indices, self.num_models, self.steps.device)
+            idx = model_indices(name, indices, self.num_models, self.steps.device)
             rows = self._pad(params.pop("milestones"), idx.numel()).to(self.steps.device)
             width = max(rows.shape[1], self.milestones.shape[1])
             grown = torch.full((self.num_models, width), math.inf, dtype=_F64, device=rows.device)
@@ -508,7 +499,7 @@ class BatchLRScheduler(LRScheduler):
             per_model_kwargs: K dicts of new scheduler arguments, or None to keep theirs.
         """
         name = "BatchLRScheduler.reset_models"
-        idx = _index(name, indices, self.num_models, torch.device("cpu")).tolist()
+        idx = model_indices(name, indices, self.num_models, torch.device("cpu")).tolist()
         if per_model_kwargs is not None:
             if len(per_model_kwargs) != len(idx):
                 raise ValueError(
