@@ -252,11 +252,8 @@ class ModelBatch(nn.Module):
                 f"ModelBatch.compute_loss: reduction must be 'sum', 'mean' or 'none', "
                 f"got {reduction!r}."
             )
-        losses = self.per_model_losses(outputs, targets, loss_fn, per_model)
-        losses = torch.where(self.active, losses, torch.zeros_like(losses))
-        detached = losses.detach()
-        self.latest_losses = detached
-        self._history.append(detached)
+        losses = self.mask_retired(self.per_model_losses(outputs, targets, loss_fn, per_model))
+        self.record_losses(losses.detach())
         if self.grad_scaler is not None:
             losses = self.grad_scaler.attach(losses)
         if reduction == "sum":
@@ -264,6 +261,19 @@ class ModelBatch(nn.Module):
         if reduction == "mean":
             return losses.sum() / self.num_models
         return losses
+
+    def mask_retired(self, losses: Tensor) -> Tensor:
+        """`[N]` losses with the retired models' entries replaced by 0 (their gradient is 0)."""
+        return torch.where(self.active, losses, torch.zeros_like(losses))
+
+    def record_losses(self, losses: Tensor) -> None:
+        """Make detached `[N]` losses the latest ones and append them to the history.
+
+        `compute_loss` calls this; a training step that computes its losses
+        another way (`modelbatch.compile_step`) calls it too.
+        """
+        self.latest_losses = losses
+        self._history.append(losses)
 
     def loss_history(self) -> Tensor:
         """The per-model losses of the recorded `compute_loss` calls: `[T, N]`."""

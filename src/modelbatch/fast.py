@@ -209,8 +209,7 @@ class FastStep:
             losses = mb.per_model_losses(
                 outputs, targets, self.loss_fn, per_model=self.per_model or None
             )
-        losses = losses.float()
-        return torch.where(mb.active, losses, torch.zeros_like(losses))
+        return mb.mask_retired(losses.float())
 
     def _body(self, inputs: Any, targets: Tensor) -> Tensor:
         """Forward, per-model loss, backward, clipping/unscaling and update; losses `[N]`."""
@@ -269,9 +268,7 @@ class FastStep:
         return _Graph(graph, static, losses, [p.grad for p in self._params])
 
     def _record(self, losses: Tensor) -> Tensor:
-        mb = self.model_batch
-        mb.latest_losses = losses
-        mb._history.append(losses)
+        self.model_batch.record_losses(losses)
         return losses
 
     def _check_lr_factors(self) -> None:

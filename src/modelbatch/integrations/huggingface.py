@@ -414,7 +414,7 @@ class BatchTrainer(Trainer):
                 # per_model_losses, not compute_loss: evaluation must not enter the
                 # training loss history.
                 losses = mb.per_model_losses(predictions, labels, per_model=False)
-                losses = torch.where(mb.active, losses, torch.zeros_like(losses)).detach()
+                losses = mb.mask_retired(losses).detach()
                 loss = losses.sum()
                 batch = labels.shape[0]
                 self._eval_loss = self._eval_loss.to(losses.device) + losses.double() * batch
