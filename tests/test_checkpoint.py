@@ -426,9 +426,9 @@ def test_failure_while_restoring_rolls_everything_back(tmp_path):
 def test_load_model_state_reads_one_model(saved):
     meta, tensors = read_checkpoint(saved)
     state = load_model_state(saved, 2)
-    assert list(state) == meta["export_keys"]
+    assert list(state) == list(meta["export_keys"])
     for k, v in state.items():
-        assert torch.equal(v, tensors[f"model/{k}"][2])
+        assert torch.equal(v, tensors[f"model/{meta['export_keys'][k]}"][2])
     with pytest.raises(IndexError, match="index 4 out of range for N=4"):
         load_model_state(saved, 4)
 
@@ -561,3 +561,29 @@ def test_readers_name_themselves_in_errors(saved):
         read_checkpoint(saved)
     with pytest.raises(ValueError, match=r"^checkpoint\.load_model_state: .* not a modelbatch"):
         load_model_state(saved, 0)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.out = nn.Linear(4, 9, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(tokens))
+
+
+def test_one_model_of_a_tied_architecture_reads_back_under_every_key(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    models = [_TiedLM() for _ in range(3)]
+    mb = ModelBatch(models)
+    path = tmp_path / "tied.safetensors"
+    save(path, mb)
+    state = load_model_state(path, 2)
+    assert set(state) == {"emb.weight", "out.weight"}
+    assert torch.equal(state["out.weight"], models[2].emb.weight.detach())
+    plain = _TiedLM()
+    plain.load_state_dict(state)
+    tokens = torch.randint(0, 9, (2, 5))
+    assert torch.equal(plain(tokens), models[2](tokens))

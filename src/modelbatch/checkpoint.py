@@ -143,7 +143,8 @@ def save(
         "num_models": model_batch.num_models,
         "model_class": _class_path(model_batch),
         "tensors": spec,
-        "export_keys": list(model_batch._export_skeleton.state_dict(keep_vars=True).keys()),
+        # state-dict key -> the stacked tensor that holds it (tied weights share one)
+        "export_keys": dict(model_batch._state_keys),
         "step": int(step),
         "configs": configs,
         "extra": extra,
@@ -404,7 +405,10 @@ def load_model_state(path: str | os.PathLike[str], index: int) -> dict[str, Tens
         if not -n <= index < n:
             raise IndexError(f"{owner}: index {index} out of range for N={n} models.")
         try:
-            return {k: handle.get_slice(f"model/{k}")[index % n] for k in meta["export_keys"]}
+            return {
+                key: handle.get_slice(f"model/{name}")[index % n]
+                for key, name in meta["export_keys"].items()
+            }
         except Exception as e:
             raise bad_file(path, f"is truncated or corrupted: {e}", owner) from e
 
