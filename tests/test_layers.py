@@ -614,3 +614,19 @@ def test_coverage_page_lists_every_case() -> None:
     rows = {line.split("|")[1].strip() for line in page.splitlines() if line.startswith("| ")}
     missing = [c.name for c in CASES if c.name not in rows]
     assert not missing, f"docs/coverage.md lacks rows for {missing}"
+
+
+def test_models_built_from_the_cumulative_batchnorm_twin_stack() -> None:
+    """modelbatch.nn.BatchNorm1d(momentum=None) in a user's model is accepted as is."""
+    from modelbatch.nn import BatchNorm1d as TwinBN
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(5, 6), TwinBN(6, momentum=None)) for _ in range(3)]
+    mb = ModelBatch(models)
+    x = torch.randn(3, 7, 5)
+    out = mb(x, per_model=True)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x[i]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            mb.stacked_buffers()["1.running_mean"][i], m[1].running_mean, rtol=1e-6, atol=1e-7
+        )

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ._cells import GRUCell, LSTMCell, RNNCell
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
 from ._rnn import GRU, LSTM, RNN
-from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
+from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU, _CumulativeBatchNorm
 
 __all__ = ["prepare_models", "restore_config", "substitution_for", "vmap_forward_context"]
 
@@ -64,7 +64,8 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
     if kind in _ALWAYS:
         return _ALWAYS[kind]
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
-        if not module.track_running_stats:
+        if not module.track_running_stats or isinstance(module, _CumulativeBatchNorm):
+            # modelbatch's own twin already runs under vmap.
             return None
         if kind in _BATCHNORM:
             return lambda m, _: _BATCHNORM[kind].from_torch(m)  # type: ignore[attr-defined]
