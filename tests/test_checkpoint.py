@@ -496,6 +496,12 @@ def test_export_best_picks_the_top_k(tmp_path):
     assert [i for i, _ in lowest] == [0, 3]
     with pytest.raises(ValueError, match="k must be in"):
         export_best(mb, [1.0] * N, 0, tmp_path)
+    saved = tmp_path / "run.safetensors"
+    save(saved, mb)
+    for source in (mb, saved):
+        with pytest.raises(ValueError, match=rf"one value per model \(N={N}\), got {N - 1}"):
+            export_best(source, [1.0] * (N - 1), 1, tmp_path / "short")
+    assert not (tmp_path / "short").exists()
 
 
 @pytest.mark.gpu

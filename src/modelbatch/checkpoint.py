@@ -467,6 +467,16 @@ def export_best(
         `(index, path)` pairs, best first.
     """
     values = torch.as_tensor(metric, dtype=torch.float64).detach().cpu().reshape(-1)
+    if isinstance(source, ModelBatch):
+        n = source.num_models
+    else:
+        with open_checkpoint(Path(source), "checkpoint.export_best") as handle:
+            n = read_meta(Path(source), handle, "checkpoint.export_best")["num_models"]
+    if values.numel() != n:
+        raise ValueError(
+            f"checkpoint.export_best: metric must have one value per model (N={n}), "
+            f"got {values.numel()}."
+        )
     values = -values if largest else values
     values = torch.where(values.isnan(), torch.full_like(values, math.inf), values)
     order = torch.argsort(values, stable=True).tolist()
