@@ -350,3 +350,34 @@ def test_replace_model_sets_the_new_models_own_dropout_rate():
     same_p = ModelBatch([Drop(0.1) for _ in range(N)])
     with pytest.raises(ValueError, match=r"replace_model: .* differs from model 0 in 'drop'"):
         replace_model(same_p, 1, Drop(0.3))
+
+
+def test_replace_model_keeps_the_schedule_arguments_it_does_not_change() -> None:
+    """BatchLRScheduler: schedule={"gamma": ...} changes gamma and keeps step_size."""
+    from modelbatch.optim import BatchLRScheduler, OptimizerFactory
+
+    torch.manual_seed(0)
+    mb = ModelBatch([nn.Linear(3, 2) for _ in range(3)])
+    opt = OptimizerFactory(torch.optim.SGD).create_optimizer(mb, [{"lr": 0.1}] * 3)
+    sched = BatchLRScheduler(
+        opt, torch.optim.lr_scheduler.StepLR, [{"step_size": 2, "gamma": 0.5}] * 3
+    )
+    replace_model(
+        mb,
+        1,
+        nn.Linear(3, 2),
+        config={"lr": 0.2},
+        schedule={"gamma": 0.1},
+        optimizer=opt,
+        scheduler=sched,
+    )
+    assert sched.per_model_kwargs[1] == {"step_size": 2, "gamma": 0.1}
+    assert sched.per_model_kwargs[0] == {"step_size": 2, "gamma": 0.5}
+    lrs = []
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        lrs.append(opt.hparams["lr"].tolist())
+    # model 1: 0.2 for two steps, then 0.02; model 0: 0.1, then 0.05
+    assert lrs[1] == pytest.approx([0.05, 0.02, 0.05], rel=1e-12)
+    assert lrs[3] == pytest.approx([0.025, 0.002, 0.025], rel=1e-12)

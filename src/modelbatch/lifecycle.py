@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -374,13 +373,7 @@ def replace_model(
         params = dict(schedule or {})
         if config is not None and "lr" in config:
             params.setdefault("initial_lr", float(config["lr"]))
-        if "per_model_kwargs" in inspect.signature(scheduler.reset_models).parameters:
-            # BatchLRScheduler: one torch scheduler per model, rebuilt from its kwargs.
-            initial_lr = params.pop("initial_lr", None)
-            kwargs = [params] if schedule is not None else None
-            scheduler.reset_models([i], initial_lr=initial_lr, per_model_kwargs=kwargs)
-        else:
-            scheduler.reset_models([i], **params)
+        scheduler.reset_models([i], **params)
     own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
     with torch.no_grad():
         for name, t in own.items():

@@ -488,6 +488,7 @@ class BatchLRScheduler(LRScheduler):
         indices: Any,
         initial_lr: Any = None,
         per_model_kwargs: Sequence[Mapping[str, Any]] | None = None,
+        **params: Any,
     ) -> None:
         """Give these models fresh schedulers (from step 0).
 
@@ -496,7 +497,10 @@ class BatchLRScheduler(LRScheduler):
             initial_lr: their new base rates (a number or `[K]`, for every
                 param group); by default each keeps the base rates its
                 scheduler started with.
-            per_model_kwargs: K dicts of new scheduler arguments, or None to keep theirs.
+            per_model_kwargs: K dicts that replace these models' scheduler
+                arguments, or None to keep theirs.
+            **params: scheduler arguments changed for all K models, merged
+                over their own (as the vectorized schedules' `reset_models`).
         """
         name = "BatchLRScheduler.reset_models"
         idx = model_indices(name, indices, self.num_models, torch.device("cpu")).tolist()
@@ -508,6 +512,8 @@ class BatchLRScheduler(LRScheduler):
                 )
             for i, kw in zip(idx, per_model_kwargs):
                 self.per_model_kwargs[i] = dict(kw)
+        for i in idx:
+            self.per_model_kwargs[i] = {**self.per_model_kwargs[i], **params}
         groups = len(self.schedulers[0].optimizer.param_groups)
         if initial_lr is None:
             rates = [list(self.schedulers[i].base_lrs) for i in idx]
