@@ -295,11 +295,13 @@ def test_graph_step_equals_eager_step(dtype: torch.dtype | None, fuse: bool, cls
 @pytest.mark.gpu
 @cuda
 def test_graph_replay_does_not_sync_and_draws_fresh_dropout() -> None:
-    _, (mb, _, step) = _twin_steps(bn=True)
+    _, (mb, opt, step) = _twin_steps(bn=True)
     x = torch.randn(16, 6, device="cuda")
     y = torch.randint(0, 3, (16,), device="cuda")
     for _ in range(3):  # warm-up and capture
         step(x, y)
+    # lr 0 (in place: no re-capture) keeps the weights, so only the masks can differ.
+    opt.hparams["lr"].zero_()
     mean_before = mb.stacked_buffers()["1.running_mean"].clone()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -308,5 +310,52 @@ def test_graph_replay_does_not_sync_and_draws_fresh_dropout() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step.num_graphs == 1
-    assert not torch.equal(first, second)  # new dropout masks (and new weights)
+    assert not torch.equal(first, second)  # same weights, new dropout masks
     assert not torch.equal(mean_before, mb.stacked_buffers()["1.running_mean"])
+
+
+def test_tensor_lr_factor_trains_like_the_float_one_under_a_torch_scheduler() -> None:
+    """The graph path turns a float lr factor into a 0-dim tensor that schedulers fill_."""
+    from modelbatch.fast import _lr_factors_as_tensors
+    from modelbatch.optim import OptimizerFactory
+
+    runs = []
+    for as_tensor in (False, True):
+        mb = ModelBatch(make_models())
+        configs = [{"lr": 0.01 * (i + 1)} for i in range(N)]
+        opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, configs)
+        if as_tensor:
+            _lr_factors_as_tensors(opt, torch.device("cpu"))
+            factor = opt.param_groups[0]["lr"]
+            assert isinstance(factor, torch.Tensor) and factor.dim() == 0
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(5):
+            x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            opt.step()
+            sched.step()
+        if as_tensor:
+            assert opt.param_groups[0]["lr"] is factor  # updated in place
+        runs.append([p.detach().clone() for p in mb.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.gpu
+@cuda
+def test_graph_step_follows_a_per_step_torch_schedule_without_recapture() -> None:
+    (mb_e, opt_e, eager), (mb_g, opt_g, graph) = _twin_steps()
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.8) for o in (opt_e, opt_g)]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a re-capture would warn
+        for _ in range(8):
+            x = torch.randn(32, 6, device="cuda", generator=gen)
+            y = torch.randint(0, 3, (32,), device="cuda", generator=gen)
+            torch.testing.assert_close(graph(x, y), eager(x, y), rtol=1e-5, atol=1e-6)
+            for sched in scheds:
+                sched.step()
+    assert graph.num_graphs == 1
+    for (k, a), b in zip(mb_e.stacked_params().items(), mb_g.stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)

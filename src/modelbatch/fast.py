@@ -142,7 +142,6 @@ class FastStep:
         self._grads_of: tuple | None = None
         self._warned_full = False
         self._warned_lr = False
-        self._lr_factors = self._float_lrs()
         self.reason: str | None = None
         if mode == "eager":
             self.reason = "mode='eager' was asked for"
@@ -151,6 +150,9 @@ class FastStep:
         else:
             self.reason = self._make_capturable()
         self.mode = "eager" if self.reason is not None else "graph"
+        if self.mode == "graph":
+            _lr_factors_as_tensors(optimizer, device)
+        self._lr_factors = self._lr_objects()
         self.fused = False
         self._relayout_pending = self.mode == "graph" and relayout
         if self.mode == "graph" and fuse_optimizer:
@@ -197,10 +199,8 @@ class FastStep:
         # and costs nothing measurable eagerly.
         return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _float_lrs(self) -> list:
-        return [
-            g.get("lr") for g in self.optimizer.param_groups if not isinstance(g.get("lr"), Tensor)
-        ]
+    def _lr_objects(self) -> list:
+        return [g.get("lr") for g in self.optimizer.param_groups]
 
     def _forward_loss_eager(self, inputs: Any, targets: Tensor) -> Tensor:
         mb = self.model_batch
@@ -272,9 +272,19 @@ class FastStep:
         return losses
 
     def _check_lr_factors(self) -> None:
-        """Drop the graphs if a float lr (a torch LR scheduler's factor) changed: it is baked in."""
-        now = self._float_lrs()
-        if now != self._lr_factors:
+        """Drop the graphs if a group's lr factor is no longer the one they read.
+
+        A 0-dim tensor factor (what the graph path makes of a float) is read by
+        the graph, and torch's schedulers `fill_` it in place: nothing to do.
+        A float, or a tensor replaced by another object (`load_state_dict`),
+        is baked into the graph, which must then be captured again.
+        """
+        now = self._lr_objects()
+        same = all(
+            a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
+            for a, b in zip(now, self._lr_factors)
+        )
+        if not same:
             self._lr_factors = now
             if self._graphs:
                 self._graphs.clear()
@@ -282,10 +292,9 @@ class FastStep:
                 if not self._warned_lr:
                     self._warned_lr = True
                     warnings.warn(
-                        "compile_step: a param group's float lr changed (a torch LR scheduler?); "
-                        "it is a constant inside the CUDA graph, so the step re-captures. Per-model "
-                        "schedules (modelbatch.optim) write the [N] lr tensors and need no "
-                        "re-capture.",
+                        "compile_step: a param group's lr was replaced by a new object (or a "
+                        "float lr changed), which the CUDA graph had baked in; the step "
+                        "re-captures. Change lr factors in place (torch's LR schedulers do).",
                         stacklevel=3,
                     )
 
@@ -336,6 +345,22 @@ class FastStep:
         return self._record(entry.losses.clone())
 
 
+def _lr_factors_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make each modelbatch optimizer group's float lr factor a 0-dim tensor on `device`.
+
+    A float would be a constant inside the CUDA graph; a tensor is read by it,
+    and torch's LR schedulers update a tensor lr in place (`fill_`), so a
+    per-step schedule needs no re-capture.
+    """
+    from .optim import BatchOptimizer
+
+    if not isinstance(optimizer, BatchOptimizer):
+        return
+    for group in optimizer.param_groups:
+        if not isinstance(group["lr"], Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
+
+
 def compile_step(
     model_batch: ModelBatch,
     optimizer: torch.optim.Optimizer,
@@ -367,7 +392,10 @@ def compile_step(
     the graph: change them in place (`opt.hparams["lr"][i] = ...`,
     `model_batch.retire(i)`) and the next replay uses them. Replacing those
     tensors with new ones (`.to()`, reassigning a buffer) is not seen by the
-    graph; build a new step after moving the batch.
+    graph; build a new step after moving the batch. The shared lr factor of a
+    modelbatch optimizer (`group["lr"]`, which torch LR schedulers drive)
+    becomes a 0-dim tensor on the device, so a per-step torch schedule also
+    needs no re-capture.
 
     On the CPU, or where capture is impossible (a torch optimizer built with
     `capturable=False` that has already stepped), the eager step runs and a
