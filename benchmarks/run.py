@@ -92,7 +92,6 @@ def run_config(
     """Every arm and precision for one model and N; appends to `records`."""
     device = torch.device("cuda")
     timing = {"repeats": args.repeats}
-    mb: Any = "unbuilt"
     for precision in args.precisions:
         dtype = set_precision(precision)
 
@@ -132,13 +131,13 @@ def run_config(
         for arm, mode, options in VARIANTS:
             if arm not in args.arms:
                 continue
-            if isinstance(mb, str):
-                try:
-                    mb = _arms.build_batch(make, n, device)
-                except torch.OutOfMemoryError:
-                    mb = None
-                    cleanup()
-            if mb is None:
+            # A fresh batch for every arm: the fast step stores weights in their
+            # gradients' layout and trains them, which an arm timed after it
+            # on the same batch would inherit.
+            try:
+                mb = _arms.build_batch(make, n, device)
+            except torch.OutOfMemoryError:
+                cleanup()
                 add(arm, {"status": "oom"})
                 continue
             res = measure(
@@ -148,11 +147,9 @@ def run_config(
                 batches,
                 timing,
             )
-            for p in mb.parameters():
-                p.grad = None
             add(arm, res)
-    del mb
-    cleanup()
+            del mb
+            cleanup()
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
