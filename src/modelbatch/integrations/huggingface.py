@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import ModelBatch
+from .._metrics import per_model_rows
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -452,12 +453,18 @@ class BatchTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
 
+    def _window_zeros(self) -> Tensor:
+        # On the batch's device: an accumulator on the CPU would be copied to the
+        # GPU (a host sync) at the first step of every window.
+        mb = self.model_batch
+        return torch.zeros(mb.num_models, dtype=torch.float64, device=mb.active.device)
+
     def _reset_train_window(self) -> None:
-        self._window_loss = torch.zeros(self.model_batch.num_models, dtype=torch.float64)
+        self._window_loss = self._window_zeros()
         self._window_steps = 0.0
 
     def _reset_eval_window(self) -> None:
-        self._eval_loss = torch.zeros(self.model_batch.num_models, dtype=torch.float64)
+        self._eval_loss = self._window_zeros()
         self._eval_count = 0
         self._eval_correct = None
 
@@ -470,12 +477,8 @@ class BatchTrainer(Trainer):
 
     def _rows(self, split: str, columns: Mapping[str, Tensor]) -> list[dict[str, Any]]:
         mb = self.model_batch
-        data = {k: v.detach().double().cpu().tolist() for k, v in columns.items()}
-        active = mb.active.detach().cpu().tolist()
-        return [
-            {"split": split, "model": i, "active": active[i], **{k: v[i] for k, v in data.items()}}
-            for i in range(mb.num_models)
-        ]
+        rows = per_model_rows({"active": mb.active, **columns}, mb.num_models)
+        return [{"split": split, **row} for row in rows]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add per-model aggregates to Trainer's logs and stage the per-model table.
