@@ -6,9 +6,10 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["format_table", "per_model_rows"]
+__all__ = ["aggregate", "format_table", "per_model_rows"]
 
 
 def _column_values(name: str, values: Tensor | Sequence[Any], n: int) -> list[Any]:
@@ -36,6 +37,33 @@ def per_model_rows(columns: Mapping[str, Tensor | Sequence[Any]], n: int) -> lis
     """
     values = {name: _column_values(name, col, n) for name, col in columns.items()}
     return [{"model": i, **{name: vals[i] for name, vals in values.items()}} for i in range(n)]
+
+
+def aggregate(values: Tensor, active: Tensor, higher_is_better: bool = False) -> dict[str, Any]:
+    """Best, median and worst of `values` `[N]` over the active models with finite values.
+
+    Returns:
+        `best`, `median`, `worst` (NaN when no model qualifies), `best_model`
+        (its index, -1 when none) and `active` (how many models are active).
+        One copy to the host; meant for logging, not for every step.
+    """
+    vals = values.detach().double().cpu().reshape(-1)
+    on = active.detach().cpu().reshape(-1)
+    mask = on & torch.isfinite(vals)
+    stats: dict[str, Any] = {"active": int(on.sum())}
+    if not bool(mask.any()):
+        return {**stats, "best": math.nan, "median": math.nan, "worst": math.nan, "best_model": -1}
+    idx = mask.nonzero().reshape(-1)
+    kept = vals[idx]
+    best_pos = int(kept.argmax() if higher_is_better else kept.argmin())
+    worst = kept.min() if higher_is_better else kept.max()
+    return {
+        **stats,
+        "best": float(kept[best_pos]),
+        "median": float(kept.median()),
+        "worst": float(worst),
+        "best_model": int(idx[best_pos]),
+    }
 
 
 def _cell(value: Any) -> str:

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ._metrics import aggregate
+
 __all__ = ["ProgressBar", "track"]
 
 T = TypeVar("T")
@@ -25,17 +27,14 @@ def _tqdm() -> Any:
     return tqdm
 
 
-def aggregate(metric: Tensor, active: Tensor, mode: str = "min") -> dict[str, Any]:
-    """Best and median of the active models' finite values, and how many are active."""
-    values = metric.detach().reshape(-1).to(torch.float64)
-    keep = active.reshape(-1) & torch.isfinite(values)
-    stats: dict[str, Any] = {"active": f"{int(active.sum())}/{active.numel()}"}
-    if bool(keep.any()):
-        chosen = values[keep]
-        best = chosen.min() if mode == "min" else chosen.max()
-        stats["best"] = f"{float(best):.4g}"
-        stats["median"] = f"{float(chosen.median()):.4g}"
-    return stats
+def postfix(metric: Tensor, active: Tensor, mode: str = "min") -> dict[str, str]:
+    """The bar's text: number active, and best and median of the active finite values."""
+    stats = aggregate(metric, active, higher_is_better=mode == "max")
+    text = {"active": f"{stats['active']}/{active.numel()}"}
+    if stats["best_model"] >= 0:
+        text["best"] = f"{stats['best']:.4g}"
+        text["median"] = f"{stats['median']:.4g}"
+    return text
 
 
 class ProgressBar:
@@ -93,7 +92,7 @@ class ProgressBar:
                 metric = mb.latest_losses
             if metric is not None:
                 active = mb.active if mb is not None else torch.ones_like(metric, dtype=torch.bool)
-                self.postfix = aggregate(metric, active, self.mode)
+                self.postfix = postfix(metric, active, self.mode)
             elif mb is not None:
                 self.postfix = {"active": f"{int(mb.active.sum())}/{mb.num_models}"}
             self._bar.set_postfix(self.postfix, refresh=False)

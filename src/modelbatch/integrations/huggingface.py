@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import ModelBatch
-from .._metrics import per_model_rows
+from .._metrics import aggregate, per_model_rows
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -98,24 +98,6 @@ class _AcceleratorScaler:
         if name == "scaler":  # not set yet (copy, unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.scaler, name)
-
-
-def _aggregate(values: Tensor, active: Tensor, higher_is_better: bool) -> dict[str, float]:
-    """Best, median, worst of `values` `[N]` over the active models, and the best one's index."""
-    vals = values.detach().double().cpu()
-    mask = active.detach().cpu() & torch.isfinite(vals)
-    if not bool(mask.any()):
-        return {"best": math.nan, "median": math.nan, "worst": math.nan, "best_model": -1}
-    idx = mask.nonzero().reshape(-1)
-    kept = vals[idx]
-    best_pos = int(kept.argmax() if higher_is_better else kept.argmin())
-    worst = kept.min() if higher_is_better else kept.max()
-    return {
-        "best": float(kept[best_pos]),
-        "median": float(kept.median()),
-        "worst": float(worst),
-        "best_model": int(idx[best_pos]),
-    }
 
 
 class BatchTrainer(Trainer):
@@ -442,7 +424,7 @@ class BatchTrainer(Trainer):
             columns["accuracy"] = self._eval_correct.double() / self._eval_count
         metrics = dict(output.metrics or {})
         for name, values in columns.items():
-            agg = _aggregate(values, mb.active, higher_is_better=name == "accuracy")
+            agg = aggregate(values, mb.active, higher_is_better=name == "accuracy")
             metrics[f"{prefix}_{name}_best"] = agg["best"]
             metrics[f"{prefix}_{name}_median"] = agg["median"]
             metrics[f"{prefix}_{name}_worst"] = agg["worst"]
@@ -491,12 +473,12 @@ class BatchTrainer(Trainer):
         mb = self.model_batch
         if "loss" in logs and self._window_steps > 0:
             per_model = self._window_loss / self._window_steps
-            agg = _aggregate(per_model, mb.active, higher_is_better=False)
+            agg = aggregate(per_model, mb.active)
             logs["loss_best"] = agg["best"]
             logs["loss_median"] = agg["median"]
             logs["loss_worst"] = agg["worst"]
             logs["best_model"] = agg["best_model"]
-            logs["active_models"] = int(mb.active.sum())
+            logs["active_models"] = agg["active"]
             columns = {"loss": per_model}
             if self.last_grad_norms is not None:
                 columns["grad_norm"] = self.last_grad_norms
