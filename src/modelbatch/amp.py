@@ -16,6 +16,7 @@ gradient-accumulation steps) therefore yields per-model scaled gradients, and
 from __future__ import annotations
 
 import inspect
+import math
 from collections import deque
 from enum import Enum
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 from torch import Tensor
 
 from ._indices import model_indices
+from .optim._clip import _norms
+from .optim._hparams import per_model
 
 __all__ = ["BatchGradScaler"]
 
@@ -244,7 +247,6 @@ class BatchGradScaler:
             self._to_device(grads[0].device)
         # Reciprocal in float64 as torch does, so the unscaled values match it.
         inv_scale = self._scale.double().reciprocal().float()
-        found_inf = torch.zeros(n, dtype=torch.float32, device=self._scale.device)
         with torch.no_grad():
             for g in grads:
                 if g.dim() == 0 or g.shape[0] != n:
@@ -258,14 +260,14 @@ class BatchGradScaler:
                         "BatchGradScaler.unscale_: gradients are float16; keep the parameters in "
                         "float32 and run the forward under torch.autocast(dtype=torch.float16)."
                     )
-                if g.is_sparse:
-                    raise TypeError("BatchGradScaler.unscale_: sparse gradients are not supported.")
-                # The max-abs norm is inf/nan exactly when some entry is (nan
-                # propagates through max), and is cheaper than isfinite().all().
-                peak = torch.linalg.vector_norm(g.reshape(n, -1), float("inf"), dim=1)
-                bad = ~torch.isfinite(peak)
-                found_inf.masked_fill_(bad.to(found_inf.device), 1.0)
-                g.mul_(inv_scale.to(g.device).view(n, *([1] * (g.dim() - 1))))
+            # A model's max-abs norm over its gradients is inf/nan exactly when
+            # one of its entries is (nan propagates through max): one reduction
+            # per tensor, cheaper than isfinite().all(). Checked before unscaling,
+            # as torch checks the scaled values.
+            peak = _norms("BatchGradScaler.unscale_", grads, n, math.inf, self._scale.device)
+            found_inf = (~torch.isfinite(peak)).to(torch.float32).to(self._scale.device)
+            for g in grads:
+                g.mul_(per_model(inv_scale.to(g.device), g.dim()))
         state["found_inf"] = found_inf
         state["stage"] = _Stage.UNSCALED
 
@@ -385,10 +387,11 @@ class BatchGradScaler:
         """
         n = self.num_models
         idx = model_indices("BatchGradScaler.reset_models", indices, n, self._scale.device)
-        value = self._init_scale if init_scale is None else init_scale
-        scale = torch.as_tensor(value, dtype=torch.float32, device=self._scale.device)
-        if scale.dim() == 1 and scale.shape[0] == n and init_scale is None:
-            scale = scale[idx]
+        device = self._scale.device
+        if init_scale is None:  # each model's own initial scale ([N], kept at creation)
+            scale = self._init_scale.to(device)[idx]
+        else:
+            scale = torch.as_tensor(init_scale, dtype=torch.float32, device=device)
         self._scale[idx] = scale
         self._growth_tracker[idx] = 0
 

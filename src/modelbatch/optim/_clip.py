@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._hparams import per_model
+
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "per_model_grad_norm"]
 
 
@@ -65,11 +67,6 @@ def _per_model_value(name: str, arg: str, value: Any, n: int, like: Tensor) -> T
     return t if t.is_floating_point() else t.float()
 
 
-def _broadcast(v: Tensor, like: Tensor) -> Tensor:
-    """`[N]` -> `[N, 1, ...]` matching `like`'s rank."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
 @torch.no_grad()
 def per_model_grad_norm(
     parameters: Any,
@@ -90,13 +87,22 @@ def per_model_grad_norm(
         for model i's gradients alone. No host synchronization.
     """
     params, n = _stacked_params("per_model_grad_norm", parameters, num_models)
-    return _norms("per_model_grad_norm", params, n, float(norm_type))
+    return _norms("per_model_grad_norm", _grads(params), n, float(norm_type), _device(params))
 
 
-def _norms(name: str, params: Sequence[Tensor], n: int, norm_type: float) -> Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
+def _grads(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _device(params: Sequence[Tensor]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
+
+
+def _norms(
+    name: str, grads: Sequence[Tensor], n: int, norm_type: float, device: torch.device
+) -> Tensor:
+    """Each model's norm over all its gradients `[N]`; zeros on `device` when there are none."""
     if not grads:
-        device = params[0].device if params else torch.device("cpu")
         return torch.zeros(n, device=device)
     for g in grads:
         if g.is_sparse:
@@ -145,21 +151,21 @@ def clip_grad_norm_(
     """
     params, n = _stacked_params("clip_grad_norm_", parameters, num_models)
     norm_type = float(norm_type)
-    norms = _norms("clip_grad_norm_", params, n, norm_type)
+    grads = _grads(params)
+    norms = _norms("clip_grad_norm_", grads, n, norm_type, _device(params))
     if error_if_nonfinite and not bool(torch.isfinite(norms).all()):
         bad = (~torch.isfinite(norms)).nonzero().reshape(-1).tolist()
         raise RuntimeError(
             f"clip_grad_norm_: the gradient norm of order {norm_type} is non-finite for models "
             f"{bad}; pass error_if_nonfinite=False to scale them by the non-finite norm anyway."
         )
-    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return norms
     limit = _per_model_value("clip_grad_norm_", "max_norm", max_norm, n, norms)
     # reciprocal() * max_norm is how torch evaluates max_norm / (norm + 1e-6).
     coef = torch.clamp((norms + 1e-6).reciprocal() * limit, max=1.0)
     for g in grads:
-        g.mul_(_broadcast(coef.to(g.device), g))
+        g.mul_(per_model(coef.to(g.device), g.dim()))
     return norms
 
 
@@ -179,7 +185,7 @@ def clip_grad_value_(
         num_models: N, needed only for an iterable of tensors.
     """
     params, n = _stacked_params("clip_grad_value_", parameters, num_models)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = _grads(params)
     if not grads:
         return
     limit = _per_model_value("clip_grad_value_", "clip_value", clip_value, n, grads[0])
@@ -192,5 +198,5 @@ def clip_grad_value_(
             g.clamp_(min=-limit, max=limit)
         return
     for g in grads:
-        bound = _broadcast(limit.to(device=g.device, dtype=g.dtype), g)
+        bound = per_model(limit.to(device=g.device, dtype=g.dtype), g.dim())
         g.clamp_(min=-bound, max=bound)
