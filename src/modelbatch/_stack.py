@@ -35,10 +35,9 @@ def _config_of(module: nn.Module) -> dict[str, object]:
     attributes of user classes (an activation name, a flag) are compared
     too, so that no configuration of model 0 is silently applied to another.
     """
-    skip = {"training", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
     config: dict[str, object] = {}
     for key, value in vars(module).items():
-        if key in skip or key.startswith("_"):
+        if key == "training" or key.startswith("_"):
             continue
         if isinstance(value, (bool, int, float, str, tuple, type(None))):
             config[key] = value

@@ -308,7 +308,7 @@ class PerModelSampler(Sampler[list[int]]):
         """How many samples each model sees per epoch (the same for all models)."""
         if self.sample_folds is None:
             return self.num_samples
-        sizes = self.sample_folds.bincount(minlength=int(self.sample_folds.max()) + 1)
+        sizes = self.sample_folds.bincount()
         return self.num_samples - int(sizes[self.model_folds].max())
 
     def bags(self) -> Tensor:
@@ -326,10 +326,9 @@ class PerModelSampler(Sampler[list[int]]):
 
     def order(self, epoch: int) -> Tensor:
         """The samples each model sees in an epoch, in order: `[N, samples_per_epoch]`."""
-        if self.sampling == "bootstrap":
-            keys = _hash(self.seeds, epoch, _STREAM_SHUFFLE, self.num_samples)
-            return self.bags().gather(1, torch.argsort(keys, dim=1, stable=True))
         keys = _hash(self.seeds, epoch, _STREAM_SHUFFLE, self.num_samples)
+        if self.sampling == "bootstrap":
+            return self.bags().gather(1, torch.argsort(keys, dim=1, stable=True))
         if self.sampling == "kfold":
             # Held-out samples sort last (keys are < 2**32), so the first columns
             # are a uniformly random subset of each model's training samples.

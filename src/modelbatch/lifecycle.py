@@ -108,7 +108,7 @@ class EarlyStopping:
         value = _per_model("EarlyStopping.step", metric, self.model_batch)
         if self.mode == "max":
             value = -value
-        watching = self.model_batch.active.clone()
+        watching = self.model_batch.active
         improved = value < self._best - self.min_delta
         self._best = torch.where(watching & improved, value, self._best)
         self.wait = torch.where(watching, torch.where(improved, 0, self.wait + 1), self.wait)

@@ -76,10 +76,10 @@ class _RNNBase(nn.Module):
         name = type(self).__name__
         if not 0 <= float(dropout) <= 1:
             raise ValueError(f"modelbatch.nn.{name}: dropout must be in [0, 1], got {dropout}.")
-        if proj_size < 0 or (proj_size and self.mode != "LSTM"):
-            raise ValueError(
-                f"modelbatch.nn.{name}: proj_size must be >= 0 (LSTM only), got {proj_size}."
-            )
+        if proj_size and self.mode != "LSTM":
+            raise ValueError(f"modelbatch.nn.{name}: proj_size is only defined for LSTM.")
+        if proj_size < 0:
+            raise ValueError(f"modelbatch.nn.{name}: proj_size must be >= 0, got {proj_size}.")
         if proj_size >= hidden_size and proj_size:
             raise ValueError(
                 f"modelbatch.nn.{name}: proj_size must be smaller than hidden_size "
@@ -268,7 +268,7 @@ class _RNNBase(nn.Module):
             outputs.reverse()
         return torch.stack(outputs), h, c
 
-    def _forward(self, input: Any, hx: Any) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    def _forward(self, input: Any, hx: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         batched = self._check_input(input)
         x = input if batched else input.unsqueeze(1)
         if batched and self.batch_first:
@@ -293,7 +293,7 @@ class _RNNBase(nn.Module):
         if not batched:
             y, h_n = y.squeeze(1), h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
-        return y, h_n, c_n, batched
+        return y, h_n, c_n
 
 
 class LSTM(_RNNBase):
@@ -322,7 +322,7 @@ class LSTM(_RNNBase):
     mode = "LSTM"
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> Any:
-        y, h_n, c_n, _ = self._forward(input, hx)
+        y, h_n, c_n = self._forward(input, hx)
         return y, (h_n, c_n)
 
 
@@ -341,13 +341,8 @@ class GRU(_RNNBase):
 
     mode = "GRU"
 
-    def __init__(self, input_size: int, hidden_size: int, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("proj_size"):
-            raise ValueError("modelbatch.nn.GRU: proj_size is only defined for LSTM.")
-        super().__init__(input_size, hidden_size, *args, **kwargs)
-
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Any:
-        y, h_n, _, _ = self._forward(input, hx)
+        y, h_n, _ = self._forward(input, hx)
         return y, h_n
 
 
@@ -400,5 +395,5 @@ class RNN(_RNNBase):
         return s if self.nonlinearity == "tanh" else f"{s}, nonlinearity={self.nonlinearity!r}"
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Any:
-        y, h_n, _, _ = self._forward(input, hx)
+        y, h_n, _ = self._forward(input, hx)
         return y, h_n
