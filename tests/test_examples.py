@@ -16,14 +16,14 @@ EXAMPLES = {
     "quickstart.py": (["--models", "8", "--epochs", "2"], "Best model"),
     "successive_halving.py": (
         ["--configs", "16", "--slots", "8", "--rung-epochs", "1", "--survivors", "2"],
-        "urviv",
+        "Survivors:",
     ),
-    "hf_trainer.py": (["--steps", "10"], "best"),
-    "lightning.py": (["--epochs", "1"], "best"),
+    "hf_trainer.py": (["--steps", "10"], "exported model"),
+    "lightning.py": (["--epochs", "1"], "val acc: mean"),
     "sweep_digits.py": (["--quick"], "speedup"),
     "optuna_sweep.py": (
         ["--trials", "8", "--batch", "4", "--steps", "10", "--report-every", "5"],
-        "est",
+        "best trial #",
     ),
 }
 

@@ -354,8 +354,8 @@ def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
         losses.append(float(F.cross_entropy(logits, data.y).detach()))
     best = min(range(N), key=lambda i: losses[i])
     assert out.metrics["test_best_model"] == best
-    assert math.isclose(out.metrics["test_loss_best"], losses[best], rel_tol=1e-5)
-    assert math.isclose(out.metrics["test_loss"], sum(losses), rel_tol=1e-5)
+    assert math.isclose(out.metrics["test_loss_best"], losses[best], rel_tol=1e-6)
+    assert math.isclose(out.metrics["test_loss"], sum(losses), rel_tol=1e-6)
     # Evaluation does not enter the training loss history.
     assert mb.loss_history().shape == (3, N)
 
@@ -531,8 +531,8 @@ def test_tiny_bert_sequence_classification(tmp_path):
         assert isinstance(exported, BertForSequenceClassification)
         logits = exported(input_ids=data.ids, attention_mask=data.mask).logits
         expected = ref[i](input_ids=data.ids, attention_mask=data.mask).logits
-        assert torch.allclose(logits, expected, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------- errors

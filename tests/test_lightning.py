@@ -282,9 +282,9 @@ def test_logs_aggregates_and_per_model_table(tmp_path):
     assert_close_rel(module.val_metrics["loss"], expected, 1e-6)
     assert_close_rel(module.val_metrics["acc"], expected_acc, 1e-6)
     logged = module.trainer.callback_metrics
-    assert torch.isclose(logged["val/loss"], expected.mean(), rtol=1e-5)
-    assert torch.isclose(logged["val/loss_best"], expected.min(), rtol=1e-5)
-    assert torch.isclose(logged["val/acc_best"], expected_acc.max(), rtol=1e-5)
+    assert torch.isclose(logged["val/loss"], expected.mean(), rtol=1e-6)
+    assert torch.isclose(logged["val/loss_best"], expected.min(), rtol=1e-6)
+    assert torch.isclose(logged["val/acc_best"], expected_acc.max(), rtol=1e-6)
 
     with open(logger.log_dir + "/metrics.csv") as f:
         header = next(csv.reader(f))

@@ -134,12 +134,12 @@ def test_study_of_32_trials_in_batches_of_8(digits, refill, schedule):
     # The best trial's score is what its config gives when trained alone.
     best = study.best_trial
     alone = retrain_alone(best.params, best.number, train, val, schedule=schedule)
-    assert best.value == pytest.approx(alone, rel=1e-4)
+    assert best.value == pytest.approx(alone, rel=1e-5)
     # ... and the last completed trial too (a refilled slot when refill=True),
     # so a mix-up of slots cannot hide.
     other = max((t for t in complete if t.number != best.number), key=lambda t: t.number)
     alone = retrain_alone(other.params, other.number, train, val, schedule=schedule)
-    assert other.value == pytest.approx(alone, rel=1e-4)
+    assert other.value == pytest.approx(alone, rel=1e-5)
 
 
 def test_cma_es_sampler_runs_batched(digits):
@@ -164,7 +164,7 @@ def test_cma_es_sampler_runs_batched(digits):
     assert len({t.params["lr"] for t in trials}) == 12
     best = study.best_trial
     assert best.value == pytest.approx(
-        retrain_alone(best.params, best.number, train, val), rel=1e-4
+        retrain_alone(best.params, best.number, train, val), rel=1e-5
     )
 
 
@@ -196,7 +196,7 @@ def test_non_finite_value_fails_only_its_trial(digits):
     for t in trials:
         if t.number != 1:
             alone = retrain_alone(t.params, t.number, train, val, steps=REPORT)
-            assert t.value == pytest.approx(alone, rel=1e-4)
+            assert t.value == pytest.approx(alone, rel=1e-5)
 
 
 def test_bad_arguments_give_clear_errors(digits):
