@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
+from modelbatch.optim import BatchSGD
 
 IN, HIDDEN, CLASSES, BATCH = 6, 8, 3, 16
 
@@ -91,6 +92,13 @@ def max_rel_diff(mb: ModelBatch, models: Sequence[nn.Module]) -> float:
             err = (stacked[i].detach() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
             worst = max(worst, float(err))
     return worst
+
+
+def make_sgd(params: Any, lrs: list[float], model_batch: Any = None) -> BatchSGD:
+    """The vectorized SGD with model i's lr = lrs[i] (stacked params or a ModelBatch)."""
+    if isinstance(params, ModelBatch):
+        params, model_batch = params.parameters(), params
+    return BatchSGD(params, [{"lr": lr} for lr in lrs], model_batch=model_batch)
 
 
 def snapshot(mb: ModelBatch, opt: torch.optim.Optimizer | None = None) -> dict[str, Tensor]:

@@ -8,32 +8,21 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import CountOps
+from _reference import CountOps, make_sgd, max_rel_diff
 from torch import nn
 
 from modelbatch import ModelBatch
 from modelbatch.amp import BatchGradScaler
-from modelbatch.optim import BatchSGD, clip_grad_norm_
+from modelbatch.optim import clip_grad_norm_
 
 N = 4
 LRS = [0.05, 0.1, 0.2, 0.03]
 INIT_SCALES = [2.0**10, 2.0**16, 2.0**8, 2.0**12]
 
 
-def make_sgd(params: Any, lrs: list[float], model_batch: Any = None) -> BatchSGD:
-    """The vectorized SGD with model i's lr = lrs[i] (stacked params or a ModelBatch)."""
-    if isinstance(params, ModelBatch):
-        params, model_batch = params.parameters(), params
-    return BatchSGD(params, [{"lr": lr} for lr in lrs], model_batch=model_batch)
-
-
 def _models(n: int = N, seed: int = 0) -> list[nn.Module]:
     torch.manual_seed(seed)
     return [nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)) for _ in range(n)]
-
-
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 # ---------------------------------------------------------------- reference trajectory
@@ -101,10 +90,7 @@ def test_each_model_follows_torch_gradscaler_on_that_model_alone(growth, backoff
         expected_tracker = torch.tensor([s._get_growth_tracker() for s in torch_scalers])
         assert torch.equal(scaler.get_scale(), expected_scale), step
         assert torch.equal(scaler.get_growth_tracker(), expected_tracker.int()), step
-    stacked = mb.stacked_params()
-    for i, m in enumerate(separate):
-        for name, p in m.named_parameters():
-            assert _max_rel(stacked[name][i].detach(), p.detach()) <= 1e-5, (i, name)
+    assert max_rel_diff(mb, separate) <= 1e-5
 
 
 # ---------------------------------------------------------------- isolation

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import CountOps
+from _reference import CountOps, make_sgd, max_rel_diff
 from torch import nn
 from torch.optim import lr_scheduler as tls
 
@@ -21,7 +21,6 @@ from modelbatch.optim import (
     BatchExponentialLR,
     BatchLRScheduler,
     BatchMultiStepLR,
-    BatchSGD,
     BatchStepLR,
     BatchWarmupCosineLR,
     clip_grad_norm_,
@@ -31,13 +30,6 @@ from modelbatch.optim import (
 N = 5
 STEPS = 30
 LRS = [0.05, 0.1, 0.2, 0.03, 0.15]
-
-
-def make_sgd(params: Any, lrs: list[float], model_batch: Any = None) -> BatchSGD:
-    """The vectorized SGD with model i's lr = lrs[i] (stacked params or a ModelBatch)."""
-    if isinstance(params, ModelBatch):
-        params, model_batch = params.parameters(), params
-    return BatchSGD(params, [{"lr": lr} for lr in lrs], model_batch=model_batch)
 
 
 # ---------------------------------------------------------------- the table
@@ -198,10 +190,6 @@ TRAINING_TABLE = [
 ]
 
 
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.mark.parametrize(("kind", "clip", "optimizer"), TRAINING_TABLE)
 def test_training_matches_torch_per_model(kind: str, clip: str, optimizer: str) -> None:
     """N=5 models, 30 steps, own lr, own schedule and own clip each, against torch one by one."""
@@ -235,10 +223,7 @@ def test_training_matches_torch_per_model(kind: str, clip: str, optimizer: str) 
             o.step()
             s.step()
 
-    stacked = mb.stacked_params()
-    for i, m in enumerate(separate):
-        for name, p in m.named_parameters():
-            assert _max_rel(stacked[name][i].detach(), p.detach()) <= 1e-5, (i, name)
+    assert max_rel_diff(mb, separate) <= 1e-5
 
 
 # ---------------------------------------------------------------- state, reset, errors
