@@ -22,6 +22,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,17 +38,18 @@ logger = logging.getLogger("modelbatch")
 
 Substitute = Callable[[nn.Module, "torch.device"], nn.Module]
 
-_ALWAYS: dict[type[nn.Module], Substitute] = {
-    nn.LSTM: lambda m, _: LSTM.from_torch(m),
-    nn.GRU: lambda m, _: GRU.from_torch(m),
-    nn.RNN: lambda m, _: RNN.from_torch(m),
-    nn.LSTMCell: lambda m, _: LSTMCell.from_torch(m),
-    nn.GRUCell: lambda m, _: GRUCell.from_torch(m),
-    nn.RNNCell: lambda m, _: RNNCell.from_torch(m),
-    nn.RReLU: lambda m, _: RReLU.from_torch(m),
-    nn.Bilinear: lambda m, _: Bilinear.from_torch(m),
+# torch layer -> its twin; each twin has `from_torch(module)`.
+_ALWAYS: dict[type[nn.Module], Any] = {
+    nn.LSTM: LSTM,
+    nn.GRU: GRU,
+    nn.RNN: RNN,
+    nn.LSTMCell: LSTMCell,
+    nn.GRUCell: GRUCell,
+    nn.RNNCell: RNNCell,
+    nn.RReLU: RReLU,
+    nn.Bilinear: Bilinear,
 }
-_BATCHNORM: dict[type[nn.Module], type[nn.Module]] = {
+_BATCHNORM: dict[type[nn.Module], Any] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
@@ -62,13 +64,13 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
     """
     kind = type(module)
     if kind in _ALWAYS:
-        return _ALWAYS[kind]
+        return lambda m, _: _ALWAYS[kind].from_torch(m)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
         if not module.track_running_stats or isinstance(module, _CumulativeBatchNorm):
             # modelbatch's own twin already runs under vmap.
             return None
         if kind in _BATCHNORM:
-            return lambda m, _: _BATCHNORM[kind].from_torch(m)  # type: ignore[attr-defined]
+            return lambda m, _: _BATCHNORM[kind].from_torch(m)
         raise ValueError(
             f"ModelBatch: {kind.__name__}(momentum=None) cannot run under torch.vmap (the "
             "cumulative average reads num_batches_tracked as a Python float); use "

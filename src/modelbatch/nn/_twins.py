@@ -35,7 +35,14 @@ def _twin(module: nn.Module, cls: type[_M]) -> _M:
     return twin  # type: ignore[return-value]
 
 
-class _CumulativeBatchNorm(nn.modules.batchnorm._BatchNorm):
+class _Twin(nn.Module):
+    @classmethod
+    def from_torch(cls: type[_M], module: nn.Module) -> _M:
+        """The twin of a torch module of the class this one mirrors, sharing its tensors."""
+        return _twin(module, cls)
+
+
+class _CumulativeBatchNorm(_Twin, nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if self.momentum is not None or not (self.training and self.track_running_stats):
             return super().forward(input)
@@ -51,11 +58,6 @@ class _CumulativeBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_var.mul_(1 - factor).add_(factor * var)
         return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> nn.Module:
-        """The twin of a torch BatchNorm of the same dimension, sharing its tensors."""
-        return _twin(module, cls)
-
 
 class BatchNorm1d(_CumulativeBatchNorm, nn.BatchNorm1d):
     """`torch.nn.BatchNorm1d` whose `momentum=None` (cumulative average) runs under vmap."""
@@ -69,7 +71,7 @@ class BatchNorm3d(_CumulativeBatchNorm, nn.BatchNorm3d):
     """`torch.nn.BatchNorm3d` whose `momentum=None` (cumulative average) runs under vmap."""
 
 
-class RReLU(nn.RReLU):
+class RReLU(_Twin, nn.RReLU):
     """`torch.nn.RReLU` that runs under vmap: random slopes per element, model and step.
 
     Eval mode is torch's exactly (`leaky_relu` with slope `(lower + upper) / 2`).
@@ -81,13 +83,8 @@ class RReLU(nn.RReLU):
         slope = torch.rand_like(input) * (self.upper - self.lower) + self.lower
         return torch.where(input >= 0, input, input * slope)
 
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> RReLU:
-        """The twin of a torch `nn.RReLU` with the same bounds."""
-        return _twin(module, cls)
 
-
-class Bilinear(nn.Bilinear):
+class Bilinear(_Twin, nn.Bilinear):
     """`torch.nn.Bilinear` as one `einsum`, which vmap batches without a per-model loop.
 
     Shapes:
@@ -97,8 +94,3 @@ class Bilinear(nn.Bilinear):
     def forward(self, input1: Tensor, input2: Tensor) -> Tensor:
         out = torch.einsum("...i,oij,...j->...o", input1, self.weight, input2)
         return out if self.bias is None else out + self.bias
-
-    @classmethod
-    def from_torch(cls, module: nn.Module) -> Bilinear:
-        """The twin of a torch `nn.Bilinear`, sharing its parameters."""
-        return _twin(module, cls)
