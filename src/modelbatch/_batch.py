@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ._indices import model_indices
 from ._metrics import format_table, per_model_rows
+from ._layout import GradLayout
 from ._stack import (
     build_stacked_tree,
     check_compatible,
@@ -21,6 +22,7 @@ from ._stack import (
     meta_skeleton,
     state_key_map,
 )
+from ._step import apply_update
 from .nn._convert import restore_config, vmap_forward_context
 from .nn._errors import explain_forward_error
 
@@ -102,8 +104,10 @@ class ModelBatch(nn.Module):
         self._history: deque[Tensor] = deque(maxlen=history_size)
         self.grad_scaler: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._layout: GradLayout | None = None
         if optimizer_cls is not None or lr_list is not None:
             self.optimizer = self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
+            self._layout = GradLayout(list(self.parameters()))
 
     # ------------------------------------------------------------------ structure
 
@@ -418,12 +422,9 @@ class ModelBatch(nn.Module):
                 "ModelBatch.step: this batch owns no optimizer; pass optimizer_cls (and "
                 "lr_list) to ModelBatch, or step your own optimizer."
             )
-        scaler = self.grad_scaler
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
+        if self._layout is not None:
+            self._layout.apply()
+        apply_update(self.optimizer, scaler=self.grad_scaler)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the stacked parameters."""
