@@ -312,3 +312,37 @@ def test_graph_step_follows_a_per_step_torch_schedule_without_recapture() -> Non
     assert graph.num_graphs == 1
     for (k, a), b in zip(mb_e.stacked_params().items(), mb_g.stacked_params().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.SGD])
+def test_low_precision_copies_are_written_by_the_update_and_train_like_autocast(cls) -> None:
+    from modelbatch._step import TrainStep
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models()
+    configs = [{"lr": 0.01 * (i + 1)} for i in range(N)]
+    runs = []
+    for low in (False, True):
+        mb = ModelBatch(copy.deepcopy(models))
+        opt = OptimizerFactory(cls).create_optimizer(mb, configs)
+        runs.append((mb, opt, TrainStep(mb, opt, autocast_dtype=torch.bfloat16, low_precision=low)))
+    gen = torch.Generator().manual_seed(3)
+    for t in range(6):
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        losses = [step(x, y) for _, _, step in runs]
+        if t == 0:
+            # The same bf16 forward: weights cast by autocast or copied at creation.
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+        mb, opt, _ = runs[1]
+        for p in mb.parameters():
+            copy_ = opt.low_precision[p]
+            assert copy_.dtype == torch.bfloat16 and p.grad is None and copy_.grad is not None
+            assert torch.equal(copy_.detach(), p.detach().to(torch.bfloat16))
+        if t == 3:
+            # A parameter changed outside the step: its copy is written again before use.
+            with torch.no_grad():
+                for mb_, _, _ in runs:
+                    mb_.stacked_params()["0.weight"][1].mul_(0.5)
+    for (k, a), b in zip(runs[0][0].stacked_params().items(), runs[1][0].stacked_params().values()):
+        # bf16 gradients (not rounded to fp32 before the update): the bf16 tier.
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=k)

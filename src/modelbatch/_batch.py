@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -103,6 +104,7 @@ class ModelBatch(nn.Module):
         self.latest_losses: Tensor | None = None
         self._history: deque[Tensor] = deque(maxlen=history_size)
         self.grad_scaler: Any = None
+        self._substitute: dict[str, Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._layout: GradLayout | None = None
         if optimizer_cls is not None or lr_list is not None:
@@ -161,7 +163,8 @@ class ModelBatch(nn.Module):
             in_dim: Any = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, (args, kwargs))
         else:
             in_dim = None
-        state = {**self.stacked_params(), **self.stacked_buffers()}
+        weights = self._substitute if self._substitute is not None else self.stacked_params()
+        state = {**weights, **self.stacked_buffers()}
         skeleton = self._skeleton
 
         def run_one(state_i: dict[str, Tensor], inputs: tuple[tuple, dict]) -> Any:
@@ -178,6 +181,26 @@ class ModelBatch(nn.Module):
             if clearer is None:
                 raise
             raise clearer from err
+
+    @contextlib.contextmanager
+    def substitute_weights(self, weights: Mapping[str, Tensor]) -> Iterator[None]:
+        """Run forwards on other tensors in place of the stacked parameters (same names, shapes).
+
+        The training step uses it for the low-precision copies its optimizer
+        writes (`BatchOptimizer.low_precision_copies`); gradients then land on
+        those tensors.
+        """
+        own = self.stacked_params()
+        if set(weights) != set(own):
+            raise ValueError(
+                f"ModelBatch.substitute_weights: expected tensors for {sorted(own)}, got "
+                f"{sorted(weights)}; pass one tensor per stacked parameter."
+            )
+        previous, self._substitute = self._substitute, dict(weights)
+        try:
+            yield
+        finally:
+            self._substitute = previous
 
     # ------------------------------------------------------------------ losses
 

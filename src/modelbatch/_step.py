@@ -65,6 +65,11 @@ class TrainStep:
         per_model: inputs and targets carry the model axis `[N, B, ...]`.
         relayout: store each parameter in its gradient's memory layout after
             the first backward (see `modelbatch._layout`).
+        low_precision: under a bf16/fp16 `autocast_dtype` with a modelbatch
+            optimizer, run the forward on low-precision weight copies that the
+            optimizer writes in its update kernel (`BatchOptimizer.low_precision_copies`),
+            so no weight or gradient is cast per step. False casts under
+            autocast as torch does.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class TrainStep:
         autocast_dtype: torch.dtype | None = None,
         per_model: bool = False,
         relayout: bool = True,
+        low_precision: bool = True,
     ) -> None:
         self.model_batch = model_batch
         self.optimizer = optimizer
@@ -87,7 +93,17 @@ class TrainStep:
         self.autocast_dtype = autocast_dtype
         self.per_model = per_model
         self.params = [p for p in model_batch.parameters() if p.requires_grad]
-        self._layout = GradLayout(self.params) if relayout else None
+        self._weights: dict[str, Tensor] | None = None
+        leaves = self.params
+        make_copies = getattr(optimizer, "low_precision_copies", None)
+        if low_precision and autocast_dtype in (torch.bfloat16, torch.float16) and make_copies:
+            copies = make_copies(autocast_dtype)
+            names = model_batch.stacked_params()
+            self._weights = {name: copies[p] for name, p in names.items() if p in copies}
+            leaves = [copies[p] for p in self.params]
+        # What backward writes gradients to: the parameters, or their low-precision copies.
+        self.leaves = leaves
+        self._layout = GradLayout(leaves) if relayout else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -101,7 +117,11 @@ class TrainStep:
         """Per-model losses `[N]` (float32, with graph; retired models give 0)."""
         mb = self.model_batch
         args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        with self.autocast():
+        weights = contextlib.nullcontext()
+        if self._weights is not None:
+            self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]
+            weights = mb.substitute_weights(self._weights)
+        with self.autocast(), weights:
             outputs = mb(*args, per_model=self.per_model)
             losses = mb.per_model_losses(
                 outputs, targets, self.loss_fn, per_model=self.per_model or None
@@ -112,15 +132,28 @@ class TrainStep:
         """Backward of the per-model losses (scaled per model under AMP), then the update."""
         scaled = self.scaler.attach(losses) if self.scaler is not None else losses
         scaled.sum().backward()
-        if self._layout is not None:
+        if self._layout is not None and not self._layout.done:
             self._layout.apply()
+            if self._weights is not None:
+                self._follow_copies()
         apply_update(
             self.optimizer,
             scaler=self.scaler,
             max_norm=self.max_norm,
-            params=self.params,
+            params=self.leaves,
             num_models=self.model_batch.num_models,
         )
+
+    @torch.no_grad()
+    def _follow_copies(self) -> None:
+        """After the copies took their gradients' layout, the float32 parameters take it too."""
+        copies = self.optimizer.low_precision  # type: ignore[attr-defined]
+        for p in self.params:
+            copy = copies[p]
+            if copy.stride() != p.stride():
+                moved = torch.empty_strided(p.shape, copy.stride(), dtype=p.dtype, device=p.device)
+                p.data = moved.copy_(p)
+        self.optimizer._low_versions = {p: p._version for p in copies}  # type: ignore[attr-defined]
 
     def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
         """Zero the gradients, run the step, return the detached per-model losses `[N]`."""

@@ -85,6 +85,7 @@ class FastStep:
         max_graphs: int = 4,
         compile_model: bool = False,
         relayout: bool = True,
+        low_precision: bool = True,
     ) -> None:
         if not isinstance(model_batch, ModelBatch):
             raise TypeError(
@@ -135,7 +136,6 @@ class FastStep:
         self.per_model = per_model
         self.warmup = warmup
         self.max_graphs = max_graphs
-        self._params = [p for p in model_batch.parameters() if p.requires_grad]
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: dict[tuple, int] = {}
         self._grads_of: tuple | None = None
@@ -159,6 +159,7 @@ class FastStep:
             autocast_dtype=autocast_dtype,
             per_model=per_model,
             relayout=relayout,
+            low_precision=low_precision,
         )
         self._forward_loss: Callable[[Any, Tensor], Tensor] = self._step.forward_loss
         if compile_model:
@@ -221,14 +222,14 @@ class FastStep:
 
     def _capture(self, inputs: Any, targets: Tensor) -> _Graph:
         static = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (inputs, targets))
-        for p in self._params:
+        for p in self._step.leaves:
             # With no grad at capture, backward writes (not adds) the graph's own
             # grad tensors on every replay: no zero_grad in the graph.
             p.grad = None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             losses = self._body(*static)
-        return _Graph(graph, static, losses, [p.grad for p in self._params])
+        return _Graph(graph, static, losses, [p.grad for p in self._step.leaves])
 
     def _record(self, losses: Tensor) -> Tensor:
         self.model_batch.record_losses(losses)
@@ -293,6 +294,10 @@ class FastStep:
                 return self._record(self._warm(inputs, targets))
             entry = self._capture(inputs, targets)
             self._graphs[key] = entry
+        if self._step._weights is not None:
+            # A parameter changed in place outside the step (a load, a replaced model):
+            # its low-precision copy is written again before the replay reads it.
+            self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]
         static_in, static_tgt = entry.inputs
         for dst, src in zip(tree_flatten(static_in)[0], tree_flatten(inputs)[0]):
             if isinstance(dst, Tensor):
@@ -301,7 +306,7 @@ class FastStep:
         entry.graph.replay()
         if self._grads_of != key:
             # Let `param.grad` show this step's gradients (a loop over tensors, not models).
-            for p, g in zip(self._params, entry.grads):
+            for p, g in zip(self._step.leaves, entry.grads):
                 p.grad = g
             self._grads_of = key
         # A fresh tensor: the static one is overwritten by the next replay.
@@ -322,6 +327,7 @@ def compile_step(
     max_graphs: int = 4,
     compile_model: bool = False,
     relayout: bool = True,
+    low_precision: bool = True,
 ) -> FastStep:
     """A training step `step(x, y) -> losses [N]` that runs as one CUDA graph.
 
@@ -367,6 +373,11 @@ def compile_step(
             (and its grad and optimizer state) in the memory layout its gradient
             arrives in, so autograd stops copying weight gradients every step.
             Values, shapes and names are unchanged; `param.stride()` may change.
+        low_precision: with a bf16/fp16 `autocast_dtype` and a modelbatch
+            optimizer, the forward reads low-precision weight copies that the
+            optimizer writes in its update kernel, and the update reads the
+            low-precision gradients directly: no weight or gradient is cast per
+            step. The float32 parameters stay the weights of record.
 
     Returns:
         A `FastStep`; `step(x, y)` returns the per-model losses `[N]` on the device.
@@ -395,6 +406,7 @@ def compile_step(
         max_graphs=max_graphs,
         compile_model=compile_model,
         relayout=relayout,
+        low_precision=low_precision,
     )
 
 

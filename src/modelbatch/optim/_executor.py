@@ -97,6 +97,14 @@ def run_rule(
     coefficients = coefficient_table(
         rule, hparams, lr_factor, steps, scalars, mask, has_grad, options
     )
+    rows = [s.row for s in live_slots]
+    same = bool((coefficients[:, rows] == coefficients[:, rows[:1]]).all())
+    small = sum(s.param.numel() for s in live_slots) <= _FLATTEN_LIMIT
+    dtypes = {(s.param.dtype, s.grad.dtype) for s in live_slots if s.grad is not None}
+    if len(live_slots) > 1 and same and small and len(dtypes) == 1:
+        # Small tensors cost their op launches, not their bytes: one pass over their concatenation.
+        update_flat(rule, live_slots, coefficients[:, rows[0]], mask, flags)
+        return
     for slot in live_slots:
         update_tensor(rule, slot, coefficients[:, slot.row], mask, flags)
 
@@ -128,6 +136,38 @@ def coefficient_table(
     return torch.stack([torch.as_tensor(c, dtype=torch.float64).expand(shape) for c in out[: rule.num_coefficients]])
 
 
+#: at most this many elements in a group are updated as one concatenated tensor (torch path).
+_FLATTEN_LIMIT = 1 << 21
+
+
+def update_flat(
+    rule: UpdateRule,
+    slots: Sequence[ParamSlot],
+    coefficients: Tensor,
+    mask: Tensor,
+    flags: Mapping[str, bool],
+) -> None:
+    """`update_tensor` over the concatenation of several parameters with equal coefficients."""
+    n = slots[0].param.shape[0]
+    present = [name for name in rule.state if flags.get(name, True)]
+
+    def cat(tensors: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
+
+    flat_state = {name: cat([s.state[name] for s in slots]) for name in present}
+    grads = [s.grad for s in slots]
+    merged = ParamSlot(0, cat([s.param for s in slots]), cat(grads), flat_state)  # type: ignore[misc]
+    update_tensor(rule, merged, coefficients, mask, flags)
+    sizes = [s.param[0].numel() for s in slots]
+    for role, flat in [("param", merged.param), *flat_state.items()]:
+        targets = [s.param if role == "param" else s.state[role] for s in slots]
+        pieces = [piece.view_as(t) for piece, t in zip(flat.split(sizes, dim=1), targets)]
+        torch._foreach_copy_(targets, pieces)
+    for s in slots:
+        if s.low_precision is not None:
+            s.low_precision.copy_(s.param)
+
+
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -144,7 +184,7 @@ def update_tensor(
     assert g is not None
     nd = p.dim()
     math = _opmath(p.dtype)
-    c = [per_model(row, nd) for row in coefficients.to(math).unbind(0)]
+    c = coefficients.to(math).view(coefficients.shape[0], -1, *([1] * (nd - 1))).unbind(0)
     state = [slot.state.get(name) for name in rule.state]
     inputs = [t.to(math) if t is not None else None for t in state]
     present = [flags.get(name, True) for name in rule.state]

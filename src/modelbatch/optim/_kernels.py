@@ -100,9 +100,9 @@ def _rebound(fn: Any) -> Any:
     namespace = dict(module.__dict__)
     namespace["ops"] = tl
     namespace["tl"] = tl
-    for name in ("_lerp", "_pow", "_round32"):
-        helper = module.__dict__[name]
-        namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, name))
+    for name, source in (("_lerp", "_lerp_formula"), ("_pow", "_pow"), ("_round32", "_round32")):
+        helper = module.__dict__[source]
+        namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, source))
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__)
     copy.__module__ = fn.__module__
     return triton.jit(copy)

@@ -150,6 +150,9 @@ class BatchOptimizer(torch.optim.Optimizer):
         self.num_models = len(configs)
         self._base_config = base
         self._model_batch = (lambda: None) if model_batch is None else weakref.ref(model_batch)
+        #: parameter -> its low-precision copy (see `low_precision_copies`).
+        self.low_precision: dict[Tensor, Tensor] = {}
+        self._low_versions: dict[Tensor, int] = {}
         device = _first_device(param_list)
         self._new_hparams = build_hparams(name, self.specs, full, device)
         check_rules(name, (*_finite(self.specs), *self.rules), self._new_hparams)
@@ -367,6 +370,74 @@ class BatchOptimizer(torch.optim.Optimizer):
                 lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
                 group["hparams"], group["step"], group["scalars"], group["lr"] = hp, step, scalars, lr
 
+    # ------------------------------------------------------------------ low precision
+
+    @torch.no_grad()
+    def low_precision_copies(self, dtype: torch.dtype) -> dict[Tensor, Tensor]:
+        """bf16/fp16 copies of every parameter, for a forward under autocast without weight casts.
+
+        Each copy is a leaf `[N, *shape]` that requires grad, laid out like its
+        parameter. A forward that reads the copies (`ModelBatch.forward(...,
+        weights=...)`) leaves its gradients on them; `step()` reads those
+        low-precision gradients directly, updates the float32 parameters and
+        writes the copies in the same kernel: no per-step cast of any weight
+        or gradient. A parameter changed in place outside `step()` (a load, a
+        replaced model) is copied again by `refresh_low_precision()`.
+
+        Returns:
+            `{parameter: copy}`; the same copies on every call with the same dtype.
+        """
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{type(self).__name__}.low_precision_copies: dtype must be torch.bfloat16 or "
+                f"torch.float16, got {dtype}."
+            )
+        existing = next(iter(self.low_precision.values()), None)
+        if existing is not None and existing.dtype == dtype:
+            return self.low_precision
+        self.low_precision = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                copy = torch.empty_like(p, dtype=dtype).copy_(p)
+                self.low_precision[p] = copy.requires_grad_()
+        self._low_versions = {p: p._version for p in self.low_precision}
+        return self.low_precision
+
+    @torch.no_grad()
+    def refresh_low_precision(self) -> None:
+        """Copy again every parameter changed in place since its copy was written (host-side check)."""
+        for p, copy in self.low_precision.items():
+            if p._version != self._low_versions.get(p) or copy.stride() != p.stride():
+                if copy.stride() != p.stride():
+                    copy.data = torch.empty_like(p, dtype=copy.dtype)
+                copy.copy_(p)
+                self._low_versions[p] = p._version
+
+    def gradients(self) -> list[Tensor]:
+        """Every parameter's current gradient (its low-precision copy's, where it has one)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = self._grad(p)
+                if g is not None:
+                    out.append(g)
+        return out
+
+    def _grad(self, p: Tensor) -> Tensor | None:
+        if p.grad is not None:
+            return p.grad
+        copy = self.low_precision.get(p)
+        return None if copy is None else copy.grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for copy in self.low_precision.values():
+            if copy.grad is not None:
+                if set_to_none:
+                    copy.grad = None
+                else:
+                    copy.grad.zero_()
+
     # ------------------------------------------------------------------ step
 
     def _follow_device(self, group: dict[str, Any], device: torch.device) -> None:
@@ -379,6 +450,10 @@ class BatchOptimizer(torch.optim.Optimizer):
         for t in tensors:
             if t.device != device:
                 t.data = t.data.to(device)
+        for p in group["params"]:
+            for t in self.state.get(p, {}).values():
+                if isinstance(t, Tensor) and t.device != p.device:
+                    t.data = t.data.to(p.device)
 
     @torch.no_grad()
     def step(self, closure: Any = None, *, skip: Tensor | None = None) -> Any:
@@ -397,22 +472,21 @@ class BatchOptimizer(torch.optim.Optimizer):
         options = self._rule_options()
         for group in self.param_groups:
             params = group["params"]
-            if not any(p.grad is not None for p in params):
+            grads = [self._grad(p) for p in params]
+            if all(g is None for g in grads):
                 continue
-            if any(p.grad is not None and p.grad.is_sparse for p in params):
+            if any(g is not None and g.is_sparse for g in grads):
                 raise ValueError(f"{name}: sparse gradients are not supported; use dense ones.")
             device = params[0].device
             self._follow_device(group, device)
             mask = update_mask(name, self._model_batch(), skip, self.num_models, device)
             slots = []
-            for row, p in enumerate(params):
-                if p.grad is None:
+            for row, (p, g) in enumerate(zip(params, grads)):
+                if g is None:
                     slots.append(ParamSlot(row, p, None, {}))
                     continue
                 state = self._state_for(group, p)
-                slots.append(
-                    ParamSlot(row, p, p.grad, state, getattr(p, "_modelbatch_low_precision", None))
-                )
+                slots.append(ParamSlot(row, p, g, state, self.low_precision.get(p)))
             run_rule(
                 self.rule,
                 slots,
@@ -424,6 +498,9 @@ class BatchOptimizer(torch.optim.Optimizer):
                 options,
                 group["structure"],
             )
+        for p in self.low_precision:
+            # The kernel wrote p without torch's version counter; the copy is current.
+            self._low_versions[p] = p._version
         return loss
 
 

@@ -72,7 +72,11 @@ class UpdateRule:
 
 
 def _lerp(start, end, weight):  # type: ignore[no-untyped-def]
-    # torch.lerp's formula, stable at both ends.
+    return ops.lerp(start, end, weight)
+
+
+def _lerp_formula(start, end, weight):  # type: ignore[no-untyped-def]
+    # torch.lerp's formula, stable at both ends: `_lerp` where ops has no lerp (Triton).
     return ops.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
 
 
