@@ -28,6 +28,7 @@ measured device-to-device copy bandwidth).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -93,7 +94,9 @@ def _lrs(n: int) -> list[float]:
     return [LR * (0.5 + 1.5 * i / max(n - 1, 1)) for i in range(n)]
 
 
-def _timer(torch: Any, device: str, step: Any, batches: list, target_ms: float, repeats: int) -> dict:
+def _timer(
+    torch: Any, device: str, step: Any, batches: list, target_ms: float, repeats: int
+) -> dict:
     """Median ms per step over `repeats` runs of about `target_ms` each, after warm-up."""
     cuda = device == "cuda"
 
@@ -126,7 +129,12 @@ def _timer(torch: Any, device: str, step: Any, batches: list, target_ms: float, 
             for i in range(iters):
                 step(*batches[i % k])
             times.append((time.perf_counter() - t0) / iters * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters}
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "iters": iters,
+    }
 
 
 def _autocast(torch: Any, device: str, precision: str) -> Any:
@@ -232,11 +240,14 @@ def arm_jax(sizes, n, precision, target_ms, repeats):  # type: ignore[no-untyped
     import numpy as np
     import optax
 
+    if precision == "fp32":
+        # Like TF32 off on the torch side: XLA may otherwise use TF32 for float32 dots.
+        jax.config.update("jax_default_matmul_precision", "float32")
     key = jax.random.PRNGKey(0)
 
     def init(key):  # type: ignore[no-untyped-def]
         params = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             key, k1, k2 = jax.random.split(key, 3)
             bound = 1 / math.sqrt(a)
             params.append(
@@ -303,7 +314,12 @@ def arm_jax(sizes, n, precision, target_ms, repeats):  # type: ignore[no-untyped
             step(*batches[i % 4])
         jax.block_until_ready(holder["p"])
         times.append((time.perf_counter() - t0) / iters * 1e3)
-    return {"ms": statistics.median(times), "ms_min": min(times), "ms_max": max(times), "iters": iters}
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "iters": iters,
+    }
 
 
 def _copy_bandwidth(torch: Any) -> float:
@@ -380,7 +396,7 @@ def child(args: argparse.Namespace) -> None:
             try:
                 res = arm_jax(sizes, n, args.precision, args.target_ms, args.timing_repeats)
                 res["status"] = "ok"
-            except Exception as err:  # noqa: BLE001  (out of memory shows as XlaRuntimeError)
+            except Exception as err:
                 res = {"status": "error", "reason": repr(err)[:300]}
             print(json.dumps({"n": n, **res}), flush=True)
         return
@@ -393,7 +409,9 @@ def child(args: argparse.Namespace) -> None:
             if args.arm == "loop":
                 step, scale = arm_loop(torch, sizes, n, device, args.precision, args.loop_cap)
             elif args.arm in ("recipe", "recipe_compiled"):
-                step, scale = _recipe(torch, sizes, n, device, args.precision, args.arm == "recipe_compiled")
+                step, scale = _recipe(
+                    torch, sizes, n, device, args.precision, args.arm == "recipe_compiled"
+                )
             elif args.arm == "quickstart":
                 step, scale = arm_quickstart(torch, sizes, n, device, args.precision)
             else:
@@ -412,7 +430,7 @@ def child(args: argparse.Namespace) -> None:
                 floor_ms = params * 28 / bandwidth * 1e3
                 res["optimizer_roofline_ms"] = floor_ms
                 res["copy_bandwidth_tb_s"] = bandwidth / 1e12
-        except Exception as err:  # noqa: BLE001  (out of memory and the like, reported per N)
+        except Exception as err:
             res = {"status": "error", "reason": repr(err)[:300]}
         print(json.dumps({"n": n, **res}), flush=True)
         step = None  # type: ignore[assignment]
@@ -426,7 +444,9 @@ def child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- the driver
 
 
-def run_child(arm: str, model: str, precision: str, ns: list[int], args: argparse.Namespace) -> list[dict]:
+def run_child(
+    arm: str, model: str, precision: str, ns: list[int], args: argparse.Namespace
+) -> list[dict]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(HERE.parent / "src") + os.pathsep + env.get("PYTHONPATH", "")
     # A fresh compile cache per process: the speed may not depend on a cached first tuning.
@@ -455,7 +475,11 @@ def run_child(arm: str, model: str, precision: str, ns: list[int], args: argpars
         )  # fmt: skip
     print(f"  {arm:16s} {model:20s} {precision:5s} {time.perf_counter() - t0:6.1f}s", flush=True)
     for r in records:
-        shown = f"{r['ms']:9.3f} ms" if r.get("status") == "ok" else f"{r.get('status')}: {r.get('reason', '')[:160]}"
+        shown = (
+            f"{r['ms']:9.3f} ms"
+            if r.get("status") == "ok"
+            else f"{r.get('status')}: {r.get('reason', '')[:160]}"
+        )
         print(f"      N={r.get('n', '-'):>6} {shown}", flush=True)
     return records
 
@@ -471,7 +495,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"])
     parser.add_argument("--n", nargs="*", type=int)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--repeats", type=int, default=5, help="fresh processes for the compiled step")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="fresh processes for the compiled step"
+    )
     parser.add_argument("--timing-repeats", type=int, default=5)
     parser.add_argument("--target-ms", type=float, default=100.0)
     parser.add_argument("--loop-cap", type=int, default=16)

@@ -331,8 +331,9 @@ def test_low_precision_copies_are_written_by_the_update_and_train_like_autocast(
         x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
         losses = [step(x, y) for _, _, step in runs]
         if t == 0:
-            # The same bf16 forward: weights cast by autocast or copied at creation.
-            torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+            # On the CPU, autocast leaves a vmapped linear layer in fp32 while the copies
+            # make it run in bf16: the bf16 tier.
+            torch.testing.assert_close(losses[1], losses[0], rtol=1e-2, atol=1e-2)
         mb, opt, _ = runs[1]
         for p in mb.parameters():
             copy_ = opt.low_precision[p]

@@ -626,7 +626,14 @@ def test_parameters_without_gradient_keep_state_and_step_count_like_torch(cls, c
     assert max_rel_diff(mb, reference) <= TOL
     rows = opt.param_groups[0]["step"]
     assert rows.shape == (6, N)  # trunk weight/bias, head 0 weight/bias, head 1 weight/bias
-    assert rows[:, 0].tolist() == [12, 12, heads.count(0), heads.count(0), heads.count(1), heads.count(1)]
+    assert rows[:, 0].tolist() == [
+        12,
+        12,
+        heads.count(0),
+        heads.count(0),
+        heads.count(1),
+        heads.count(1),
+    ]
 
 
 def test_optimizer_holds_no_strong_reference_to_the_model_batch():
@@ -675,6 +682,8 @@ def test_cuda_kernels_match_torch_and_the_torch_path(cls, configs, monkeypatch):
     # Against torch one by one (model 3 was retired): the GPU's batched matmuls sum in
     # another order than the CPU's, so the GPU tier of the tolerance.
     for i in (0, 1, 2, 4):
-        for (k, a), b in zip(reference[i].state_dict().items(), kernel.model(i).state_dict().values()):
+        for (k, a), b in zip(
+            reference[i].state_dict().items(), kernel.model(i).state_dict().values()
+        ):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
     assert max_rel_diff(kernel, [torch_path.model(i) for i in range(N)]) <= 1e-5

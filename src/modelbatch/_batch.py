@@ -14,8 +14,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._indices import model_indices
-from ._metrics import format_table, per_model_rows
 from ._layout import GradLayout
+from ._metrics import format_table, per_model_rows
 from ._stack import (
     build_stacked_tree,
     check_compatible,

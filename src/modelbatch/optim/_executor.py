@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -133,7 +132,12 @@ def coefficient_table(
     for table, new in zip(old, out[rule.num_coefficients :]):
         table.copy_(torch.where(live, new, table))
     shape = steps.shape
-    return torch.stack([torch.as_tensor(c, dtype=torch.float64).expand(shape) for c in out[: rule.num_coefficients]])
+    return torch.stack(
+        [
+            torch.as_tensor(c, dtype=torch.float64).expand(shape)
+            for c in out[: rule.num_coefficients]
+        ]
+    )
 
 
 #: at most this many elements in a group are updated as one concatenated tensor (torch path).
@@ -155,8 +159,8 @@ def update_flat(
         return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
 
     flat_state = {name: cat([s.state[name] for s in slots]) for name in present}
-    grads = [s.grad for s in slots]
-    merged = ParamSlot(0, cat([s.param for s in slots]), cat(grads), flat_state)  # type: ignore[misc]
+    grads = [s.grad for s in slots if s.grad is not None]
+    merged = ParamSlot(0, cat([s.param for s in slots]), cat(grads), flat_state)
     update_tensor(rule, merged, coefficients, mask, flags)
     sizes = [s.param[0].numel() for s in slots]
     for role, flat in [("param", merged.param), *flat_state.items()]:

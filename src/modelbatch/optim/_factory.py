@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from ._optimizers import BATCH_CLASSES, BatchOptimizer
 

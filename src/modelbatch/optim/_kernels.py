@@ -49,7 +49,7 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 ENABLED = os.environ.get("MODELBATCH_TRITON", "1") != "0"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -63,10 +63,11 @@ def _model_major_dense(t: Tensor) -> bool:
     """Dense, with the model axis outermost in memory (each model's slice contiguous)."""
     if t.dim() == 0:
         return False
-    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: (-strides[d], d))
     expected = 1
     for d in reversed(order):
-        if t.shape[d] != 1 and t.stride(d) != expected:
+        if t.shape[d] != 1 and strides[d] != expected:
             return False
         expected *= t.shape[d]
     return order[0] == 0 or t.shape[0] == 1
@@ -126,7 +127,7 @@ def _source_dir() -> str:
     return tempfile.mkdtemp(prefix="modelbatch_kernels_")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _coefficient_kernel(rule: UpdateRule) -> Any:
     h = [f"h{i}" for i in range(len(rule.hparams))]
     sc = [f"s{i}" for i in range(len(rule.scalars))]
@@ -166,11 +167,11 @@ def _coefficient_kernel(rule: UpdateRule) -> Any:
     for j, x in enumerate(sc):
         lines.append(f"    tl.store({x}_ptr + idx, out[{c + j}], mask=inb & live)")
     module = _load_source(f"coefficients_{rule.name}", "\n".join(lines) + "\n")
-    module._coefficients = _rebound(rule.coefficients)
+    module._coefficients = _rebound(rule.coefficients)  # type: ignore[attr-defined]
     return getattr(module, f"modelbatch_coefficients_{rule.name}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _update_kernel(
     rule: UpdateRule, present: tuple[bool, ...], slots: int, low_precision: bool, aligned: bool
 ) -> Any:
@@ -229,7 +230,9 @@ def _update_kernel(
     args = ["p", "g"]
     for i in range(len(rule.state)):
         if i in placeholders:
-            lines.append(f"            s{i} = tl.load(s{i}_ + o, mask=inb, other=0.0).to(tl.float32)")
+            lines.append(
+                f"            s{i} = tl.load(s{i}_ + o, mask=inb, other=0.0).to(tl.float32)"
+            )
             args.append(f"s{i}")
         else:
             args.append("p")
@@ -237,12 +240,14 @@ def _update_kernel(
     lines.append(f"            out = _update({', '.join(args)})")
     lines.append("            tl.store(p_ + o, out[0].to(p_.dtype.element_ty), mask=inb)")
     for i in states:
-        lines.append(f"            tl.store(s{i}_ + o, out[{1 + i}].to(s{i}_.dtype.element_ty), mask=inb)")
+        lines.append(
+            f"            tl.store(s{i}_ + o, out[{1 + i}].to(s{i}_.dtype.element_ty), mask=inb)"
+        )
     if low_precision:
         lines.append("            tl.store(lp_ + o, out[0].to(lp_.dtype.element_ty), mask=inb)")
     name = f"update_{rule.name}_{''.join('1' if x else '0' for x in present)}_{slots}{'_lp' if low_precision else ''}{'_a' if aligned else ''}"
     module = _load_source(name, "\n".join(lines) + "\n")
-    module._update = _rebound(rule.update)
+    module._update = _rebound(rule.update)  # type: ignore[attr-defined]
     return getattr(module, f"modelbatch_update_{rule.name}")
 
 
@@ -270,7 +275,9 @@ def _chunk_tables(lengths: tuple[int, ...], device: torch.device) -> tuple[Tenso
         return cached
     total = sum(lengths)
     chunk = BLOCK
-    while sum(-(-n // chunk) for n in lengths) > MAX_CHUNKS or (chunk < 4 * BLOCK and total > 64 * chunk):
+    while sum(-(-n // chunk) for n in lengths) > MAX_CHUNKS or (
+        chunk < 4 * BLOCK and total > 64 * chunk
+    ):
         chunk *= 2
     slot, offset = [], []
     for j, n in enumerate(lengths):
@@ -326,11 +333,21 @@ def run(
             t.data_ptr() % 16 == 0 for t in (slot.param, slot.grad, *slot.state.values())
         )
         lp = slot.low_precision
-        key = (slot.param.dtype, slot.grad.dtype, None if lp is None else lp.dtype, aligned)
-        groups.setdefault(key, []).append(slot)
+        group_key = (slot.param.dtype, slot.grad.dtype, None if lp is None else lp.dtype, aligned)
+        groups.setdefault(group_key, []).append(slot)
     for (_, _, lp_dtype, aligned), members in groups.items():
         for i in range(0, len(members), MAX_SLOTS):
-            _launch(rule, members[i : i + MAX_SLOTS], present, lp_dtype is not None, aligned, coefficients, mask, k, n)
+            _launch(
+                rule,
+                members[i : i + MAX_SLOTS],
+                present,
+                lp_dtype is not None,
+                aligned,
+                coefficients,
+                mask,
+                k,
+                n,
+            )
 
 
 def _launch(

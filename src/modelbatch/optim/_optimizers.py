@@ -302,7 +302,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                 dev_idx = idx.to(group["step"].device)
                 group["step"][:, dev_idx] = 0
                 k = len(group["params"])
-                for (name, init), table in zip(self.rule.scalars, group["scalars"].values()):
+                for (_name, init), table in zip(self.rule.scalars, group["scalars"].values()):
                     table[:, dev_idx] = self._scalar_init(init, group["hparams"], k)[:, dev_idx]
                 for p in group["params"]:
                     for key, value in self.state.get(p, {}).items():
@@ -368,7 +368,12 @@ class BatchOptimizer(torch.optim.Optimizer):
                 for k, t in scalars.items():
                     t.copy_(group["scalars"][k])
                 lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
-                group["hparams"], group["step"], group["scalars"], group["lr"] = hp, step, scalars, lr
+                group["hparams"], group["step"], group["scalars"], group["lr"] = (
+                    hp,
+                    step,
+                    scalars,
+                    lr,
+                )
 
     # ------------------------------------------------------------------ low precision
 
@@ -446,7 +451,12 @@ class BatchOptimizer(torch.optim.Optimizer):
             # A float factor set by hand; a tensor is read by a captured step and filled in
             # place by torch's schedulers.
             group["lr"] = torch.tensor(float(group["lr"]), dtype=HPARAM_DTYPE, device=device)
-        tensors = [*group["hparams"].values(), group["step"], *group["scalars"].values(), group["lr"]]
+        tensors = [
+            *group["hparams"].values(),
+            group["step"],
+            *group["scalars"].values(),
+            group["lr"],
+        ]
         for t in tensors:
             if t.device != device:
                 t.data = t.data.to(device)
@@ -623,7 +633,13 @@ class BatchNAdam(BatchOptimizer):
         "lr": _FLOAT, "betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT,
         "momentum_decay": _FLOAT, "maximize": _BOOL,
     }  # fmt: skip
-    rules = (_nonneg("lr"), _nonneg("eps"), _BETAS, _nonneg("weight_decay"), _nonneg("momentum_decay"))
+    rules = (
+        _nonneg("lr"),
+        _nonneg("eps"),
+        _BETAS,
+        _nonneg("weight_decay"),
+        _nonneg("momentum_decay"),
+    )
     shared: ClassVar[tuple[str, ...]] = ("decoupled_weight_decay",)
 
 

@@ -77,12 +77,16 @@ def _lerp(start, end, weight):  # type: ignore[no-untyped-def]
 
 def _lerp_formula(start, end, weight):  # type: ignore[no-untyped-def]
     # torch.lerp's formula, stable at both ends: `_lerp` where ops has no lerp (Triton).
-    return ops.where(weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+    return ops.where(
+        weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight)
+    )
 
 
 def _pow(base, exponent):  # type: ignore[no-untyped-def]
     # base ** exponent for base >= 0 and a positive integer-valued exponent, in float64.
-    return ops.where(base > 0.0, ops.exp(exponent * ops.log(ops.where(base > 0.0, base, 1.0))), 0.0 * base)
+    return ops.where(
+        base > 0.0, ops.exp(exponent * ops.log(ops.where(base > 0.0, base, 1.0))), 0.0 * base
+    )
 
 
 def _round32(x):  # type: ignore[no-untyped-def]
@@ -102,7 +106,9 @@ def _adam_coefficients(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maxim
     return (lr / bias1, bias2_sqrt, eps, wd, 1.0 - beta1, beta2, 1.0 - beta2, sign, amsgrad, decay)
 
 
-def _adam_update(p, g, m, v, vmax, step_size, bias2_sqrt, eps, wd, w1, beta2, w2, sign, amsgrad, decay, HAS_MAX):  # type: ignore[no-untyped-def]
+def _adam_update(
+    p, g, m, v, vmax, step_size, bias2_sqrt, eps, wd, w1, beta2, w2, sign, amsgrad, decay, HAS_MAX
+):  # type: ignore[no-untyped-def]
     g = g * sign
     p = p * decay
     g = g + p * wd
@@ -121,8 +127,15 @@ def _adam_update(p, g, m, v, vmax, step_size, bias2_sqrt, eps, wd, w1, beta2, w2
 
 ADAM = UpdateRule(
     name="Adam",
-    hparams=(("lr", None), ("betas", 0), ("betas", 1), ("eps", None), ("weight_decay", None),
-             ("amsgrad", None), ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("betas", 0),
+        ("betas", 1),
+        ("eps", None),
+        ("weight_decay", None),
+        ("amsgrad", None),
+        ("maximize", None),
+    ),
     state=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     coefficients=_adam_coefficients,
     num_coefficients=10,
@@ -159,8 +172,14 @@ def _sgd_update(p, g, buf, lr, wd, sign, has_momentum, keep, take, nesterov, mom
 
 SGD = UpdateRule(
     name="SGD",
-    hparams=(("lr", None), ("momentum", None), ("dampening", None), ("weight_decay", None),
-             ("nesterov", None), ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("momentum", None),
+        ("dampening", None),
+        ("weight_decay", None),
+        ("nesterov", None),
+        ("maximize", None),
+    ),
     state=("momentum_buffer",),
     coefficients=_sgd_coefficients,
     num_coefficients=8,
@@ -177,7 +196,23 @@ def _rmsprop_coefficients(step, lr, alpha, eps, weight_decay, momentum, centered
     return (lr, alpha, 1.0 - alpha, eps, weight_decay, momentum, centered, sign)
 
 
-def _rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, w, eps, wd, momentum, centered, sign, HAS_CENTERED, HAS_BUF):  # type: ignore[no-untyped-def]
+def _rmsprop_update(
+    p,
+    g,
+    square_avg,
+    grad_avg,
+    buf,
+    lr,
+    alpha,
+    w,
+    eps,
+    wd,
+    momentum,
+    centered,
+    sign,
+    HAS_CENTERED,
+    HAS_BUF,
+):  # type: ignore[no-untyped-def]
     g = g * sign
     g = g + p * wd
     square_avg = square_avg * alpha + w * g * g
@@ -199,8 +234,15 @@ def _rmsprop_update(p, g, square_avg, grad_avg, buf, lr, alpha, w, eps, wd, mome
 
 RMSPROP = UpdateRule(
     name="RMSprop",
-    hparams=(("lr", None), ("alpha", None), ("eps", None), ("weight_decay", None),
-             ("momentum", None), ("centered", None), ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("alpha", None),
+        ("eps", None),
+        ("weight_decay", None),
+        ("momentum", None),
+        ("centered", None),
+        ("maximize", None),
+    ),
     state=("square_avg", "grad_avg", "momentum_buffer"),
     coefficients=_rmsprop_coefficients,
     num_coefficients=8,
@@ -228,8 +270,13 @@ def _adagrad_update(p, g, total, clr, wd, eps, sign):  # type: ignore[no-untyped
 
 ADAGRAD = UpdateRule(
     name="Adagrad",
-    hparams=(("lr", None), ("lr_decay", None), ("weight_decay", None), ("eps", None),
-             ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("lr_decay", None),
+        ("weight_decay", None),
+        ("eps", None),
+        ("maximize", None),
+    ),
     state=("sum",),
     coefficients=_adagrad_coefficients,
     num_coefficients=4,
@@ -257,8 +304,14 @@ def _adamax_update(p, g, m, u, clr, w1, beta2, eps, wd, sign):  # type: ignore[n
 
 ADAMAX = UpdateRule(
     name="Adamax",
-    hparams=(("lr", None), ("betas", 0), ("betas", 1), ("eps", None), ("weight_decay", None),
-             ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("betas", 0),
+        ("betas", 1),
+        ("eps", None),
+        ("weight_decay", None),
+        ("maximize", None),
+    ),
     state=("exp_avg", "exp_inf"),
     coefficients=_adamax_coefficients,
     num_coefficients=6,
@@ -269,7 +322,9 @@ ADAMAX = UpdateRule(
 # ---------------------------------------------------------------------- NAdam
 
 
-def _nadam_coefficients(step, mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay, maximize, decoupled):  # type: ignore[no-untyped-def]
+def _nadam_coefficients(
+    step, mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay, maximize, decoupled
+):  # type: ignore[no-untyped-def]
     bias2 = 1.0 - _pow(beta2, step)
     mu = beta1 * (1.0 - 0.5 * _pow((24.0 + 0.0 * step) / 25.0, step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * _pow((24.0 + 0.0 * step) / 25.0, (step + 1.0) * momentum_decay))
@@ -299,8 +354,15 @@ def _nadam_update(p, g, m, v, grad_rate, avg_rate, bias2, eps, wd, decay, w1, be
 
 NADAM = UpdateRule(
     name="NAdam",
-    hparams=(("lr", None), ("betas", 0), ("betas", 1), ("eps", None), ("weight_decay", None),
-             ("momentum_decay", None), ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("betas", 0),
+        ("betas", 1),
+        ("eps", None),
+        ("weight_decay", None),
+        ("momentum_decay", None),
+        ("maximize", None),
+    ),
     state=("exp_avg", "exp_avg_sq"),
     scalars=(("mu_product", 1.0),),
     coefficients=_nadam_coefficients,
@@ -321,14 +383,34 @@ def _radam_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize, dec
     rho_t = rho_inf - 2.0 * step * beta2_t / bias2
     rectified = ops.where(rho_t > 5.0, 1.0, 0.0)
     safe_rho = ops.where(rho_t > 5.0, rho_t, 5.0)
-    rect = ops.sqrt((safe_rho - 4.0) * (safe_rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe_rho))
+    rect = ops.sqrt(
+        (safe_rho - 4.0)
+        * (safe_rho - 2.0)
+        * rho_inf
+        / ((rho_inf - 4.0) * (rho_inf - 2.0) * safe_rho)
+    )
     decay = 1.0 - lr * weight_decay * decoupled
     wd = weight_decay * (1.0 - decoupled)
     sign = 1.0 - 2.0 * maximize
-    return (lr, bias1, ops.sqrt(bias2), rect, rectified, eps, wd, decay, 1.0 - beta1, beta2, 1.0 - beta2, sign)
+    return (
+        lr,
+        bias1,
+        ops.sqrt(bias2),
+        rect,
+        rectified,
+        eps,
+        wd,
+        decay,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        sign,
+    )
 
 
-def _radam_update(p, g, m, v, lr, bias1, bias2_sqrt, rect, rectified, eps, wd, decay, w1, beta2, w2, sign):  # type: ignore[no-untyped-def]
+def _radam_update(
+    p, g, m, v, lr, bias1, bias2_sqrt, rect, rectified, eps, wd, decay, w1, beta2, w2, sign
+):  # type: ignore[no-untyped-def]
     g = g * sign
     p = p * decay
     g = g + p * wd
@@ -344,8 +426,14 @@ def _radam_update(p, g, m, v, lr, bias1, bias2_sqrt, rect, rectified, eps, wd, d
 
 RADAM = UpdateRule(
     name="RAdam",
-    hparams=(("lr", None), ("betas", 0), ("betas", 1), ("eps", None), ("weight_decay", None),
-             ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("betas", 0),
+        ("betas", 1),
+        ("eps", None),
+        ("weight_decay", None),
+        ("maximize", None),
+    ),
     state=("exp_avg", "exp_avg_sq"),
     coefficients=_radam_coefficients,
     num_coefficients=12,
@@ -374,7 +462,13 @@ def _adadelta_update(p, g, square_avg, acc_delta, lr, rho, w, eps, wd, sign):  #
 
 ADADELTA = UpdateRule(
     name="Adadelta",
-    hparams=(("lr", None), ("rho", None), ("eps", None), ("weight_decay", None), ("maximize", None)),
+    hparams=(
+        ("lr", None),
+        ("rho", None),
+        ("eps", None),
+        ("weight_decay", None),
+        ("maximize", None),
+    ),
     state=("square_avg", "acc_delta"),
     coefficients=_adadelta_coefficients,
     num_coefficients=6,
@@ -408,8 +502,14 @@ def _asgd_update(p, g, ax, decay, eta, mu, wd, sign):  # type: ignore[no-untyped
 
 ASGD = UpdateRule(
     name="ASGD",
-    hparams=(("lr", None), ("lambd", None), ("alpha", None), ("t0", None), ("weight_decay", None),
-             ("maximize", None)),  # fmt: skip
+    hparams=(
+        ("lr", None),
+        ("lambd", None),
+        ("alpha", None),
+        ("t0", None),
+        ("weight_decay", None),
+        ("maximize", None),
+    ),
     state=("ax",),
     scalars=(("eta", "lr"), ("mu", 1.0)),
     coefficients=_asgd_coefficients,
