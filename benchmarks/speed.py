@@ -362,6 +362,7 @@ def profile_compiled(torch: Any, step: Any, batches: list, steps: int = 10) -> d
             step(*batches[i % len(batches)])
         torch.cuda.synchronize()
     families: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
     count = 0
     optimizer_us = 0.0
     for evt in prof.events():
@@ -371,6 +372,9 @@ def profile_compiled(torch: Any, step: Any, batches: list, steps: int = 10) -> d
         us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
         fam = _family(evt.name)
         families[fam] = families.get(fam, 0.0) + us
+        entry = kernels.setdefault(evt.name[:90], [0.0, 0.0])
+        entry[0] += us / steps
+        entry[1] += 1 / steps
         if fam == "optimizer" and "update" in evt.name:
             optimizer_us += us
     total = sum(families.values()) or 1.0
@@ -379,7 +383,27 @@ def profile_compiled(torch: Any, step: Any, batches: list, steps: int = 10) -> d
         "gpu_ms_per_step": total / 1e3 / steps,
         "share": {k: v / total for k, v in families.items()},
         "optimizer_update_ms": optimizer_us / 1e3 / steps,
+        "top_kernels_us": sorted(
+            ([k, round(v[0], 2), round(v[1], 2)] for k, v in kernels.items()), key=lambda r: -r[1]
+        )[:25],
     }
+
+
+def _host_profile(step: Any, batches: list) -> list:
+    """Where the host time of an eager step goes: the top functions by cumulative time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(20):
+        step(*batches[i % len(batches)])
+    prof.disable()
+    stats = pstats.Stats(prof).sort_stats("cumulative")
+    rows = []
+    for (file, line, fn), (_cc, _nc, _tt, ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append([f"{pathlib.Path(file).name}:{line}:{fn}", round(ct / 20 * 1e3, 3)])
+    return sorted(rows, key=lambda r: -r[1])[:40]
 
 
 def child(args: argparse.Namespace) -> None:
@@ -417,6 +441,8 @@ def child(args: argparse.Namespace) -> None:
             else:
                 step, scale = arm_compiled(torch, sizes, n, device, args.precision)
             res = _timer(torch, device, step, batches, args.target_ms, args.timing_repeats)
+            if args.arm == "quickstart" and n == args.n[0]:
+                res["host_profile"] = _host_profile(step, batches)
             for key in ("ms", "ms_min", "ms_max"):
                 res[key] *= scale
             res["status"] = "ok"

@@ -5,7 +5,7 @@ are re-bound so that their `ops` is `triton.language` and inlined:
 
 - the coefficient kernel, grid `(ceil(N / 128), K)`: advances the step counts
   and scalar state of live (parameter, model) pairs and writes the rule's
-  coefficients to a `[C, K, N]` float64 table;
+  coefficients to a `[K, N, C]` float64 table;
 - the update kernel, grid `(N, chunks)`: program `(n, c)` updates chunk `c`
   (of `CHUNK` elements) of model n's slice of one parameter tensor, for up to
   `MAX_SLOTS` tensors passed as separate arguments (a table of chunks maps
@@ -42,6 +42,7 @@ BLOCK = 1024
 NUM_WARPS = 4
 COEFF_BLOCK = 128
 MAX_CHUNKS = 65535
+_MIN_PROGRAMS = 4096
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -162,7 +163,7 @@ def _coefficient_kernel(rule: UpdateRule) -> Any:
     lines.append(f"    out = _coefficients({args})")
     for j in range(c):
         lines.append(
-            f"    tl.store(coef_ptr + {j} * K * N + idx, (out[{j}] + 0.0 * step).to(tl.float64), mask=inb)"
+            f"    tl.store(coef_ptr + idx * {c} + {j}, (out[{j}] + 0.0 * step).to(tl.float64), mask=inb)"
         )
     for j, x in enumerate(sc):
         lines.append(f"    tl.store({x}_ptr + idx, out[{c + j}], mask=inb & live)")
@@ -214,10 +215,10 @@ def _update_kernel(
         lines.append("        off = tl.multiple_of(off, BLOCK)")
     lines += [
         "        base = n.to(tl.int64) * L",
-        "        cbase = coef_ptr + row.to(tl.int64) * N + n",
+        f"        cbase = coef_ptr + (row.to(tl.int64) * N + n) * {c}",
     ]
     for j in range(c):
-        lines.append(f"        c{j} = tl.load(cbase + {j} * K * N).to(tl.float32)")
+        lines.append(f"        c{j} = tl.load(cbase + {j}).to(tl.float32)")
     placeholders = {i: f"s{i}" for i in states}
     lines += [
         "        for start in tl.range(0, CHUNK, BLOCK):",
@@ -267,17 +268,27 @@ def _device_flags(key: tuple[bool, ...], device: torch.device) -> Tensor:
     return t
 
 
-def _chunk_tables(lengths: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, int]:
-    """Which tensor and offset each chunk covers; the chunk size (a multiple of BLOCK)."""
-    full = (lengths, str(device))
+def _chunk_tables(
+    lengths: tuple[int, ...], models: int, device: torch.device
+) -> tuple[Tensor, Tensor, int]:
+    """Which tensor and offset each chunk covers; the chunk size (a multiple of BLOCK).
+
+    Chunks are as long as possible (up to 16 blocks: fewer programs, each
+    loading its coefficients once) while the grid keeps at least
+    `_MIN_PROGRAMS` programs to spread over the multiprocessors.
+    """
+    full = (lengths, models, str(device))
     cached = _CHUNKS.get(full)
     if cached is not None:
         return cached
-    total = sum(lengths)
-    chunk = BLOCK
-    while sum(-(-n // chunk) for n in lengths) > MAX_CHUNKS or (
-        chunk < 4 * BLOCK and total > 64 * chunk
-    ):
+
+    def count(chunk: int) -> int:
+        return sum(-(-n // chunk) for n in lengths)
+
+    chunk = 16 * BLOCK
+    while chunk > BLOCK and models * count(chunk) < _MIN_PROGRAMS:
+        chunk //= 2
+    while count(chunk) > MAX_CHUNKS:
         chunk *= 2
     slot, offset = [], []
     for j, n in enumerate(lengths):
@@ -310,8 +321,10 @@ def run(
     k, n = steps.shape
     device = steps.device
     has = _device_flags(tuple(s.grad is not None for s in slots), device)
-    coefficients = torch.empty((rule.num_coefficients, k, n), dtype=torch.float64, device=device)
-    args: list[Any] = [mask, has, steps, lr_factor, coefficients, k, n]
+    # [K, N, C]: one program's coefficients are adjacent in memory.
+    table = torch.empty((k, n, rule.num_coefficients), dtype=torch.float64, device=device)
+    coefficients = table.permute(2, 0, 1)
+    args: list[Any] = [mask, has, steps, lr_factor, table, k, n]
     for key, column in rule.hparams:
         t = hparam_column(hparams, key, column)
         args += [t, t.stride(0)]
@@ -338,6 +351,7 @@ def run(
     for (_, _, lp_dtype, aligned), members in groups.items():
         for i in range(0, len(members), MAX_SLOTS):
             _launch(
+                table,
                 rule,
                 members[i : i + MAX_SLOTS],
                 present,
@@ -351,6 +365,7 @@ def run(
 
 
 def _launch(
+    table: Tensor,
     rule: UpdateRule,
     members: Sequence[Any],
     present: tuple[bool, ...],
@@ -362,8 +377,8 @@ def _launch(
     n: int,
 ) -> None:
     lengths = tuple(s.param.numel() // n for s in members)
-    chunk_slot, chunk_off, chunk = _chunk_tables(lengths, mask.device)
-    args: list[Any] = [mask, coefficients, chunk_slot, chunk_off, k, n]
+    chunk_slot, chunk_off, chunk = _chunk_tables(lengths, n, mask.device)
+    args: list[Any] = [mask, table, chunk_slot, chunk_off, k, n]
     for s, length in zip(members, lengths):
         args += [s.param, s.grad]
         args += [s.state[name] for name, on in zip(rule.state, present) if on]
