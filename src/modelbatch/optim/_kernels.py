@@ -221,7 +221,8 @@ def _update_kernel(
         lines.append(f"        c{j} = tl.load(cbase + {j}).to(tl.float32)")
     placeholders = {i: f"s{i}" for i in states}
     lines += [
-        "        for start in tl.range(0, CHUNK, BLOCK):",
+        "        stop = tl.minimum(CHUNK, L - off)",
+        "        for start in tl.range(0, stop, BLOCK):",
         "            idx = off + start + tl.arange(0, BLOCK)",
         "            inb = idx < L",
         "            o = base + idx",
@@ -273,7 +274,7 @@ def _chunk_tables(
 ) -> tuple[Tensor, Tensor, int]:
     """Which tensor and offset each chunk covers; the chunk size (a multiple of BLOCK).
 
-    Chunks are as long as possible (up to 16 blocks: fewer programs, each
+    Chunks are as long as possible (up to 4 blocks: fewer programs, each
     loading its coefficients once) while the grid keeps at least
     `_MIN_PROGRAMS` programs to spread over the multiprocessors.
     """
@@ -285,7 +286,7 @@ def _chunk_tables(
     def count(chunk: int) -> int:
         return sum(-(-n // chunk) for n in lengths)
 
-    chunk = 16 * BLOCK
+    chunk = 4 * BLOCK
     while chunk > BLOCK and models * count(chunk) < _MIN_PROGRAMS:
         chunk //= 2
     while count(chunk) > MAX_CHUNKS:
