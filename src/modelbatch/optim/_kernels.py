@@ -221,32 +221,32 @@ def _update_kernel(
         lines.append(f"        c{j} = tl.load(cbase + {j}).to(tl.float32)")
     placeholders = {i: f"s{i}" for i in states}
     lines += [
-        "        stop = tl.minimum(CHUNK, L - off)",
-        "        for start in tl.range(0, stop, BLOCK):",
-        "            idx = off + start + tl.arange(0, BLOCK)",
-        "            inb = idx < L",
-        "            o = base + idx",
-        "            p = tl.load(p_ + o, mask=inb, other=0.0).to(tl.float32)",
-        "            g = tl.load(g_ + o, mask=inb, other=0.0).to(tl.float32)",
+        "        for start in tl.range(0, CHUNK, BLOCK):",
+        "            if off + start < L:",
+        "                idx = off + start + tl.arange(0, BLOCK)",
+        "                inb = idx < L",
+        "                o = base + idx",
+        "                p = tl.load(p_ + o, mask=inb, other=0.0).to(tl.float32)",
+        "                g = tl.load(g_ + o, mask=inb, other=0.0).to(tl.float32)",
     ]
     args = ["p", "g"]
     for i in range(len(rule.state)):
         if i in placeholders:
             lines.append(
-                f"            s{i} = tl.load(s{i}_ + o, mask=inb, other=0.0).to(tl.float32)"
+                f"                s{i} = tl.load(s{i}_ + o, mask=inb, other=0.0).to(tl.float32)"
             )
             args.append(f"s{i}")
         else:
             args.append("p")
     args += [f"c{j}" for j in range(c)] + [str(f) for f in flags]
-    lines.append(f"            out = _update({', '.join(args)})")
-    lines.append("            tl.store(p_ + o, out[0].to(p_.dtype.element_ty), mask=inb)")
+    lines.append(f"                out = _update({', '.join(args)})")
+    lines.append("                tl.store(p_ + o, out[0].to(p_.dtype.element_ty), mask=inb)")
     for i in states:
         lines.append(
-            f"            tl.store(s{i}_ + o, out[{1 + i}].to(s{i}_.dtype.element_ty), mask=inb)"
+            f"                tl.store(s{i}_ + o, out[{1 + i}].to(s{i}_.dtype.element_ty), mask=inb)"
         )
     if low_precision:
-        lines.append("            tl.store(lp_ + o, out[0].to(lp_.dtype.element_ty), mask=inb)")
+        lines.append("                tl.store(lp_ + o, out[0].to(lp_.dtype.element_ty), mask=inb)")
     name = f"update_{rule.name}_{''.join('1' if x else '0' for x in present)}_{slots}{'_lp' if low_precision else ''}{'_a' if aligned else ''}"
     module = _load_source(name, "\n".join(lines) + "\n")
     module._update = _rebound(rule.update)  # type: ignore[attr-defined]
