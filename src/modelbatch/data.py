@@ -124,6 +124,13 @@ def _hash(seeds: Tensor, epoch: int, stream: int, length: int) -> Tensor:
     return _mix32(h ^ ((s >> 32) & _M32))
 
 
+def _keys(seeds: Tensor, epoch: int, stream: int, count: int) -> Tensor:
+    """`count` 32-bit keys per model `[N, count]`, from its seed, the epoch and the stream."""
+    base = _hash(seeds, epoch, stream, 1)  # [N, 1]
+    step = torch.arange(count, device=seeds.device, dtype=torch.int64) * 0x9E3779B9
+    return _fmix(base ^ (step & _M32))
+
+
 def model_seeds(
     seed: int | Sequence[int] | Tensor,
     num_models: int,
@@ -377,11 +384,10 @@ class PerModelSampler(Sampler[list[int]]):
         if self.sampling != "bootstrap":
             raise ValueError(f"{self._owner}.bags: only sampling='bootstrap' has bags.")
         draws = torch.arange(self.num_samples, device=self.device).expand(self.num_models, -1)
-        return self._bag_draws(self.seeds, draws)
+        return self._bag_draws(_keys(self.seeds, 0, _STREAM_BAG, 2), draws)
 
-    def _bag_draws(self, seeds: Tensor, draws: Tensor) -> Tensor:
-        """Draws `draws` `[N, P]` of each model's bag: sample indices `[N, P]`."""
-        k = _hash(seeds, 0, _STREAM_BAG, 2)
+    def _bag_draws(self, k: Tensor, draws: Tensor) -> Tensor:
+        """Draws `draws` `[N, P]` of each model's bag (keys `k` `[N, 2]`): sample indices."""
         h = _fmix(draws ^ k[:, :1])
         h ^= k[:, 1:]
         return _fmix(h) % self.num_samples
@@ -398,7 +404,9 @@ class PerModelSampler(Sampler[list[int]]):
         mid-epoch takes effect at the next epoch.
         """
         seeds = self.seeds.clone()
-        plan = {"seeds": seeds, "keys": _hash(seeds, epoch, _STREAM_SHUFFLE, _ROUNDS)}
+        plan = {"keys": _keys(seeds, epoch, _STREAM_SHUFFLE, _ROUNDS)}
+        if self.sampling == "bootstrap":
+            plan["bag_keys"] = _keys(seeds, 0, _STREAM_BAG, 2)
         if self.sampling == "kfold":
             assert self.sample_folds is not None and self.model_folds is not None
             sizes = self.sample_folds.bincount(minlength=int(self.model_folds.max()) + 1)
@@ -421,7 +429,7 @@ class PerModelSampler(Sampler[list[int]]):
         # samples_per_epoch, a uniformly random subset in a random order.
         q = _permute(pos, plan["keys"], plan["bound"])
         if self.sampling == "bootstrap":
-            return self._bag_draws(plan["seeds"], q)
+            return self._bag_draws(plan["bag_keys"], q)
         if self.sampling == "kfold":
             return plan["by_fold"][q + (q >= plan["start"]) * plan["size"]]
         return q
