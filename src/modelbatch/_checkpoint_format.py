@@ -438,9 +438,14 @@ class CheckpointFile:
                 self.owner,
             )
         text = self.raw_meta[META_KEY]
-        if str(zlib.crc32(text.encode())) != self.raw_meta.get(META_CRC_KEY):
+        if not isinstance(text, str) or str(zlib.crc32(text.encode())) != self.raw_meta.get(
+            META_CRC_KEY
+        ):
             raise self._corrupted("its metadata fails the checksum.")
-        meta = json.loads(text)
+        try:
+            meta = json.loads(text)
+        except ValueError as e:
+            raise self._corrupted(f"its metadata is not JSON ({e}).") from e
         if not isinstance(meta, dict):
             raise self._corrupted("its metadata is not a JSON object.")
         if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
@@ -458,9 +463,12 @@ class CheckpointFile:
             raise bad_file(self.path, f"is incomplete: tensors {missing} are missing.", self.owner)
         # The checksums cover the bytes; the layout (written since format 1's
         # "layout" key) covers what the header says those bytes are.
-        for name, (dtype, shape) in meta.get("layout", {}).items():
+        layout = meta.get("layout", {})
+        if not isinstance(layout, dict):
+            raise self._corrupted("its metadata has no valid 'layout'.")
+        for name, spec in layout.items():
             entry = self.entries.get(name)
-            if entry is None or dtype_name(entry.dtype) != dtype or list(entry.shape) != shape:
+            if entry is None or [dtype_name(entry.dtype), list(entry.shape)] != spec:
                 raise self._corrupted(f"its header disagrees with its metadata on {name!r}.")
         return meta
 

@@ -207,6 +207,9 @@ def _library_version() -> str:
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a whole checkpoint file: (metadata, tensors on the CPU).
 
+    The file is opened once and every tensor's checksum is verified, so a
+    save running over the same path yields the old file or the new one, whole.
+
     Raises:
         ValueError: the file is truncated, corrupted (a checksum fails), or
             a tensor is missing; the message names the problem.
