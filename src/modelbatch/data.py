@@ -94,15 +94,15 @@ def _feistel(x: Tensor, keys: Tensor, bits: int) -> Tensor:
     return (hi << lo_bits) | lo
 
 
-def _permute(x: Tensor, keys: Tensor, bound: Tensor) -> Tensor:
+def _permute(x: Tensor, keys: Tensor, bound: Tensor, bits: int) -> Tensor:
     """Model i's keyed permutation of `[0, bound_i)` applied to `x` `[N, P]` (each < bound_i).
 
-    `keys` `[N, R]`, `bound` `[N]`. A Feistel permutation of the smallest power
-    of two >= max(bound), cycle-walked: a value landing outside `[0, bound_i)` is
-    permuted again until it lands inside, which restricts the permutation to
-    `[0, bound_i)` (each step leaves at most half the values outside).
+    `keys` `[N, R]`, `bound` `[N]`, `2**bits >= max(bound)`. A Feistel
+    permutation of `[0, 2**bits)`, cycle-walked: a value landing outside
+    `[0, bound_i)` is permuted again until it lands inside, which restricts the
+    permutation to `[0, bound_i)` (with the smallest such power of two, each
+    walk leaves fewer than half the values outside).
     """
-    bits = max(int(bound.max()) - 1, 0).bit_length()
     y = _feistel(x, keys.unsqueeze(1), bits)
     rows, cols = (y >= bound.unsqueeze(1)).nonzero(as_tuple=True)
     while rows.numel():
@@ -397,14 +397,14 @@ class PerModelSampler(Sampler[list[int]]):
         assert self.sample_folds is not None and self.model_folds is not None
         return self.sample_folds.unsqueeze(0) != self.model_folds.unsqueeze(1)
 
-    def _plan(self, epoch: int) -> dict[str, Tensor]:
+    def _plan(self, epoch: int) -> dict[str, Any]:
         """What an epoch's indices are computed from: per-model keys and bounds, `[N, ...]`.
 
         Taken once per epoch (a few numbers per model), so a seed changed
         mid-epoch takes effect at the next epoch.
         """
         seeds = self.seeds.clone()
-        plan = {"keys": _keys(seeds, epoch, _STREAM_SHUFFLE, _ROUNDS)}
+        plan: dict[str, Any] = {"keys": _keys(seeds, epoch, _STREAM_SHUFFLE, _ROUNDS)}
         if self.sampling == "bootstrap":
             plan["bag_keys"] = _keys(seeds, 0, _STREAM_BAG, 2)
         if self.sampling == "kfold":
@@ -419,15 +419,16 @@ class PerModelSampler(Sampler[list[int]]):
             plan["bound"] = self.num_samples - sizes[self.model_folds]
         else:
             plan["bound"] = torch.full_like(seeds, self.num_samples)
+        plan["bits"] = max(int(plan["bound"].max()) - 1, 0).bit_length()
         return plan
 
-    def _indices(self, plan: dict[str, Tensor], start: int, stop: int) -> Tensor:
+    def _indices(self, plan: dict[str, Any], start: int, stop: int) -> Tensor:
         """Positions `[start, stop)` of every model's epoch: sample indices `[N, stop - start]`."""
         pos = torch.arange(start, stop, device=self.device).expand(self.num_models, -1)
         # Position p of model i's epoch is its permutation of p: for "kfold" a
         # permutation of its training samples, of which it sees the first
         # samples_per_epoch, a uniformly random subset in a random order.
-        q = _permute(pos, plan["keys"], plan["bound"])
+        q = _permute(pos, plan["keys"], plan["bound"], plan["bits"])
         if self.sampling == "bootstrap":
             return self._bag_draws(plan["bag_keys"], q)
         if self.sampling == "kfold":
