@@ -65,12 +65,16 @@ _C1, _C2 = 0x5BD1E995, 0x27D4EB2D
 _ROUNDS = 12
 
 
-def _fmix(h: Tensor) -> Tensor:
-    """In place on a fresh tensor of values < 2**32: murmur3-style avalanche, result < 2**32."""
+def _fmix(h: Tensor, tmp: Tensor | None = None) -> Tensor:
+    """In place on a fresh tensor of values < 2**32: murmur3-style avalanche, result < 2**32.
+
+    `tmp`, a scratch tensor like `h`, saves the allocations (the hot loop's cost).
+    """
+    tmp = torch.empty_like(h) if tmp is None else tmp
     h.mul_(_C1).bitwise_and_(_M32)
-    h ^= h >> 16
+    h ^= torch.bitwise_right_shift(h, 16, out=tmp)
     h.mul_(_C2).bitwise_and_(_M32)
-    h ^= h >> 15
+    h ^= torch.bitwise_right_shift(h, 15, out=tmp)
     return h
 
 
@@ -85,13 +89,33 @@ def _feistel(x: Tensor, keys: Tensor, bits: int) -> Tensor:
     lo_bits = bits // 2
     hi_bits = bits - lo_bits
     hi, lo = x >> lo_bits, x & ((1 << lo_bits) - 1)
+    # Four buffers for all rounds: allocating per operation costs more than the math.
+    h, tmp = torch.empty_like(hi), torch.empty_like(hi)
     for r in range(keys.shape[-1]):
-        h = _fmix(lo ^ keys[..., r])
+        _fmix(torch.bitwise_xor(lo, keys[..., r], out=h), tmp)
         h += hi
         h &= (1 << hi_bits) - 1
-        hi, lo = lo, h
+        hi, lo, h = lo, h, hi  # the old high half's buffer is the next scratch
         hi_bits, lo_bits = lo_bits, hi_bits
-    return (hi << lo_bits) | lo
+    hi <<= lo_bits
+    hi |= lo
+    return hi
+
+
+# Elements per pass on the CPU: the round buffers of a pass stay in the cache,
+# which halves the time of a step's indices there. (On a GPU, one pass.)
+_CPU_CHUNK = 1 << 15
+
+
+def _feistel_rows(x: Tensor, keys: Tensor, bits: int) -> Tensor:
+    """`_feistel` of `x` `[N, P]` with model i's keys `keys[i]` `[N, R]`, in passes on the CPU."""
+    if x.device.type != "cpu" or x.numel() <= _CPU_CHUNK:
+        return _feistel(x, keys.unsqueeze(1), bits)
+    rows = max(1, _CPU_CHUNK // x.shape[1])
+    out = torch.empty(x.shape, dtype=torch.int64)
+    for i in range(0, x.shape[0], rows):
+        out[i : i + rows] = _feistel(x[i : i + rows], keys[i : i + rows].unsqueeze(1), bits)
+    return out
 
 
 def _permute(x: Tensor, keys: Tensor, bound: Tensor, bits: int) -> Tensor:
@@ -103,7 +127,7 @@ def _permute(x: Tensor, keys: Tensor, bound: Tensor, bits: int) -> Tensor:
     permutation to `[0, bound_i)` (with the smallest such power of two, each
     walk leaves fewer than half the values outside).
     """
-    y = _feistel(x, keys.unsqueeze(1), bits)
+    y = _feistel_rows(x, keys, bits)
     rows, cols = (y >= bound.unsqueeze(1)).nonzero(as_tuple=True)
     while rows.numel():
         v = _feistel(y[rows, cols], keys[rows], bits)
