@@ -316,3 +316,58 @@ def test_a_second_writer_of_the_same_path_is_refused(tmp_path):
     read_checkpoint(path)
     save(path, mb)
     load(path, make_batch(2))
+
+
+def tensor_name(encoded, *path):
+    """The stored tensor's name at `path` inside an encoded component state."""
+    node = encoded
+    for key in path:
+        if isinstance(node, dict) and "__dict__" in node:
+            node = next(v for k, v in node["__dict__"] if k == key)
+        else:
+            node = node[key]
+    return node["__tensor__"]
+
+
+@pytest.mark.parametrize(
+    ("component", "path", "change", "message"),
+    [
+        ("scaler", ("scale",), lambda t: t.double(), "['scale'] is float64[4] in the checkpoint"),
+        ("scaler", ("scale",), lambda t: t[0].clone(), "['scale'] is float32[] in the checkpoint"),
+        (
+            "optimizer",
+            ("param_groups", 0, "hparams", "lr"),
+            lambda t: t.float(),
+            "['param_groups'][0]['hparams']['lr'] is float32[4] in the checkpoint, float64[4] here",
+        ),
+    ],
+)
+def test_load_refuses_component_state_it_would_cast_or_broadcast(
+    tmp_path, component, path, change, message
+):
+    from modelbatch.amp import BatchGradScaler
+    from modelbatch.optim import BatchAdam
+
+    def build(seed):
+        mb = make_batch(seed)
+        opt = BatchAdam(list(mb.parameters()), [{"lr": 0.01 * (i + 1)} for i in range(N)])
+        return mb, opt, BatchGradScaler(mb, init_scale=[2.0**k for k in range(N)])
+
+    mb, opt, _ = build(0)
+    path_ = tmp_path / "c.safetensors"
+    save(path_, mb, optimizer=opt)
+
+    def alter(meta, tensors):
+        name = tensor_name(meta["components"][component]["state"], *path)
+        tensors[name] = change(tensors[name])
+
+    craft(path_, alter)
+    mb2, opt2, scaler2 = build(1)
+    before, scale, lr = weights(mb2), scaler2.get_scale(), opt2.hparams["lr"].clone()
+    with pytest.raises(
+        ValueError, match=rf"^checkpoint\.load: .* does not match the {component}"
+    ) as info:
+        load(path_, mb2, optimizer=opt2)
+    assert message in str(info.value)
+    assert_same(before, weights(mb2))
+    assert torch.equal(scaler2.get_scale(), scale) and torch.equal(opt2.hparams["lr"], lr)

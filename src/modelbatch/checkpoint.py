@@ -278,6 +278,37 @@ def _shape_mismatch(saved: Any, live: Any, where: str) -> str | None:
     return None
 
 
+def _kind_mismatch(saved: Any, live: Any, where: str, n: int) -> str | None:
+    """The first stored tensor that the live one would cast or broadcast, described.
+
+    Compared where both structures hold a tensor: the dtype and the number of
+    dimensions must agree, and a live per-model tensor (leading axis N) needs
+    the same N (a width beyond the model axis may differ, e.g. milestone lists).
+    """
+    if isinstance(saved, Tensor) and isinstance(live, Tensor):
+        per_model = live.dim() >= 1 and live.shape[0] == n
+        if (
+            saved.dtype != live.dtype
+            or saved.dim() != live.dim()
+            or (per_model and saved.shape[0] != n)
+        ):
+            return (
+                f"{where} is {dtype_name(saved.dtype)}{list(saved.shape)} in the checkpoint, "
+                f"{dtype_name(live.dtype)}{list(live.shape)} here"
+            )
+    elif isinstance(saved, Mapping) and isinstance(live, Mapping):
+        for k in saved.keys() & live.keys():
+            problem = _kind_mismatch(saved[k], live[k], f"{where}[{k!r}]", n)
+            if problem:
+                return problem
+    elif isinstance(saved, (list, tuple)) and isinstance(live, (list, tuple)):
+        for i, (a, b) in enumerate(zip(saved, live)):
+            problem = _kind_mismatch(a, b, f"{where}[{i}]", n)
+            if problem:
+                return problem
+    return None
+
+
 def _check_optimizer(path: Path, state: Mapping[str, Any], optimizer: Any, n: int) -> None:
     groups = state.get("param_groups")
     if not isinstance(groups, list) or not isinstance(optimizer, torch.optim.Optimizer):
@@ -380,6 +411,14 @@ def load(
         restoring[key] = (obj, state)
     if "optimizer" in restoring:
         _check_optimizer(path, restoring["optimizer"][1], optimizer, model_batch.num_models)
+    for key, (obj, state) in restoring.items():
+        problem = _kind_mismatch(state, obj.state_dict(), "", model_batch.num_models)
+        if problem:
+            raise bad_file(
+                path,
+                f"does not match the {_label(key)}: its state entry {problem}; nothing is cast "
+                f"or broadcast. Build the same {_label(key)} as the saved run.",
+            )
     if restore_rng and meta.get("rng") is None:
         raise bad_file(path, "holds no RNG states; pass restore_rng=False.")
 
