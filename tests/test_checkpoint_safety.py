@@ -371,3 +371,24 @@ def test_load_refuses_component_state_it_would_cast_or_broadcast(
     assert message in str(info.value)
     assert_same(before, weights(mb2))
     assert torch.equal(scaler2.get_scale(), scale) and torch.equal(opt2.hparams["lr"], lr)
+
+
+def test_a_tied_model_exports_from_a_file_to_safetensors(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+    torch.manual_seed(0)
+    models = [Tied() for _ in range(3)]
+    path = tmp_path / "tied.safetensors"
+    save(path, ModelBatch(models))
+    from safetensors.torch import load_file
+
+    out = export_model(path, 1, tmp_path / "m.safetensors")
+    state = load_file(str(out))
+    assert set(state) == {"emb.weight", "out.weight"}
+    assert torch.equal(state["out.weight"], models[1].emb.weight.detach())
+    assert torch.equal(state["emb.weight"], models[1].emb.weight.detach())

@@ -478,8 +478,14 @@ def _model_rows(f: CheckpointFile, indices: list[int]) -> list[dict[str, Tensor]
         for name in keys.values():
             if name not in rows:
                 rows[name] = f.row(f"model/{name}", i)
-        # Tied weights: the keys that share a tensor in the model share it here.
-        states.append({key: rows[name] for key, name in keys.items()})
+        # Tied weights: each key gets its own tensor, as from safetensors' slices
+        # (safetensors refuses to save one tensor under two names).
+        used: set[str] = set()
+        state = {}
+        for key, name in keys.items():
+            state[key] = rows[name].clone() if name in used else rows[name]
+            used.add(name)
+        states.append(state)
     return states
 
 
