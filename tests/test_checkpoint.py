@@ -258,11 +258,17 @@ def test_writer_killed_midway_leaves_the_previous_checkpoint(tmp_path, where):
     script = CRASH_SCRIPT.format(src=SRC, where=where, path=str(path))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
-    assert len(list(tmp_path.iterdir())) == 2  # the killed writer's temp file is left over
+    # What a killed writer leaves: its temp file and its (released) lock file.
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert len(left) == 3 and left[0].startswith(".c.safetensors.") and left[0].endswith(".tmp")
+    assert left[1:] == ["c.safetensors", "c.safetensors.lock"]
     with torch.no_grad():
         mb.stacked.weight.zero_()
     load(path, mb)
     assert_same(before, weights(mb))
+    # The next save of the same path removes both.
+    save(path, mb)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 
 # ---------------------------------------------------------------------- bad files

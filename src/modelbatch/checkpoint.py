@@ -8,9 +8,12 @@ structure around them, per-model configs and versions go into its JSON
 metadata, with a CRC32 of every tensor and of the metadata itself.
 
 Writes are atomic: a temporary file in the same directory is written, synced
-and renamed over the target, so a crash leaves the previous checkpoint whole.
-`load` validates the whole file against the objects it restores before
-changing any of them, and rolls back if restoring fails midway.
+and renamed over the target, so a crash leaves the previous checkpoint whole;
+a writer holds an advisory lock on `<path>.lock`, so a second writer of the
+same path is refused. Every reader opens the file once and verifies the
+checksums of what it returns, so a reader racing a writer sees the old file
+or the new one, whole. `load` validates the whole file against the objects it
+restores before changing any of them, and rolls back if restoring fails midway.
 
 Example:
     >>> save("run.safetensors", mb, optimizer=opt, step=step, configs=configs)
@@ -40,14 +43,14 @@ from ._checkpoint_format import (
     FORMAT_VERSION,
     META_CRC_KEY,
     META_KEY,
+    CheckpointFile,
     atomic_write,
     bad_file,
     crc,
     decode,
+    dtype_name,
     encode,
-    open_checkpoint,
     read_all,
-    read_meta,
     rng_state,
     safetensors_module,
     set_rng_state,
@@ -129,7 +132,7 @@ def save(
     spec: dict[str, list[Any]] = {}
     for name, t in {**model_batch.stacked_params(), **model_batch.stacked_buffers()}.items():
         tensors[f"model/{name}"] = t.detach().to("cpu", copy=True).contiguous()
-        spec[name] = [list(t.shape), str(t.dtype).removeprefix("torch.")]
+        spec[name] = [list(t.shape), dtype_name(t.dtype)]
     tensors["active"] = model_batch.active.detach().to("cpu", copy=True)
     configs = None if configs is None else list(configs)
     if configs is not None and len(configs) != model_batch.num_models:
@@ -161,6 +164,7 @@ def save(
     }
     meta["rng"] = rng_state(tensors) if rng else None
     meta["checksums"] = {name: crc(t) for name, t in tensors.items()}
+    meta["layout"] = {name: [dtype_name(t.dtype), list(t.shape)] for name, t in tensors.items()}
     try:
         text = json.dumps(meta)
     except TypeError as e:
@@ -203,6 +207,9 @@ def _library_version() -> str:
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read and verify a whole checkpoint file: (metadata, tensors on the CPU).
 
+    The file is opened once and every tensor's checksum is verified, so a
+    save running over the same path yields the old file or the new one, whole.
+
     Raises:
         ValueError: the file is truncated, corrupted (a checksum fails), or
             a tensor is missing; the message names the problem.
@@ -210,7 +217,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     return read_all(Path(path), "checkpoint.read_checkpoint")
 
 
-def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -> None:
+def _check_model(
+    path: Path, meta: Mapping[str, Any], tensors: Mapping[str, Tensor], model_batch: ModelBatch
+) -> None:
     n = model_batch.num_models
     if meta["num_models"] != n:
         raise bad_file(
@@ -235,11 +244,24 @@ def _check_model(path: Path, meta: Mapping[str, Any], model_batch: ModelBatch) -
         )
     for name, t in own.items():
         shape, dtype = saved[name]
-        if list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
+        if list(t.shape) != shape or dtype_name(t.dtype) != dtype:
             raise bad_file(
                 path,
                 f"has a different architecture: {name!r} is {dtype}{shape} in the checkpoint, "
-                f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)} in the ModelBatch.",
+                f"{dtype_name(t.dtype)}{list(t.shape)} in the ModelBatch.",
+            )
+    # What is stored, not what the metadata says: a tensor is copied into its
+    # destination as it is, never broadcast over the models or cast.
+    stored = {f"model/{name}": t for name, t in own.items()}
+    stored["active"] = model_batch.active
+    for key, t in stored.items():
+        got = tensors.get(key)
+        if got is None or got.shape != t.shape or got.dtype != t.dtype:
+            found = "nothing" if got is None else f"{dtype_name(got.dtype)}{list(got.shape)}"
+            raise bad_file(
+                path,
+                f"is corrupted: it stores {found} as {key!r}, where its metadata and the "
+                f"ModelBatch need {dtype_name(t.dtype)}{list(t.shape)}.",
             )
 
 
@@ -251,6 +273,37 @@ def _shape_mismatch(saved: Any, live: Any, where: str) -> str | None:
     elif isinstance(saved, Mapping) and isinstance(live, Mapping):
         for k in saved.keys() & live.keys():
             problem = _shape_mismatch(saved[k], live[k], f"{where}[{k!r}]")
+            if problem:
+                return problem
+    return None
+
+
+def _kind_mismatch(saved: Any, live: Any, where: str, n: int) -> str | None:
+    """The first stored tensor that the live one would cast or broadcast, described.
+
+    Compared where both structures hold a tensor: the dtype and the number of
+    dimensions must agree, and a live per-model tensor (leading axis N) needs
+    the same N (a width beyond the model axis may differ, e.g. milestone lists).
+    """
+    if isinstance(saved, Tensor) and isinstance(live, Tensor):
+        per_model = live.dim() >= 1 and live.shape[0] == n
+        if (
+            saved.dtype != live.dtype
+            or saved.dim() != live.dim()
+            or (per_model and saved.shape[0] != n)
+        ):
+            return (
+                f"{where} is {dtype_name(saved.dtype)}{list(saved.shape)} in the checkpoint, "
+                f"{dtype_name(live.dtype)}{list(live.shape)} here"
+            )
+    elif isinstance(saved, Mapping) and isinstance(live, Mapping):
+        for k in saved.keys() & live.keys():
+            problem = _kind_mismatch(saved[k], live[k], f"{where}[{k!r}]", n)
+            if problem:
+                return problem
+    elif isinstance(saved, (list, tuple)) and isinstance(live, (list, tuple)):
+        for i, (a, b) in enumerate(zip(saved, live)):
+            problem = _kind_mismatch(a, b, f"{where}[{i}]", n)
             if problem:
                 return problem
     return None
@@ -329,7 +382,7 @@ def load(
     optimizer = model_batch.optimizer if optimizer is None else optimizer
     scaler = model_batch.grad_scaler if scaler is None else scaler
     meta, tensors = read_all(path, "checkpoint.load")
-    _check_model(path, meta, model_batch)
+    _check_model(path, meta, tensors, model_batch)
     given = _components(optimizer, scheduler, scaler, loader, states)
     saved = meta["components"]
     restoring: dict[str, Any] = {}
@@ -351,9 +404,21 @@ def load(
                 f"holds {label} state of a {entry['class']}, the given {label} is a "
                 f"{type(obj).__qualname__}; build the same {label} as the saved run.",
             )
-        restoring[key] = (obj, decode(entry["state"], tensors))
+        try:
+            state = decode(entry["state"], tensors)
+        except (ValueError, TypeError, KeyError) as e:
+            raise bad_file(path, f"is corrupted: {e} (in its {label} state).") from e
+        restoring[key] = (obj, state)
     if "optimizer" in restoring:
         _check_optimizer(path, restoring["optimizer"][1], optimizer, model_batch.num_models)
+    for key, (obj, state) in restoring.items():
+        problem = _kind_mismatch(state, obj.state_dict(), "", model_batch.num_models)
+        if problem:
+            raise bad_file(
+                path,
+                f"does not match the {_label(key)}: its state entry {problem}; nothing is cast "
+                f"or broadcast. Build the same {_label(key)} as the saved run.",
+            )
     if restore_rng and meta.get("rng") is None:
         raise bad_file(path, "holds no RNG states; pass restore_rng=False.")
 
@@ -390,27 +455,68 @@ def load(
 # ---------------------------------------------------------------------- single models
 
 
+def _model_rows(f: CheckpointFile, indices: list[int]) -> list[dict[str, Tensor]]:
+    """Models `indices`' ordinary state dicts from one opened checkpoint.
+
+    Every stacked tensor they come from has its checksum verified first (its
+    bytes are streamed, not kept); then only each model's slice is read.
+    """
+    meta, n = f.meta, f.meta["num_models"]
+    keys: dict[str, str] = meta["export_keys"]
+    for name in dict.fromkeys(keys.values()):
+        entry = f.entry(f"model/{name}")
+        if not entry.shape or entry.shape[0] != n:
+            raise bad_file(
+                f.path,
+                f"is corrupted: 'model/{name}' has shape {list(entry.shape)}, not [N={n}, ...].",
+                f.owner,
+            )
+        f.verify(f"model/{name}")
+    states = []
+    for i in indices:
+        rows: dict[str, Tensor] = {}
+        for name in keys.values():
+            if name not in rows:
+                rows[name] = f.row(f"model/{name}", i)
+        # Tied weights: each key gets its own tensor, as from safetensors' slices
+        # (safetensors refuses to save one tensor under two names).
+        used: set[str] = set()
+        state = {}
+        for key, name in keys.items():
+            state[key] = rows[name].clone() if name in used else rows[name]
+            used.add(name)
+        states.append(state)
+    return states
+
+
+def _model_index(owner: str, index: int, n: int) -> int:
+    if not -n <= index < n:
+        raise IndexError(f"{owner}: index {index} out of range for N={n} models.")
+    return index % n
+
+
 def load_model_state(path: str | os.PathLike[str], index: int) -> dict[str, Tensor]:
     """Model `index`'s ordinary state dict, read from a checkpoint without the others.
 
-    Only slice `index` of each stacked tensor is read from disk (safetensors
-    slices); the result loads into the user's class with `load_state_dict`.
-    The per-tensor checksums cover whole tensors and are not verified here.
+    The file is opened once; the checksums of the stacked tensors the model
+    comes from are verified (streamed), then only slice `index` of each is
+    read. The result loads into the user's class with `load_state_dict`.
+
+    Raises:
+        ValueError: the file is truncated or corrupted (a checksum fails).
     """
-    path = Path(path)
     owner = "checkpoint.load_model_state"
-    with open_checkpoint(path, owner) as handle:
-        meta = read_meta(path, handle, owner)
-        n = meta["num_models"]
-        if not -n <= index < n:
-            raise IndexError(f"{owner}: index {index} out of range for N={n} models.")
-        try:
-            return {
-                key: handle.get_slice(f"model/{name}")[index % n]
-                for key, name in meta["export_keys"].items()
-            }
-        except Exception as e:
-            raise bad_file(path, f"is truncated or corrupted: {e}", owner) from e
+    with CheckpointFile(Path(path), owner) as f:
+        i = _model_index(owner, index, f.meta["num_models"])
+        return _model_rows(f, [i])[0]
+
+
+def _write_state(state: Mapping[str, Tensor], path: Path) -> Path:
+    if path.suffix == ".safetensors":
+        safetensors_module().save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(dict(state), path)
+    return path
 
 
 def export_model(
@@ -423,25 +529,19 @@ def export_model(
     no modelbatch.
 
     Args:
-        source: a ModelBatch, or a checkpoint file (read via slices).
+        source: a ModelBatch, or a checkpoint file (read as by `load_model_state`,
+            checksums verified).
         index: the model.
         path: the output file.
     """
+    owner = "checkpoint.export_model"
     if isinstance(source, ModelBatch):
-        if not -source.num_models <= index < source.num_models:
-            raise IndexError(
-                f"checkpoint.export_model: index {index} out of range for "
-                f"N={source.num_models} models."
-            )
-        state = {k: v.cpu() for k, v in source._model_state(index % source.num_models).items()}
+        i = _model_index(owner, index, source.num_models)
+        state = {k: v.cpu() for k, v in source._model_state(i).items()}
     else:
-        state = load_model_state(source, index)
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        safetensors_module().save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    else:
-        torch.save(state, path)
-    return path
+        with CheckpointFile(Path(source), owner) as f:
+            state = _model_rows(f, [_model_index(owner, index, f.meta["num_models"])])[0]
+    return _write_state(state, Path(path))
 
 
 def export_best(
@@ -455,6 +555,10 @@ def export_best(
 ) -> list[tuple[int, Path]]:
     """Export the best `k` models by a metric `[N]` as `model_<index><suffix>` files.
 
+    From a checkpoint file, the file is opened once and its checksums are
+    verified before any model is written, so all k models come from one
+    checkpoint even while another process saves over it.
+
     Args:
         source: a ModelBatch or a checkpoint file.
         metric: one value per model; NaN ranks last.
@@ -466,22 +570,31 @@ def export_best(
     Returns:
         `(index, path)` pairs, best first.
     """
+    owner = "checkpoint.export_best"
     values = torch.as_tensor(metric, dtype=torch.float64).detach().cpu().reshape(-1)
-    if isinstance(source, ModelBatch):
-        n = source.num_models
-    else:
-        with open_checkpoint(Path(source), "checkpoint.export_best") as handle:
-            n = read_meta(Path(source), handle, "checkpoint.export_best")["num_models"]
-    if values.numel() != n:
-        raise ValueError(
-            f"checkpoint.export_best: metric must have one value per model (N={n}), "
-            f"got {values.numel()}."
-        )
-    values = -values if largest else values
-    values = torch.where(values.isnan(), torch.full_like(values, math.inf), values)
-    order = torch.argsort(values, stable=True).tolist()
-    if not 1 <= k <= len(order):
-        raise ValueError(f"checkpoint.export_best: k must be in [1, {len(order)}], got {k}.")
+    f = None if isinstance(source, ModelBatch) else CheckpointFile(Path(source), owner)
+    try:
+        n = f.meta["num_models"] if f is not None else source.num_models  # type: ignore[union-attr]
+        if values.numel() != n:
+            raise ValueError(
+                f"{owner}: metric must have one value per model (N={n}), got {values.numel()}."
+            )
+        values = -values if largest else values
+        values = torch.where(values.isnan(), torch.full_like(values, math.inf), values)
+        order = torch.argsort(values, stable=True).tolist()
+        if not 1 <= k <= len(order):
+            raise ValueError(f"{owner}: k must be in [1, {len(order)}], got {k}.")
+        best = order[:k]
+        if f is not None:
+            states = _model_rows(f, best)
+        else:
+            assert isinstance(source, ModelBatch)
+            states = [{key: v.cpu() for key, v in source._model_state(i).items()} for i in best]
+    finally:
+        if f is not None:
+            f.close()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    return [(i, export_model(source, i, directory / f"model_{i}{suffix}")) for i in order[:k]]
+    return [
+        (i, _write_state(state, directory / f"model_{i}{suffix}")) for i, state in zip(best, states)
+    ]

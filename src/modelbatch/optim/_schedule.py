@@ -78,7 +78,7 @@ class _VectorSchedule(LRScheduler):
         self.last_epoch = 0
         for key, value in params.items():
             setattr(self, key, self._vector(key, value, n, device))
-        self._check()
+        self._validate(name)
         self._write()
 
     def _vector(self, key: str, value: Any, n: int, device: torch.device) -> Tensor:
@@ -92,16 +92,55 @@ class _VectorSchedule(LRScheduler):
             )
         return t.clone()
 
-    def _require(self, key: str, ok: Tensor, expected: str) -> None:
+    def _require(self, name: str, key: str, ok: Tensor, expected: str) -> None:
+        """Raise, naming the models whose `key` fails `ok` (`[N]`, or `[..., N]` for any row)."""
+        ok = ok.reshape(-1, self.num_models).all(0)
         if not bool(ok.all()):
             bad = (~ok).nonzero().reshape(-1).tolist()
+            value = getattr(self, key)[..., bad]
+            got = value.T.tolist() if value.dim() > 1 else value.tolist()
             raise ValueError(
-                f"{type(self).__name__}: {key} must be {expected}, got "
-                f"{getattr(self, key)[bad].tolist()} for models {bad}."
+                f"{name}: {key} must be {expected}, got {got} for models {bad}; give every "
+                f"model a {key} {expected}."
             )
 
-    def _check(self) -> None:
-        """Validate the schedule parameters once, at construction."""
+    def _validate(self, name: str) -> None:
+        """Check every per-model value (base rates and schedule parameters), naming bad models."""
+        lr = self.initial_lr
+        self._require(name, "initial_lr", lr.isfinite() & (lr >= 0), "finite and >= 0")
+        self._check(name)
+
+    def _check(self, name: str) -> None:
+        """Validate the schedule parameters (at construction, reset and load)."""
+
+    def _positive(self, name: str, key: str) -> None:
+        value = getattr(self, key)
+        self._require(name, key, value.isfinite() & (value > 0), "finite and > 0")
+
+    def _steps(self, name: str, key: str, low: int) -> None:
+        value = getattr(self, key)
+        ok = value.isfinite() & (value >= low) & (value % 1 == 0)
+        self._require(name, key, ok, f"an int >= {low}")
+
+    def _nonnegative(self, name: str, key: str) -> None:
+        value = getattr(self, key)
+        self._require(name, key, value.isfinite() & (value >= 0), "finite and >= 0")
+
+    def _checked_update(self, name: str, update: Any) -> None:
+        """Run `update()` (which writes state in place); undo it if the result is invalid."""
+        keys = ("initial_lr", "steps", *self._params)
+        saved = {k: getattr(self, k).clone() for k in keys}
+        try:
+            update()
+            self._validate(name)
+        except Exception:
+            for k, v in saved.items():
+                current = getattr(self, k)
+                if current.shape == v.shape:
+                    current.copy_(v)
+                else:  # replaced, not written in place (milestones of another width)
+                    setattr(self, k, v)
+            raise
 
     def _lr_at(self, t: Tensor) -> Tensor:
         """Rates `[G, N]` (float64) at per-model steps `t` `[N]`."""
@@ -158,6 +197,7 @@ class _VectorSchedule(LRScheduler):
         updates = dict(params)
         if initial_lr is not None:
             updates["initial_lr"] = initial_lr
+        values = {}
         for key, value in updates.items():
             target = getattr(self, key)
             v = torch.as_tensor(value, dtype=target.dtype, device=target.device)
@@ -166,9 +206,14 @@ class _VectorSchedule(LRScheduler):
                     f"{name}: {key} must be a number or have one value per index "
                     f"({idx.numel()}), got shape {tuple(v.shape)}."
                 )
-            target[..., idx] = v
-        self._check()
-        self.steps[idx] = 0
+            values[key] = v
+
+        def update() -> None:
+            for key, v in values.items():
+                getattr(self, key)[..., idx] = v
+            self.steps[idx] = 0
+
+        self._checked_update(name, update)
         self._write()
 
     def state_dict(self) -> dict[str, Any]:
@@ -180,16 +225,24 @@ class _VectorSchedule(LRScheduler):
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a `state_dict()` in place and rewrite the optimizer's per-model rates."""
+        name = f"{type(self).__name__}.load_state_dict"
+        values = {}
         for key in ("initial_lr", "steps", *self._params):
             target = getattr(self, key)
             value = torch.as_tensor(state_dict[key])
             if value.shape != target.shape:
                 raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: {key!r} has shape "
+                    f"{name}: {key!r} has shape "
                     f"{tuple(value.shape)}, expected {tuple(target.shape)}; the state comes from "
                     "a schedule over a different number of models."
                 )
-            target.copy_(value)
+            values[key] = value
+
+        def update() -> None:
+            for key, value in values.items():
+                getattr(self, key).copy_(value)
+
+        self._checked_update(name, update)
         self.last_epoch = int(state_dict["last_epoch"])
         self._write()
 
@@ -215,8 +268,9 @@ class BatchStepLR(_VectorSchedule):
     def __init__(self, optimizer: Any, step_size: Any, gamma: Any = 0.1) -> None:
         super().__init__(optimizer, step_size=step_size, gamma=gamma)
 
-    def _check(self) -> None:
-        self._require("step_size", (self.step_size >= 1) & (self.step_size % 1 == 0), "an int >= 1")
+    def _check(self, name: str) -> None:
+        self._steps(name, "step_size", 1)
+        self._positive(name, "gamma")
 
     def _lr_at(self, t: Tensor) -> Tensor:
         return self.initial_lr * self.gamma.pow(torch.floor(t / self.step_size))
@@ -263,6 +317,20 @@ class BatchMultiStepLR(_VectorSchedule):
         # Padding with +inf: a milestone that is never reached.
         return torch.tensor([r + [math.inf] * (width - len(r)) for r in rows], dtype=_F64)
 
+    def _check(self, name: str) -> None:
+        m = self.milestones
+        # +inf pads the shorter lists: a milestone never reached.
+        ok = (m == math.inf) | (m.isfinite() & (m >= 0) & (m % 1 == 0))
+        ok = ok.all(1)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().reshape(-1).tolist()
+            rows = [[v for v in m[i].tolist() if v != math.inf] for i in bad]
+            raise ValueError(
+                f"{name}: milestones must be ints >= 0, got {rows} for models {bad}; give "
+                "each model a list of step counts."
+            )
+        self._positive(name, "gamma")
+
     def _lr_at(self, t: Tensor) -> Tensor:
         passed = (self.milestones <= t.unsqueeze(1)).sum(1)
         return self.initial_lr * self.gamma.pow(passed.to(_F64))
@@ -277,15 +345,26 @@ class BatchMultiStepLR(_VectorSchedule):
             grown[:, : self.milestones.shape[1]] = self.milestones
             grown[idx] = math.inf
             grown[idx, : rows.shape[1]] = rows
-            self.milestones = grown
+            old, self.milestones = self.milestones, grown
+            try:
+                super().reset_models(indices, initial_lr, **params)
+            except Exception:
+                self.milestones = old
+                raise
+            return
         super().reset_models(indices, initial_lr, **params)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         # Milestone lists may have a different padded width: replace rather than copy.
+        old = self.milestones
         self.milestones = torch.as_tensor(state_dict["milestones"], dtype=_F64).to(
             self.steps.device
         )
-        super().load_state_dict(state_dict)
+        try:
+            super().load_state_dict(state_dict)
+        except Exception:
+            self.milestones = old
+            raise
 
 
 class BatchExponentialLR(_VectorSchedule):
@@ -301,6 +380,9 @@ class BatchExponentialLR(_VectorSchedule):
 
     def __init__(self, optimizer: Any, gamma: Any) -> None:
         super().__init__(optimizer, gamma=gamma)
+
+    def _check(self, name: str) -> None:
+        self._positive(name, "gamma")
 
     def _lr_at(self, t: Tensor) -> Tensor:
         return self.initial_lr * self.gamma.pow(t)
@@ -329,8 +411,9 @@ class BatchCosineAnnealingLR(_VectorSchedule):
     def __init__(self, optimizer: Any, T_max: Any, eta_min: Any = 0.0) -> None:
         super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
 
-    def _check(self) -> None:
-        self._require("T_max", self.T_max > 0, "> 0")
+    def _check(self, name: str) -> None:
+        self._positive(name, "T_max")
+        self._nonnegative(name, "eta_min")
 
     def _lr_at(self, t: Tensor) -> Tensor:
         return _cosine(self.initial_lr, self.eta_min, t, self.T_max)
@@ -377,11 +460,14 @@ class BatchWarmupCosineLR(_VectorSchedule):
             start_factor=start_factor,
         )
 
-    def _check(self) -> None:
-        self._require("warmup_steps", self.warmup_steps >= 0, ">= 0")
-        self._require("total_steps", self.total_steps > self.warmup_steps, "> warmup_steps")
+    def _check(self, name: str) -> None:
+        self._steps(name, "warmup_steps", 0)
+        self._steps(name, "total_steps", 1)
+        ok = self.total_steps > self.warmup_steps
+        self._require(name, "total_steps", ok, "> warmup_steps")
         ok = (self.start_factor >= 0) & (self.start_factor <= 1)
-        self._require("start_factor", ok, "in [0, 1]")
+        self._require(name, "start_factor", ok, "in [0, 1]")
+        self._nonnegative(name, "eta_min")
 
     def _lr_at(self, t: Tensor) -> Tensor:
         w = self.warmup_steps
@@ -443,10 +529,25 @@ class BatchLRScheduler(LRScheduler):
         self.schedulers = [self._make(i, base[i]) for i in range(n)]
         self._write()
 
-    def _make(self, i: int, base_lrs: list[float]) -> Any:
+    def _make(self, i: int, base_lrs: list[float], name: str = "BatchLRScheduler") -> Any:
+        kwargs = {**self.shared_kwargs, **self.per_model_kwargs[i]}
+        cls = getattr(self.scheduler_cls, "__name__", repr(self.scheduler_cls))
+        for key, value in kwargs.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"{name}: model {i}'s {key}={value} is not finite; give {cls} a finite {key}."
+                )
+        bad_lr = [lr for lr in base_lrs if not (math.isfinite(lr) and lr >= 0)]
+        if bad_lr:
+            raise ValueError(
+                f"{name}: model {i}'s base learning rate must be finite and >= 0, got {bad_lr[0]}."
+            )
         groups = [{"params": [torch.zeros((), requires_grad=True)], "lr": lr} for lr in base_lrs]
         opt = torch.optim.SGD(groups, lr=base_lrs[0])
-        return self.scheduler_cls(opt, **{**self.shared_kwargs, **self.per_model_kwargs[i]})
+        try:
+            return self.scheduler_cls(opt, **kwargs)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: model {i}'s {cls} refused its arguments: {e}") from e
 
     def _rates(self) -> list[list[float]]:
         return [[g["lr"] for g in s.optimizer.param_groups] for s in self.schedulers]
@@ -454,6 +555,14 @@ class BatchLRScheduler(LRScheduler):
     def _write(self) -> None:
         # One host-to-device copy per param group, whatever N.
         rates = torch.tensor(self._rates(), dtype=_F64).T
+        ok = (rates.isfinite() & (rates >= 0)).all(0)
+        if not bool(ok.all()):
+            # Checked before anything is written: the optimizer keeps its last rates.
+            bad = (~ok).nonzero().reshape(-1).tolist()
+            raise ValueError(
+                f"BatchLRScheduler: the schedulers of models {bad} gave learning rates "
+                f"{rates[:, bad].T.tolist()}, expected finite and >= 0; check their arguments."
+            )
         with torch.no_grad():
             for lr, value in zip(_lr_tensors("BatchLRScheduler", self.optimizer), rates):
                 lr.copy_(value)
@@ -521,7 +630,7 @@ class BatchLRScheduler(LRScheduler):
             flat = torch.as_tensor(initial_lr, dtype=_F64).expand(len(idx)).tolist()
             rates = [[r] * groups for r in flat]
         for i, rate in zip(idx, rates):
-            self.schedulers[i] = self._make(i, rate)
+            self.schedulers[i] = self._make(i, rate, name)
         self._write()
 
     def state_dict(self) -> dict[str, Any]:
