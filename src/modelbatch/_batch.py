@@ -54,9 +54,7 @@ def _checked_optimizer_args(
             "for you. Pass optimizer_cls=torch.optim.Adam (or SGD, AdamW, ...), or leave "
             f"{given} out and build your optimizer over mb.parameters()."
         )
-    if optimizer_cls is not None and not any(
-        True for m in models[:1] for _ in m.parameters()
-    ):
+    if optimizer_cls is not None and not any(True for m in models[:1] for _ in m.parameters()):
         raise ValueError(
             f"ModelBatch: optimizer_cls={getattr(optimizer_cls, '__name__', optimizer_cls)} was "
             f"given, but the models ({type(models[0]).__name__}) have no parameters to train; "
@@ -104,14 +102,16 @@ def _explain_loss_error(
         f"{'per-model' if split else 'shared'} targets {tuple(targets.shape)} {targets.dtype}"
     )
     if any(m in message for m in ("dtype", "scalar type", "Long", "Float", "Double")):
-        if targets.is_floating_point() and not outputs.shape[2:] == targets.shape[1 + split :]:
+        if targets.is_floating_point() and outputs.shape[2:] != targets.shape[1 + split :]:
             fix = "class-index targets must be integers: pass targets.long()"
         else:
             fix = (
                 "class-index targets must be int64 (targets.long()), value targets of the "
                 "outputs' dtype (targets.to(outputs.dtype))"
             )
-        return TypeError(f"ModelBatch.compute_loss: loss_fn failed on {given} ({first_line}); {fix}.")
+        return TypeError(
+            f"ModelBatch.compute_loss: loss_fn failed on {given} ({first_line}); {fix}."
+        )
     if any(m in message for m in ("size", "shape", "dimension")):
         return ValueError(
             f"ModelBatch.compute_loss: loss_fn failed on {given} ({first_line}); each model's "
@@ -358,7 +358,14 @@ class ModelBatch(nn.Module):
                 raise
             raise clearer from err
         watch.write_back(
-            buffers, params, work, new, guard, self.active, versions, self.training,
+            buffers,
+            params,
+            work,
+            new,
+            guard,
+            self.active,
+            versions,
+            self.training,
             self._replace_buffer,
         )
         return out

@@ -116,7 +116,7 @@ class BufferWatch:
                 )
             target = buffers[name]
             if not isinstance(value, Tensor) or value.shape != target.shape:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                got = tuple(value.shape[1:]) if isinstance(value, Tensor) else type(value).__name__
                 raise ValueError(
                     f"ModelBatch.forward: the model's forward re-assigns buffer {name!r} with "
                     f"{got} per model (was {tuple(target.shape[1:])}); a stacked buffer keeps "

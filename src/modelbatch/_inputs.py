@@ -7,7 +7,7 @@ values), so the forward stays free of host-device syncs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ __all__ = [
 # None (shared, with a check for the likely mistake), a bool for every input,
 # one entry per positional argument, or a mapping from positions and keyword
 # names to entries; an entry is a bool or a pytree of bools matching its argument.
-PerModel = Union[bool, Sequence[Any], Mapping[Union[int, str], Any], None]
+PerModel = bool | Sequence[Any] | Mapping[int | str, Any] | None
 
 
 def input_names(args: tuple, kwargs: dict) -> list[str]:
@@ -196,9 +196,7 @@ class InputReading:
             return False
         if first.dim() - 1 in self.ranks:
             return True
-        key = tuple(
-            (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t) for t in leaves
-        )
+        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t) for t in leaves)
         if key not in self._probed:
             if len(self._probed) > 64:
                 self._probed.clear()

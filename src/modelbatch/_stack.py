@@ -84,8 +84,7 @@ def _check_not_shared(models: Sequence[nn.Module]) -> None:
         if j != i:
             raise ValueError(
                 f"ModelBatch: models {j} and {i} are the same module object "
-                f"({type(m).__name__}); stacking would make them independent copies. "
-                + _SHARED_FIX
+                f"({type(m).__name__}); stacking would make them independent copies. " + _SHARED_FIX
             )
     tensor_owner: dict[int, int] = {}
     for i, m in enumerate(models):
