@@ -539,13 +539,15 @@ def test_retired_buffers_stand_still_in_a_captured_step() -> None:
     step = compile_step(mb, opt, mode="graph")
     x = torch.randn(B, 5, device="cuda")
     y = torch.randint(0, 3, (B,), device="cuda")
-    for _ in range(3):
+    for _ in range(4):  # two eager warm-up steps, then the capture, then a replay
         step(x, y)
+    assert step.mode == "graph" and step.num_graphs == 1
     mb.retire(1)  # a tensor write: the captured graph is replayed, not re-captured
     frozen = {k: v.clone() for k, v in mb.stacked_buffers().items()}
     for _ in range(3):
         step(torch.randn(B, 5, device="cuda"), y)
     torch.cuda.synchronize()
+    assert step.num_graphs == 1
     for name, buf in mb.stacked_buffers().items():
         assert torch.equal(buf[1], frozen[name][1]), name
         assert not torch.equal(buf[0], frozen[name][0]), name

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from ._buffers import BufferWatch, running_stat_buffers
 from ._indices import model_indices
@@ -20,7 +20,7 @@ from ._inputs import (
     PerModel,
     check_devices,
     explain_dtype_error,
-    input_names,
+    model_axis_dims,
     per_model_flags,
 )
 from ._metrics import format_table, per_model_rows
@@ -288,42 +288,9 @@ class ModelBatch(nn.Module):
         leaves, spec = tree_flatten((args, kwargs))
         check_devices(leaves, device, args, kwargs)
         flags = per_model_flags(per_model, args, kwargs, spec, len(leaves))
-        if per_model is None and self._reading.looks_per_model(
-            self._skeleton, args, kwargs, leaves, n
-        ):
-            first = next(t for t in leaves if isinstance(t, Tensor))
-            name = input_names(args, kwargs)[leaves.index(first)]
-            shape = tuple(first.shape)
-            raise ValueError(
-                f"ModelBatch.forward: input {name} of shape {shape} starts with N={n}, the "
-                f"number of models, and the model takes inputs of shape {shape[1:]}: read as "
-                f"shared, every model would run on all {n} slices (outputs [{n}, {n}, ...]). "
-                f"Pass per_model=True for one batch per model, or per_model=False if it is "
-                f"one shared batch of {n} examples."
-            )
-        dims: list[int | None] = []
-        for k, (leaf, flag) in enumerate(zip(leaves, flags)):
-            if not isinstance(leaf, Tensor):
-                if flag and not isinstance(per_model, bool):
-                    raise TypeError(
-                        f"ModelBatch.forward: per_model marks input "
-                        f"{input_names(args, kwargs)[k]} ({type(leaf).__name__}) as per model; "
-                        f"only tensors carry a model axis: pass a tensor [N={n}, ...]."
-                    )
-                dims.append(None)
-                continue
-            if flag and (leaf.dim() == 0 or leaf.shape[0] != n):
-                what = (
-                    "per_model=True expects every input tensor to be"
-                    if isinstance(per_model, bool)
-                    else f"per_model marks {input_names(args, kwargs)[k]} as per model: expected"
-                )
-                raise ValueError(
-                    f"ModelBatch.forward: {what} [N={n}, B, ...], got shape "
-                    f"{tuple(leaf.shape)}; mark inputs shared by all models as per_model=False."
-                )
-            dims.append(0 if flag else None)
-        in_dim = tree_unflatten(dims, spec)
+        if per_model is None and not torch.compiler.is_compiling():
+            self._reading.check_shared(self._skeleton, args, kwargs, leaves, n)
+        in_dim = model_axis_dims(per_model, flags, args, kwargs, leaves, spec, n)
         self._reading.record(leaves, flags)
 
         params, buffers = self.stacked_params(), self.stacked_buffers()

@@ -18,6 +18,7 @@ from torch.utils._pytree import (
     tree_flatten,
     tree_flatten_with_path,
     tree_map,
+    tree_unflatten,
 )
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "check_devices",
     "explain_dtype_error",
     "input_names",
+    "model_axis_dims",
     "per_model_flags",
 ]
 
@@ -104,6 +106,45 @@ def per_model_flags(
             "argument; give a bool per argument, or a tuple/dict of bools shaped like it."
         )
     return [bool(f) for f in flags]
+
+
+def model_axis_dims(
+    per_model: PerModel,
+    flags: list[bool],
+    args: tuple,
+    kwargs: dict,
+    leaves: list[Any],
+    spec: TreeSpec,
+    n: int,
+) -> Any:
+    """`torch.vmap`'s `in_dims` for `(args, kwargs)`: 0 for per-model tensors, None for shared.
+
+    Non-tensor leaves are shared; one that an explicit entry marks per model raises.
+    """
+    blanket = isinstance(per_model, bool)
+    dims: list[int | None] = []
+    for k, (leaf, flag) in enumerate(zip(leaves, flags)):
+        if not isinstance(leaf, Tensor):
+            if flag and not blanket:
+                raise TypeError(
+                    f"ModelBatch.forward: per_model marks input {input_names(args, kwargs)[k]} "
+                    f"({type(leaf).__name__}) as per model; only tensors carry a model axis: "
+                    f"pass a tensor [N={n}, ...]."
+                )
+            dims.append(None)
+            continue
+        if flag and (leaf.dim() == 0 or leaf.shape[0] != n):
+            what = (
+                "per_model=True expects every input tensor to be"
+                if blanket
+                else f"per_model marks {input_names(args, kwargs)[k]} as per model: expected"
+            )
+            raise ValueError(
+                f"ModelBatch.forward: {what} [N={n}, B, ...], got shape {tuple(leaf.shape)}; "
+                "mark inputs shared by all models as per_model=False."
+            )
+        dims.append(0 if flag else None)
+    return tree_unflatten(dims, spec)
 
 
 def check_devices(leaves: list[Any], device: torch.device, args: tuple, kwargs: dict) -> None:
@@ -186,22 +227,33 @@ class InputReading:
                 self.ranks.add(leaf.dim() - 1 if flag else leaf.dim())
                 return
 
-    def looks_per_model(
+    def check_shared(
         self, skeleton: nn.Module, args: tuple, kwargs: dict, leaves: list[Any], n: int
-    ) -> bool:
-        first = next((t for t in leaves if isinstance(t, Tensor)), None)
+    ) -> None:
+        """Raise if inputs given without `per_model` look like one batch per model."""
+        k, first = next(((k, t) for k, t in enumerate(leaves) if isinstance(t, Tensor)), (-1, None))
         if first is None or first.dim() < 2 or first.shape[0] != n:
-            return False
+            return
         if first.dim() in self.ranks:
-            return False
-        if first.dim() - 1 in self.ranks:
-            return True
-        key = tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t) for t in leaves)
-        if key not in self._probed:
-            if len(self._probed) > 64:
-                self._probed.clear()
-            self._probed[key] = _probe(skeleton, args, kwargs, first, n)
-        return self._probed[key]
+            return
+        if first.dim() - 1 not in self.ranks:
+            key = tuple(
+                (tuple(t.shape), t.dtype) if isinstance(t, Tensor) else type(t) for t in leaves
+            )
+            if key not in self._probed:
+                if len(self._probed) > 64:
+                    self._probed.clear()
+                self._probed[key] = _probe(skeleton, args, kwargs, first, n)
+            if not self._probed[key]:
+                return
+        shape = tuple(first.shape)
+        raise ValueError(
+            f"ModelBatch.forward: input {input_names(args, kwargs)[k]} of shape {shape} starts "
+            f"with N={n}, the number of models, and the model takes inputs of shape "
+            f"{shape[1:]}: read as shared, every model would run on all {n} slices (outputs "
+            f"[{n}, {n}, ...]). Pass per_model=True for one batch per model, or "
+            f"per_model=False if it is one shared batch of {n} examples."
+        )
 
 
 def _probe(skeleton: nn.Module, args: tuple, kwargs: dict, first: Tensor, n: int) -> bool:
