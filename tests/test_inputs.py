@@ -207,6 +207,17 @@ def test_randomness_same_gives_every_model_the_same_masks_each_step_new(
     assert not torch.equal(third[0], third[1])
 
 
+def test_randomness_same_covers_the_layers_modelbatch_substitutes() -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 16), nn.RReLU(), nn.Dropout1d(0.5))
+    mb = ModelBatch([copy.deepcopy(base) for _ in range(N)], randomness="same")
+    x = torch.randn(B, 16, 5)
+    out = mb(x)
+    for i in range(1, N):
+        assert torch.equal(out[i], out[0])
+    assert not torch.equal(out, mb(x))
+
+
 def test_randomness_different_is_the_default_and_values_are_checked() -> None:
     mb = ModelBatch(_clones(N))
     assert mb.randomness == "different"
@@ -343,6 +354,24 @@ def test_wrong_input_dtype_names_the_input_and_the_fix() -> None:
         mb(torch.randn(B, 5), torch.randn(B, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"input args\[0\] has dtype torch.int64"):
         ModelBatch(models_of(MLP))(torch.randint(0, 3, (B, 5)))
+
+
+class TokensAndWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin = nn.Linear(4, 2)
+
+    def forward(self, tokens: Tensor, weights: Tensor) -> Tensor:
+        return self.lin(self.emb(tokens) * weights)
+
+
+def test_a_dtype_error_blames_the_float_input_not_the_token_ids() -> None:
+    mb = ModelBatch(models_of(TokensAndWeights))
+    tokens = torch.randint(0, 10, (B, 7))
+    with pytest.raises(TypeError, match=r"input args\[1\] has dtype torch.float64"):
+        mb(tokens, torch.rand(B, 7, 1, dtype=torch.float64))
+    assert mb(tokens, torch.rand(B, 7, 1)).shape == (N, B, 7, 2)
 
 
 class CastsItsInput(nn.Module):

@@ -163,6 +163,17 @@ def check_devices(leaves: list[Any], device: torch.device, args: tuple, kwargs: 
             )
 
 
+# How torch's "expected scalar type X" messages name the integer and bool dtypes.
+_TYPE_NAMES = {
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
+
 def explain_dtype_error(
     err: BaseException, leaves: list[Any], args: tuple, kwargs: dict, dtype: torch.dtype | None
 ) -> Exception | None:
@@ -176,10 +187,15 @@ def explain_dtype_error(
     if dtype is None or not any(m in message for m in ("scalar type", "dtype", "Found dtype")):
         return None
     names = input_names(args, kwargs)
-    culprits = [
+    others = [
         (names[k], leaf.dtype)
         for k, leaf in enumerate(leaves)
         if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.dtype != dtype
+    ]
+    # A floating input of another precision is the likely cause; integer inputs
+    # (token ids, indices) are normal, so blame one only if torch names its type.
+    culprits = [c for c in others if c[1].is_floating_point] or [
+        c for c in others if _TYPE_NAMES.get(c[1], "?") in message
     ]
     if not culprits:
         return None
