@@ -281,6 +281,13 @@ def test_targets_are_checked_against_n_and_the_losss_dtype() -> None:
         match=r"targets \(6,\) torch.float64 .* class-index targets must be integers: pass targets.long\(\)",
     ):
         mb.compute_loss(out, torch.randint(0, 3, (B,)).double())
+    with pytest.raises(
+        TypeError,
+        match=r"targets are float64, outputs torch.float32; pass targets.to\(torch.float32\)",
+    ):
+        mb.compute_loss(out, torch.rand(B, 3, dtype=torch.float64), loss_fn=F.huber_loss)
+    with pytest.raises(TypeError, match=r"targets \(6,\) torch.float32 \(gather.*targets.long\(\)"):
+        mb.compute_loss(out, torch.randint(0, 3, (B,)).float())  # torch's error, explained
     # Integer class indices and float probabilities of the outputs' dtype are fine.
     mb.compute_loss(out, torch.randint(0, 3, (B,)))
     mb.compute_loss(out, torch.softmax(torch.randn(B, 3), -1))

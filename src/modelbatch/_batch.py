@@ -399,6 +399,24 @@ class ModelBatch(nn.Module):
                 f"ModelBatch, got {shape}."
             )
         split = self._targets_per_model(outputs, targets, per_model)
+        if targets.dtype == torch.float64 and outputs.dtype in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
+            # Often numpy's default dtype: the loss would silently run in float64, and
+            # some losses (huber_loss) fail only in backward.
+            if outputs.dim() >= 3 and targets.shape[int(split) :] == outputs.shape[1:-1]:
+                raise TypeError(
+                    f"ModelBatch.compute_loss: targets {tuple(targets.shape)} {targets.dtype} "
+                    f"have the shape of class indices for outputs {tuple(outputs.shape)}; "
+                    "class-index targets must be integers: pass targets.long()."
+                )
+            raise TypeError(
+                f"ModelBatch.compute_loss: targets are float64, outputs {outputs.dtype}; pass "
+                f"targets.to({outputs.dtype}) (targets.float() under autocast), or class "
+                "indices as targets.long()."
+            )
         try:
             losses = torch.vmap(fn, in_dims=(0, 0 if split else None), randomness="different")(
                 outputs, targets
