@@ -7,13 +7,23 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
+from ._buffers import BufferWatch, running_stat_buffers
 from ._indices import model_indices
+from ._inputs import (
+    InputReading,
+    PerModel,
+    check_devices,
+    explain_dtype_error,
+    model_axis_dims,
+    per_model_flags,
+)
 from ._layout import GradLayout
 from ._metrics import format_table, per_model_rows
 from ._stack import (
@@ -21,6 +31,7 @@ from ._stack import (
     check_compatible,
     materialize,
     meta_skeleton,
+    model_list,
     state_key_map,
 )
 from ._step import apply_update
@@ -30,6 +41,86 @@ from .nn._errors import explain_forward_error
 __all__ = ["ModelBatch"]
 
 LossFn = Callable[..., Tensor]
+
+
+def _checked_optimizer_args(
+    models: Sequence[nn.Module],
+    optimizer_cls: Any,
+    lr_list: Any,
+    optimizer_kwargs: Mapping[str, Any] | None,
+) -> list[float] | None:
+    """`lr_list` as N floats, after checking the optimizer arguments of `ModelBatch`."""
+    if optimizer_cls is None and (lr_list is not None or optimizer_kwargs):
+        given = "lr_list" if lr_list is not None else "optimizer_kwargs"
+        raise ValueError(
+            f"ModelBatch: {given} was given without optimizer_cls; no optimizer is chosen "
+            "for you. Pass optimizer_cls=torch.optim.Adam (or SGD, AdamW, ...), or leave "
+            f"{given} out and build your optimizer over mb.parameters()."
+        )
+    if optimizer_cls is not None and not any(True for m in models[:1] for _ in m.parameters()):
+        raise ValueError(
+            f"ModelBatch: optimizer_cls={getattr(optimizer_cls, '__name__', optimizer_cls)} was "
+            f"given, but the models ({type(models[0]).__name__}) have no parameters to train; "
+            "leave optimizer_cls out."
+        )
+    if lr_list is None:
+        return None
+    n = len(models)
+    if isinstance(lr_list, (Tensor, np.ndarray)):
+        if lr_list.ndim != 1:
+            raise TypeError(
+                f"ModelBatch: lr_list must be N={n} numbers, got a {type(lr_list).__name__} of "
+                f"shape {tuple(lr_list.shape)}; pass a 1-D tensor or a list of {n} floats."
+            )
+        values: list[Any] = lr_list.tolist()
+    elif isinstance(lr_list, (str, bytes)) or not isinstance(lr_list, Sequence):
+        raise TypeError(
+            f"ModelBatch: lr_list must be a list of N={n} learning rates, one per model, got "
+            f"{type(lr_list).__name__} {lr_list!r}; for one rate shared by all models pass "
+            f"lr_list=[{lr_list!r}] * {n}."
+        )
+    else:
+        values = list(lr_list)
+    for i, lr in enumerate(values):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.integer, np.floating)):
+            raise TypeError(
+                f"ModelBatch: lr_list[{i}] must be a number, got {type(lr).__name__} {lr!r}; "
+                f"pass {n} floats, e.g. lr_list=[0.001] * {n}."
+            )
+    if len(values) != n:
+        raise ValueError(
+            f"ModelBatch: lr_list has {len(values)} entries, expected one per model (N={n})."
+        )
+    return [float(lr) for lr in values]
+
+
+def _explain_loss_error(
+    err: BaseException, outputs: Tensor, targets: Tensor, split: bool
+) -> Exception | None:
+    """A clearer error for a loss that failed on these targets' dtype or shape, or None."""
+    message = str(err)
+    first_line = message.strip().splitlines()[0] if message.strip() else type(err).__name__
+    given = (
+        f"outputs {tuple(outputs.shape)} {outputs.dtype} and "
+        f"{'per-model' if split else 'shared'} targets {tuple(targets.shape)} {targets.dtype}"
+    )
+    if any(m in message for m in ("dtype", "scalar type", "Long", "Float", "Double")):
+        if targets.is_floating_point() and outputs.shape[2:] != targets.shape[1 + split :]:
+            fix = "class-index targets must be integers: pass targets.long()"
+        else:
+            fix = (
+                "class-index targets must be int64 (targets.long()), value targets of the "
+                "outputs' dtype (targets.to(outputs.dtype))"
+            )
+        return TypeError(
+            f"ModelBatch.compute_loss: loss_fn failed on {given} ({first_line}); {fix}."
+        )
+    if any(m in message for m in ("size", "shape", "dimension")):
+        return ValueError(
+            f"ModelBatch.compute_loss: loss_fn failed on {given} ({first_line}); each model's "
+            "targets must match its outputs [B, ...] as loss_fn expects."
+        )
+    return None
 
 
 class ModelBatch(nn.Module):
@@ -47,11 +138,16 @@ class ModelBatch(nn.Module):
         loss_fn: per-model loss `loss_fn(output [B, ...], target [B, ...]) -> scalar`,
             applied with vmap. Defaults to `F.cross_entropy`.
         optimizer_cls: if given, the batch owns an optimizer of this class
-            over the stacked parameters (`zero_grad()`, `step()`).
-        lr_list: N learning rates, one per model (needs `optimizer_cls`).
+            over the stacked parameters (`zero_grad()`, `step()`). Required
+            with `lr_list` or `optimizer_kwargs`: no optimizer is chosen for you.
+        lr_list: N learning rates, one per model (a list of numbers or a 1-D tensor).
         optimizer_kwargs: further optimizer arguments shared by all models.
         per_model_dropout: accept models that differ only in their Dropout
             `p`; each model then drops with its own rate.
+        randomness: `"different"` (default): each model draws its own random
+            numbers (dropout masks); `"same"`: all models draw the same ones,
+            for a comparison where only the hyperparameters differ. Either way
+            they change from step to step.
         history_size: how many `compute_loss` calls the loss history keeps.
 
     Example:
@@ -61,9 +157,10 @@ class ModelBatch(nn.Module):
         torch.Size([8, 16, 3])
 
     Warning:
-        Every tensor leaf of the inputs is either shared by all models
-        (`[B, ...]`, the default) or split across them (`[N, B, ...]`,
-        with `per_model=True`); mixing the two in one call is not supported.
+        Each input is either shared by all models (`[B, ...]`, the default)
+        or split across them (`[N, B, ...]`), as `forward`'s `per_model`
+        says. A buffer the forward re-assigns (`self.count = self.count + 1`)
+        is written back into its stacked buffer, with the same shape and dtype.
     """
 
     active: Tensor
@@ -79,26 +176,32 @@ class ModelBatch(nn.Module):
         lr_list: Sequence[float] | None = None,
         optimizer_kwargs: Mapping[str, Any] | None = None,
         per_model_dropout: bool = False,
+        randomness: str = "different",
         history_size: int = 10_000,
     ) -> None:
         super().__init__()
         from .nn._convert import prepare_models
 
+        models = model_list(models)
+        lr_list = _checked_optimizer_args(models, optimizer_cls, lr_list, optimizer_kwargs)
         check_compatible(models, ignore_dropout_p=per_model_dropout)
-        models = list(models)
         original = models[0]
         models = prepare_models(models, per_model_dropout=per_model_dropout)
         self.num_models = len(models)
         tree, self._param_names, self._buffer_names = build_stacked_tree(models)
         self.stacked = tree
-        ref_param = next(iter(tree.parameters()), None)
-        device = ref_param.device if ref_param is not None else torch.device("cpu")
+        ref = next(iter([*tree.parameters(), *tree.buffers()]), None)
+        device = ref.device if ref is not None else torch.device("cpu")
         self.register_buffer("active", torch.ones(self.num_models, dtype=torch.bool, device=device))
         # Kept outside the module tree (object.__setattr__) so that .to(),
         # state_dict() and frameworks see only the stacked tensors.
         object.__setattr__(self, "_skeleton", meta_skeleton(models[0]))
         object.__setattr__(self, "_export_skeleton", meta_skeleton(original))
         self._state_keys = state_key_map(original)
+        self._norm_stats = running_stat_buffers(self._skeleton)
+        self._buffer_watch = BufferWatch()
+        self._reading = InputReading()
+        self.randomness = randomness
         self.train(original.training)
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
         self.latest_losses: Tensor | None = None
@@ -110,6 +213,23 @@ class ModelBatch(nn.Module):
         if optimizer_cls is not None or lr_list is not None:
             self.optimizer = self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
             self._layout = GradLayout(list(self.parameters()))
+
+    @property
+    def randomness(self) -> str:
+        """`"different"` (default): each model draws its own random numbers (dropout masks);
+        `"same"`: every model draws the same ones, as `torch.vmap(randomness="same")`.
+
+        Either way the draws change from one forward to the next. Settable.
+        """
+        return self._randomness
+
+    @randomness.setter
+    def randomness(self, value: str) -> None:
+        if value not in ("different", "same"):
+            raise ValueError(
+                f"ModelBatch: randomness must be 'different' or 'same', got {value!r}."
+            )
+        self._randomness = value
 
     # ------------------------------------------------------------------ structure
 
@@ -136,51 +256,98 @@ class ModelBatch(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, *args: Any, per_model: bool = False, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, per_model: PerModel = None, **kwargs: Any) -> Any:
         """Run every model on the inputs.
 
         Args:
-            *args: the model's positional inputs. Shared by all models
-                (`[B, ...]`) by default; with `per_model=True` every tensor
-                is `[N, B, ...]` and model i sees slice i.
-            per_model: whether the inputs carry a leading model axis.
-            **kwargs: the model's keyword inputs, shared or split like `args`.
+            *args: the model's positional inputs, each shared by all models
+                (`[B, ...]`) or split across them (`[N, B, ...]`, model i sees
+                slice i), as `per_model` says.
+            per_model: which inputs carry a leading model axis:
+
+                - `None` (default): none; an input that looks like `[N, B, ...]`
+                  given this way raises (see below).
+                - `True` / `False`: every input tensor / none (always honoured).
+                - a tuple with one entry per positional argument, e.g.
+                  `(False, True)`; keyword inputs are then shared.
+                - a dict from positions and keyword names to entries, e.g.
+                  `{1: True, "mask": True}`; inputs not named are shared.
+
+                An entry is a bool, or a pytree of bools shaped like its
+                argument (as `torch.vmap`'s `in_dims`).
+            **kwargs: the model's keyword inputs.
 
         Returns:
             The model's output with a leading model axis: `[N, B, ...]`
             (any pytree of tensors).
+
+        Raises:
+            ValueError: an input on another device than the models; a
+                per-model input whose leading size is not N; with
+                `per_model=None`, an input `[N, B, ...]` that the model would
+                read as one shared batch (pass `per_model=True`, or
+                `per_model=False` if it is a shared batch of N examples).
+            TypeError: an input whose dtype the model cannot take (named).
         """
         n = self.num_models
-        if per_model:
-            leaves, _ = tree_flatten((args, kwargs))
-            for leaf in leaves:
-                if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] != n):
-                    raise ValueError(
-                        f"ModelBatch.forward: per_model=True expects every input tensor to be "
-                        f"[N={n}, B, ...], got shape {tuple(leaf.shape)}; pass per_model=False "
-                        "for inputs shared by all models."
-                    )
-            in_dim: Any = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, (args, kwargs))
-        else:
-            in_dim = None
-        weights = self._substitute if self._substitute is not None else self.stacked_params()
-        state = {**weights, **self.stacked_buffers()}
+        device = self.active.device
+        leaves, spec = tree_flatten((args, kwargs))
+        check_devices(leaves, device, args, kwargs)
+        flags = per_model_flags(per_model, args, kwargs, spec, len(leaves))
+        if per_model is None and not torch.compiler.is_compiling():
+            self._reading.check_shared(self._skeleton, args, kwargs, leaves, n)
+        in_dim = model_axis_dims(per_model, flags, args, kwargs, leaves, spec, n)
+        self._reading.record(leaves, flags)
+
+        params = self._substitute if self._substitute is not None else self.stacked_params()
+        buffers = self.stacked_buffers()
+        watch = self._buffer_watch
+        guard = watch.some_retired(self.active)
+        work = watch.working_copies(buffers, guard, self.training, self._norm_stats)
+        state = {**params, **buffers, **work}
+        versions = watch.versions(buffers)
         skeleton = self._skeleton
 
-        def run_one(state_i: dict[str, Tensor], inputs: tuple[tuple, dict]) -> Any:
+        def run_one(state_i: dict[str, Tensor], inputs: tuple[tuple, dict], *_: Any) -> Any:
             a, kw = inputs
-            return functional_call(skeleton, state_i, a, kw)
+            live = dict(state_i)  # functional_call writes re-assigned tensors back into it
+            out = functional_call(skeleton, live, a, kw)
+            return out, {k: v for k, v in live.items() if v is not state_i[k]}
 
-        vmapped = torch.vmap(run_one, in_dims=(0, in_dim), randomness="different")
+        # A model without parameters or buffers still needs one tensor to map over.
+        extra = () if state else (self.active,)
+        vmapped = torch.vmap(
+            run_one, in_dims=(0, in_dim, *(0 for _ in extra)), randomness=self._randomness
+        )
         try:
-            with vmap_forward_context(self.active.device):
-                return vmapped(state, (args, kwargs))
+            with vmap_forward_context(device):
+                out, new = vmapped(state, (args, kwargs), *extra)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
             # vmap's own message names an aten op; say which of the user's layers failed.
-            clearer = explain_forward_error(err, skeleton)
+            param_dtype = next((p.dtype for p in params.values() if p.is_floating_point()), None)
+            clearer = explain_forward_error(err, skeleton) or explain_dtype_error(
+                err, leaves, args, kwargs, param_dtype
+            )
             if clearer is None:
                 raise
             raise clearer from err
+        watch.write_back(
+            buffers,
+            params,
+            work,
+            new,
+            guard,
+            self.active,
+            versions,
+            self.training,
+            self._replace_buffer,
+        )
+        return out
+
+    def _replace_buffer(self, name: str, value: Tensor) -> None:
+        prefix, _, leaf = name.rpartition(".")
+        owner = self.stacked.get_submodule(prefix)
+        owner._buffers[leaf] = value
 
     @contextlib.contextmanager
     def substitute_weights(self, weights: Mapping[str, Tensor]) -> Iterator[None]:
@@ -221,6 +388,25 @@ class ModelBatch(nn.Module):
                 f"ModelBatch: cannot tell whether targets of shape {tuple(targets.shape)} are "
                 f"shared or per model (N={n}, batch={batch}); pass per_model=True or False."
             )
+        if (
+            not looks_per_model
+            and batch is not None
+            and targets.dim() >= 1
+            and targets.shape[0] != batch
+        ):
+            shape = tuple(targets.shape)
+            if targets.dim() >= 2 and targets.shape[1] == batch:
+                raise ValueError(
+                    f"ModelBatch: targets of shape {shape} look per model (batch {batch} second) "
+                    f"but hold {targets.shape[0]} models, expected N={n}; pass [N={n}, B={batch}, "
+                    f"...] targets, or [B={batch}, ...] targets shared by all models."
+                )
+            raise ValueError(
+                f"ModelBatch: targets of shape {shape} fit neither shared targets "
+                f"[B={batch}, ...] nor per-model targets [N={n}, B={batch}, ...] for outputs "
+                f"{tuple(outputs.shape)}; pass targets of one of these shapes (per_model=False "
+                "hands any targets to the loss unchanged)."
+            )
         return looks_per_model
 
     def per_model_losses(
@@ -240,9 +426,33 @@ class ModelBatch(nn.Module):
                 f"ModelBatch, got {shape}."
             )
         split = self._targets_per_model(outputs, targets, per_model)
-        losses = torch.vmap(fn, in_dims=(0, 0 if split else None), randomness="different")(
-            outputs, targets
-        )
+        if targets.dtype == torch.float64 and outputs.dtype in (
+            torch.float32,
+            torch.float16,
+            torch.bfloat16,
+        ):
+            # Often numpy's default dtype: the loss would silently run in float64, and
+            # some losses (huber_loss) fail only in backward.
+            if outputs.dim() >= 3 and targets.shape[int(split) :] == outputs.shape[1:-1]:
+                raise TypeError(
+                    f"ModelBatch.compute_loss: targets {tuple(targets.shape)} {targets.dtype} "
+                    f"have the shape of class indices for outputs {tuple(outputs.shape)}; "
+                    "class-index targets must be integers: pass targets.long()."
+                )
+            raise TypeError(
+                f"ModelBatch.compute_loss: targets are float64, outputs {outputs.dtype}; pass "
+                f"targets.to({outputs.dtype}) (targets.float() under autocast), or class "
+                "indices as targets.long()."
+            )
+        try:
+            losses = torch.vmap(fn, in_dims=(0, 0 if split else None), randomness="different")(
+                outputs, targets
+            )
+        except (RuntimeError, ValueError) as err:
+            clearer = _explain_loss_error(err, outputs, targets, split)
+            if clearer is None:
+                raise
+            raise clearer from err
         if losses.shape != (n,):
             raise ValueError(
                 f"ModelBatch.compute_loss: loss_fn must reduce to one scalar per model, "

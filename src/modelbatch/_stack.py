@@ -7,7 +7,7 @@ step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ __all__ = [
     "map_tensors",
     "materialize",
     "meta_skeleton",
+    "model_list",
     "stack_tensors",
     "state_key_map",
 ]
@@ -44,6 +45,59 @@ def _config_of(module: nn.Module) -> dict[str, object]:
     return config
 
 
+def model_list(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """The models as a list, refusing a single module, an empty sequence and non-modules."""
+    if isinstance(models, nn.Module) and not isinstance(models, nn.ModuleList):
+        raise TypeError(
+            "ModelBatch: expected a list of N models, got a single "
+            f"{type(models).__name__}; pass [model] for one model, or "
+            "[make_model() for _ in range(N)] for N."
+        )
+    if isinstance(models, (str, bytes)) or not isinstance(models, Iterable):
+        raise TypeError(
+            f"ModelBatch: expected a list of N models, got {type(models).__name__}; pass "
+            "[make_model() for _ in range(N)]."
+        )
+    models = list(models)
+    if len(models) == 0:
+        raise ValueError("ModelBatch: expected at least one model, got an empty sequence.")
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise TypeError(
+                f"ModelBatch: model {i} is a {type(m).__name__}, expected an nn.Module."
+            )
+    return models
+
+
+_SHARED_FIX = (
+    "ModelBatch trains independent models, each with its own weights: for N copies of one "
+    "model pass [copy.deepcopy(model) for _ in range(N)], or build each model fresh; weights "
+    "shared by every model are one model, train it as it is."
+)
+
+
+def _check_not_shared(models: Sequence[nn.Module]) -> None:
+    """Refuse one module object, or one parameter/buffer tensor, given for two models."""
+    owner: dict[int, int] = {}
+    for i, m in enumerate(models):
+        j = owner.setdefault(id(m), i)
+        if j != i:
+            raise ValueError(
+                f"ModelBatch: models {j} and {i} are the same module object "
+                f"({type(m).__name__}); stacking would make them independent copies. " + _SHARED_FIX
+            )
+    tensor_owner: dict[int, int] = {}
+    for i, m in enumerate(models):
+        for kind, named in (("parameter", m.named_parameters()), ("buffer", m.named_buffers())):
+            for name, t in named:
+                j = tensor_owner.setdefault(id(t), i)
+                if j != i:
+                    raise ValueError(
+                        f"ModelBatch: models {j} and {i} share one {kind} tensor, {name!r}; "
+                        "stacking would untie it. " + _SHARED_FIX
+                    )
+
+
 def check_compatible(models: Sequence[nn.Module], *, ignore_dropout_p: bool = False) -> None:
     """Raise a ValueError naming the first difference between model 0 and another model.
 
@@ -56,19 +110,8 @@ def check_compatible(models: Sequence[nn.Module], *, ignore_dropout_p: bool = Fa
         ignore_dropout_p: accept Dropout modules whose `p` differs (per-model
             dropout rates are handled by the caller).
     """
-    if isinstance(models, nn.Module) and not isinstance(models, (nn.ModuleList, nn.Sequential)):
-        raise TypeError(
-            "ModelBatch: expected a sequence of models, got a single "
-            f"{type(models).__name__}; pass [model] or a list of N models."
-        )
-    models = list(models)
-    if len(models) == 0:
-        raise ValueError("ModelBatch: expected at least one model, got an empty sequence.")
-    for i, m in enumerate(models):
-        if not isinstance(m, nn.Module):
-            raise TypeError(
-                f"ModelBatch: model {i} is a {type(m).__name__}, expected an nn.Module."
-            )
+    models = model_list(models)
+    _check_not_shared(models)
     ref = models[0]
     ref_modules = dict(ref.named_modules())
     ref_params = dict(ref.named_parameters())
