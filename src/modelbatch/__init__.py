@@ -6,7 +6,7 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, lifecycle, nn, optim
+from . import amp, checkpoint, data, lifecycle, nn, optim, plot
 from ._batch import ModelBatch
 from ._metrics import format_table, log_tensorboard, to_dataframe, write_csv
 from ._progress import ProgressBar, track
@@ -34,5 +34,6 @@ __all__ = [
     "log_tensorboard",
     "to_dataframe",
     "write_csv",
+    "plot",
 ]
 __version__ = "0.1.0"
