@@ -335,6 +335,6 @@ def bracket(
     ax.set_ylabel("trial (in order of start)")
     ax.set_ylim(len(rows), -1)  # first trial on top
     ax.margins(x=0.02)
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"{len(rows)} trials, {sum(t['end'] is None for t in rows)} trained to the end")
     return ax

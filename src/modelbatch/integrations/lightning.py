@@ -365,4 +365,4 @@ class BatchLightningModule(pl.LightningModule):
         log_dir = getattr(self.logger, "log_dir", None)
         if log_dir is None:
             return
-        write_csv(os.path.join(log_dir, "per_model.csv"), rows, **stamp)
+        write_csv(os.path.join(log_dir, "per_model.csv"), rows, None, **stamp)
