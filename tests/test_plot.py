@@ -173,3 +173,32 @@ def test_missing_matplotlib_says_how_to_install(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(ImportError, match=r"modelbatch\[plot\]"):
         mbp.loss_curves(torch.rand(4, 2))
+
+
+def test_successive_halving_example_saves_its_plots(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    args = ["--configs", "12", "--slots", "6", "--rung-epochs", "1", "--survivors", "2"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(root / "examples" / "successive_halving.py"),
+            *args,
+            "--plot-dir",
+            str(tmp_path),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("successive_halving_bracket.png", "successive_halving_hparams.png"):
+        image = plt.imread(tmp_path / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+        assert image[..., :3].std() > 0.05  # something was drawn, not a blank canvas

@@ -267,8 +267,8 @@ class LifecycleLog:
         >>> log = LifecycleLog(8, configs)
         >>> replace_model(mb, 3, MLP, config=cfg, optimizer=opt, log=log, step=200)
         >>> log.retire([5, 6], step=400)
-        >>> [t["outcome"] for t in log.trials][3], log.trials[-1]["slot"]
-        ('replaced', 3)
+        >>> log.trial_in(3), len(log.trials)  # trial 8 now runs in slot 3
+        (8, 9)
     """
 
     def __init__(

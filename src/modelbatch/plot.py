@@ -319,18 +319,22 @@ def bracket(
     for row, t in enumerate(rows):
         by_outcome.setdefault(str(t["outcome"]), []).append(row)
     extra = iter(f"C{k}" for k in (0, 3, 4, 5, 6, 8, 9))
+    width = min(2.5, max(0.6, 150 / len(rows)))  # hundreds of trials: thin bars that don't merge
     for outcome, members in by_outcome.items():
         color = _OUTCOME_COLORS.get(outcome) or next(extra, "C0")
         starts = [rows[r]["start"] for r in members]
         stops = [end if rows[r]["end"] is None else rows[r]["end"] for r in members]
         label = {"running": "trained to the end"}.get(outcome, outcome)
         ax.hlines(
-            members, starts, stops, colors=color, linewidth=2.0, label=f"{label} ({len(members)})"
+            members, starts, stops, colors=color, linewidth=width, label=f"{label} ({len(members)})"
         )
         if outcome != "running":
-            ax.plot(stops, members, "x", color=color, markersize=3.5)
+            ax.plot(stops, members, "|", color=color, markersize=2 * width + 1)
     for r in rungs or ():
         ax.axvline(r, color="0.6", linewidth=0.8, linestyle="--")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("trial (in order of start)")
     ax.set_ylim(len(rows), -1)  # first trial on top
