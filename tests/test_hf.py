@@ -637,3 +637,35 @@ def test_each_model_equals_the_stock_trainer_on_that_model(tmp_path):
         for k, v in single.state_dict().items():
             rel = float((got[k] - v).abs().max() / v.abs().max())
             assert rel <= 1e-5, (i, k, rel)
+
+
+def test_per_model_table_goes_to_tensorboard_with_report_to(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mb = ModelBatch(make_models(seed=8))
+    args = make_args(
+        tmp_path,
+        max_steps=10,
+        report_to=["tensorboard"],
+        eval_strategy="steps",
+        eval_steps=10,
+    )
+    trainer = BatchTrainer(
+        mb, args, configs=CONFIGS, train_dataset=Blobs(), eval_dataset=Blobs(12, seed=3)
+    )
+    trainer.train()
+    for cb in trainer.callback_handler.callbacks:
+        if getattr(cb, "tb_writer", None) is not None:
+            cb.tb_writer.flush()
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for i in range(N):
+        train = acc.Scalars(f"per_model/train/loss/model_{i}")
+        assert [e.step for e in train] == [5, 10]
+        (ev,) = acc.Scalars(f"per_model/eval/loss/model_{i}")
+        assert ev.value == pytest.approx(float(trainer.eval_per_model["loss"][i]), rel=1e-6)
+    assert "per_model/eval/accuracy/model_0" in tags

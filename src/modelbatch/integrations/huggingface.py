@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import ModelBatch
-from .._metrics import aggregate, per_model_rows, write_csv
+from .._metrics import aggregate, log_tensorboard, per_model_rows, write_csv
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -577,6 +577,10 @@ def _active_mean(values: Tensor, active: Tensor) -> float:
 class PerModelCSVCallback(TrainerCallback):
     """Appends the per-model table of every log event to a CSV file in the output dir.
 
+    With `report_to="tensorboard"` the table also goes to Trainer's TensorBoard
+    writer: one scalar series per model and column, under `per_model/<split>/`
+    (`per_model/eval/loss/model_3`).
+
     Columns: `step`, `epoch`, `split` (`train` or the eval prefix), `model`,
     `active`, `loss`, `grad_norm`, `accuracy` (empty where a split has none).
     Trainer's own `log_history` gets only the aggregates, never N entries per step.
@@ -597,6 +601,16 @@ class PerModelCSVCallback(TrainerCallback):
             return
         stamp = {"step": state.global_step, "epoch": state.epoch}
         write_csv(self.path(args), table[1], self.columns, **stamp)
+        for writer in self._tensorboard_writers():
+            split = table[0]
+            log_tensorboard(writer, table[1], state.global_step, prefix=f"per_model/{split}/")
+
+    def _tensorboard_writers(self) -> list[Any]:
+        # With report_to="tensorboard", Trainer's TensorBoardCallback holds a
+        # SummaryWriter: the per-model table goes there too, one series per model.
+        callbacks = self.trainer.callback_handler.callbacks
+        writers = [getattr(c, "tb_writer", None) for c in callbacks]
+        return [w for w in writers if w is not None and hasattr(w, "add_scalar")]
 
 
 # ---------------------------------------------------------------------- export
