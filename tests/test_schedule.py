@@ -712,3 +712,12 @@ def test_generic_scheduler_refuses_clearly() -> None:
         BatchLRScheduler(adagrad, tls.OneCycleLR, max_lr=0.1, total_steps=10)
     with pytest.raises(ValueError, match=r"BatchStepLR: last_epoch must be whole numbers >= -1"):
         BatchStepLR(opt, step_size=2, last_epoch=[1, 2, -3, 0, 0])
+
+
+def test_generic_reset_models_restarts_a_resumed_schedule_from_zero() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    sched = BatchLRScheduler(opt, tls.StepLR, step_size=2, gamma=0.5, last_epoch=3)
+    assert opt.hparams["lr"].tolist() == pytest.approx([lr * 0.25 for lr in LRS])
+    sched.reset_models([1], initial_lr=0.4)
+    assert opt.hparams["lr"][1].item() == pytest.approx(0.4)  # step 0 again, not step 4
+    assert "last_epoch" not in sched.per_model_kwargs[1]

@@ -559,7 +559,7 @@ class BatchLRScheduler(LRScheduler):
         values = [g["hparams"][key][i].tolist() for g in self.optimizer.param_groups]
         return [tuple(v) if key == "betas" else v for v in values]
 
-    def _make(self, i: int, base_lrs: list[float]) -> Any:
+    def _make(self, i: int, base_lrs: list[float], resume: bool = True) -> Any:
         key = self._momentum_key
         groups = []
         for lr, m in zip(base_lrs, self._momenta(i)):
@@ -570,7 +570,10 @@ class BatchLRScheduler(LRScheduler):
         # Adam-like dummies for betas: CyclicLR and OneCycleLR then cycle beta1.
         opt = (torch.optim.Adam if key == "betas" else torch.optim.SGD)(groups, lr=base_lrs[0])
         kwargs = {**self.shared_kwargs, **self.per_model_kwargs[i]}
+        # A shared last_epoch resumes at construction only; reset_models restarts at 0.
         last = int(kwargs.pop("last_epoch", -1))
+        if not resume:
+            last = -1
         if "schedulers" in kwargs:
             kwargs["schedulers"] = [self._inner(entry, opt) for entry in kwargs["schedulers"]]
         name = self.scheduler_cls.__name__
@@ -746,7 +749,7 @@ class BatchLRScheduler(LRScheduler):
                 self.per_model_kwargs[i] = dict(kw)
         for i in idx:
             self.per_model_kwargs[i] = {**self.per_model_kwargs[i], **params}
-            self.per_model_kwargs[i]["last_epoch"] = -1  # restarted: not a resume
+            self.per_model_kwargs[i].pop("last_epoch", None)  # restarted: not a resume
         groups = len(self.schedulers[0].optimizer.param_groups)
         if initial_lr is None:
             rates = [list(self.schedulers[i].base_lrs) for i in idx]
@@ -754,7 +757,7 @@ class BatchLRScheduler(LRScheduler):
             flat = torch.as_tensor(initial_lr, dtype=_F64).expand(len(idx)).tolist()
             rates = [[r] * groups for r in flat]
         for i, rate in zip(idx, rates):
-            self.schedulers[i] = self._make(i, rate)
+            self.schedulers[i] = self._make(i, rate, resume=False)
         self._write()
 
     def state_dict(self) -> dict[str, Any]:
