@@ -3,9 +3,11 @@
 `BatchTrainer` is a `transformers.Trainer` whose model is a `ModelBatch`: the
 stock training loop runs all 16 models at once, each with its own AdamW
 hyperparameters, per-model gradient clipping and Trainer's linear lr schedule
-(a shared factor on every model's own lr). Trainer logs the best, median and
-worst model; the full per-model table goes to `<output_dir>/per_model_log.csv`.
-Finishes in well under a minute on two CPU cores.
+(a shared factor on every model's own lr). Trainer logs the mean, best, median
+and worst model; the full per-model table goes to `<output_dir>/per_model_log.csv`.
+With matplotlib installed it saves `hf_sweep.png`: the training loss of each lr
+(the band spans its four weight decays) and each model's eval loss against its
+lr and weight decay. Finishes in well under a minute on two CPU cores.
 
     pip install modelbatch[hf] scikit-learn
     python examples/hf_trainer.py
@@ -14,7 +16,6 @@ Finishes in well under a minute on two CPU cores.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import tempfile
@@ -25,7 +26,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from transformers import TrainingArguments
 
-from modelbatch import ModelBatch
+from modelbatch import ModelBatch, format_table
 from modelbatch.integrations.huggingface import BatchTrainer, export_model, load_model_state
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--plot", default="hf_sweep.png", help="where the PNG goes ('' for none)")
     cli = parser.parse_args()
     output_dir = cli.output_dir or tempfile.mkdtemp(prefix="modelbatch-hf-")
 
@@ -108,21 +110,26 @@ def main() -> None:
     best = metrics["eval_best_model"]
     print(f"\n{len(configs)} models, {cli.steps} steps in {seconds:.1f}s")
     print(
+        f"eval loss: mean {metrics['eval_loss']:.4f} over the models, best "
+        f"{metrics['eval_loss_best']:.4f}, worst {metrics['eval_loss_worst']:.4f}"
+    )
+    print(
         f"eval accuracy: best {metrics['eval_accuracy_best']:.3f}, median "
         f"{metrics['eval_accuracy_median']:.3f}, worst {metrics['eval_accuracy_worst']:.3f}"
     )
     print(f"lowest eval loss: model {best} with {configs[best]}")
 
-    # The last evaluation's per-model rows, from the CSV the callback wrote.
-    with open(os.path.join(output_dir, "per_model_log.csv")) as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "eval"][-len(configs) :]
-    print("\nmodel  lr      wd     eval loss  eval acc")
-    for r in sorted(rows, key=lambda r: float(r["loss"]))[:5]:
-        c = configs[int(r["model"])]
-        print(
-            f"{r['model']:>5}  {c['lr']:<6g}  {c['weight_decay']:<5g}  "
-            f"{float(r['loss']):9.4f}  {float(r['accuracy']):8.3f}"
+    # Each model's own values from the last evaluation (also in the per-model CSV).
+    per_model = trainer.eval_per_model
+    rows = [
+        {"model": i, **c, "eval_loss": loss, "eval_acc": acc}
+        for i, (c, loss, acc) in enumerate(
+            zip(configs, per_model["loss"].tolist(), per_model["accuracy"].tolist())
         )
+    ]
+    print(format_table(rows, sort_by="eval_loss", top=5))
+    if cli.plot:
+        save_plot(cli.plot, model_batch, configs, per_model["loss"])
 
     # The best model as an ordinary module, and straight from the Trainer checkpoint.
     plain = export_model(trainer, best)
@@ -132,6 +139,27 @@ def main() -> None:
     x = eval_data.x[:8]
     assert torch.equal(check(x), plain(x))
     print(f"\nexported model {best}; checkpoint and per-model log in {output_dir}")
+
+
+def save_plot(path: str, model_batch: ModelBatch, configs: list, eval_loss: torch.Tensor) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import modelbatch.plot as mbp
+
+    fig = plt.figure(figsize=(12, 3.6), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[1, 1.4])
+    ax = left.subplots()
+    groups = [f"lr={c['lr']:g}" for c in configs]  # the band: the four weight decays
+    mbp.loss_curves(model_batch.loss_history(), groups=groups, smooth=10, log_y=True, ax=ax)
+    mbp.metric_vs_hparams(eval_loss, configs, metric_name="eval loss", axes=right.subplots(1, 2))
+    fig.savefig(path, dpi=80)
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ weights, optimizer state, hyperparameters and data seed in that slot, every
 other model untouched). Once all 256 configurations have been tried, losers
 are retired instead, and the run ends with a handful of survivors.
 
+A `LifecycleLog` records every replacement and retirement; with matplotlib
+installed the script saves the search's bracket (`successive_halving_bracket.png`)
+and every configuration's last validation accuracy against its lr, weight
+decay and beta1 (`successive_halving_hparams.png`).
+
     python examples/successive_halving.py
 """
 
@@ -22,7 +27,7 @@ from torch import nn
 
 from modelbatch import ModelBatch, format_table, track
 from modelbatch.data import PerModelLoader
-from modelbatch.lifecycle import NaNGuard, replace_model
+from modelbatch.lifecycle import LifecycleLog, NaNGuard, replace_model
 from modelbatch.optim import BatchAdamW
 
 
@@ -66,6 +71,7 @@ def main() -> None:
     parser.add_argument("--rung-epochs", type=int, default=2)
     parser.add_argument("--survivors", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--plot-dir", default=".", help="where the PNGs go ('' for none)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -83,6 +89,10 @@ def main() -> None:
     level = torch.zeros(n, dtype=torch.long)  # rungs survived; -1: retired for good
     epochs_trained = torch.zeros(n, dtype=torch.long)
     next_config = n
+    log = LifecycleLog(n, configs[:n])  # trial t runs configuration t
+    last_acc = torch.full((len(configs),), math.nan)  # each configuration's latest val acc
+    step = 0
+    rung_steps = []
 
     rung = 0
     while int((level >= 0).sum()) > args.survivors:
@@ -93,13 +103,20 @@ def main() -> None:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            guard.step()
+                step += 1
+            diverged = guard.step()
+            if diverged.any():
+                log.retire(diverged, step, "diverged")
             epochs_trained += (level >= 0).long()
         mb.eval()
         with torch.no_grad():
             accuracy = mb.accuracy(mb(x_val), y_val).cpu()
         mb.train()
+        for slot, acc in enumerate(accuracy.tolist()):
+            if level[slot] >= 0:
+                last_acc[log.trial_in(slot)] = acc if mb.active[slot] else math.nan
         accuracy[~mb.active.cpu()] = -1.0  # diverged: ranked last
+        rung_steps.append(step)
         replaced = retired = 0
         # ASHA's rule: models compete within their rung. Once every configuration
         # has been tried, the remaining models compete as one group (the finals).
@@ -116,13 +133,22 @@ def main() -> None:
                 if next_config < len(configs):
                     cfg = configs[next_config]
                     replace_model(
-                        mb, slot, MLP, config=cfg, seed=next_config, optimizer=opt, loader=loader
+                        mb,
+                        slot,
+                        MLP,
+                        config=cfg,
+                        seed=next_config,
+                        optimizer=opt,
+                        loader=loader,
+                        log=log,
+                        step=step,
                     )
                     slot_config[slot], level[slot], epochs_trained[slot] = next_config, 0, 0
                     next_config += 1
                     replaced += 1
                 else:
                     mb.retire(slot)
+                    log.retire(slot, step)
                     level[slot] = -1
                     retired += 1
         alive = level >= 0
@@ -147,6 +173,33 @@ def main() -> None:
     ]
     print("\nSurvivors:")
     print(format_table(rows, sort_by="val_acc"))
+    if args.plot_dir:
+        save_plots(args.plot_dir, log, rung_steps, last_acc, configs[:next_config])
+
+
+def save_plots(folder: str, log: LifecycleLog, rungs: list, acc: torch.Tensor, tried: list) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(matplotlib not installed: no plots; pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import os
+
+    import modelbatch.plot as mbp
+
+    ax = mbp.bracket(log, rungs=rungs)
+    ax.set_title(f"successive halving: {ax.get_title()}")
+    path = os.path.join(folder, "successive_halving_bracket.png")
+    ax.figure.savefig(path, dpi=80)
+    hparams = {
+        "lr": [c["lr"] for c in tried],
+        "weight_decay": [c["weight_decay"] for c in tried],
+        "beta1": [c["betas"][0] for c in tried],
+    }
+    fig = mbp.metric_vs_hparams(acc[: len(tried)], hparams, metric_name="last val acc", best="max")
+    fig.savefig(os.path.join(folder, "successive_halving_hparams.png"), dpi=80)
+    print(f"saved {path} and successive_halving_hparams.png")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def linear_factor(total: int):
     return lambda step: max(0.0, (total - step) / total)
 
 
+def hf_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The stock Trainer's two groups: no weight decay for biases and LayerNorm weights."""
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # self is unused
+    named = list(model.named_parameters())
+    return [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+
+
 def torch_reference(
     models,
     micro_batches,
@@ -119,19 +131,11 @@ def torch_reference(
     models = [copy.deepcopy(m) for m in models]
     opts = []
     for m, c in zip(models, configs):
+        groups = hf_param_groups(m, c["weight_decay"])
         if optimizer == "adamw":
-            opts.append(
-                torch.optim.AdamW(m.parameters(), lr=c["lr"], weight_decay=c["weight_decay"])
-            )
+            opts.append(torch.optim.AdamW(groups, lr=c["lr"]))
         else:
-            opts.append(
-                torch.optim.SGD(
-                    m.parameters(),
-                    lr=c["lr"],
-                    momentum=c["momentum"],
-                    weight_decay=c["weight_decay"],
-                )
-            )
+            opts.append(torch.optim.SGD(groups, lr=c["lr"], momentum=c["momentum"]))
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, linear_factor(total)) for o in opts]
     loss_of = loss_of or (lambda m, b: F.cross_entropy(m(b["x"]), b["labels"]))
     steps = [
@@ -206,11 +210,17 @@ def test_trainer_equals_per_model_torch_adamw(adamw_run):
 
 
 def test_trainer_equals_library_loop(adamw_run):
-    from modelbatch.optim import OptimizerFactory
+    from modelbatch.optim import VECTORIZED
 
     models, trainer, _ = adamw_run
     mb = ModelBatch([copy.deepcopy(m) for m in models])
-    opt = OptimizerFactory(torch.optim.AdamW).create_optimizer(mb, CONFIGS)
+    params = mb.stacked_params()
+    groups = [
+        {"params": [p for n, p in params.items() if not n.endswith("bias")]},
+        {"params": [p for n, p in params.items() if n.endswith("bias")]},
+    ]
+    opt = VECTORIZED[torch.optim.AdamW](groups, CONFIGS)
+    opt.param_groups[1]["hparams"]["weight_decay"].zero_()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_factor(STEPS))
     for batch in trainer.recorded:
         opt.zero_grad()
@@ -337,8 +347,8 @@ def test_logs_aggregates_and_writes_the_per_model_table(adamw_run):
         assert math.isclose(log["loss_best"], float(window.min()), rel_tol=1e-6)
         assert math.isclose(log["loss_worst"], float(window.max()), rel_tol=1e-6)
         assert math.isclose(log["loss_median"], float(window.median()), rel_tol=1e-6)
-        # Trainer's own "loss" is the sum over models.
-        assert math.isclose(log["loss"], float(window.sum()), rel_tol=1e-5)
+        # "loss" is the mean over the models (Trainer's own would be their sum).
+        assert math.isclose(log["loss"], float(window.mean()), rel_tol=1e-6)
 
 
 def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
@@ -355,7 +365,11 @@ def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
     best = min(range(N), key=lambda i: losses[i])
     assert out.metrics["test_best_model"] == best
     assert math.isclose(out.metrics["test_loss_best"], losses[best], rel_tol=1e-6)
-    assert math.isclose(out.metrics["test_loss"], sum(losses), rel_tol=1e-6)
+    # The mean over models, comparable with one model's loss; and each model's own.
+    assert math.isclose(out.metrics["test_loss"], sum(losses) / N, rel_tol=1e-6)
+    assert torch.allclose(
+        trainer.eval_per_model["loss"], torch.tensor(losses, dtype=torch.float64), rtol=1e-6
+    )
     # Evaluation does not enter the training loss history.
     assert mb.loss_history().shape == (3, N)
 
@@ -565,3 +579,93 @@ def test_dataset_columns_follow_the_users_forward(tmp_path):
     assert "x" in trainer._signature_columns
     assert "labels" in trainer._signature_columns
     assert "kwargs" not in trainer._signature_columns
+
+
+# ---------------------------------------------------------------------- the stock Trainer
+
+
+class NormMLP(nn.Module):
+    """A model with biases and a LayerNorm; returns HF-style outputs (with loss given labels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.net(x)
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_each_model_equals_the_stock_trainer_on_that_model(tmp_path):
+    from transformers import Trainer
+
+    configs = [{"lr": 1e-2, "weight_decay": 0.5}, {"lr": 3e-2, "weight_decay": 0.2}]
+    torch.manual_seed(11)
+    models = [NormMLP() for _ in configs]
+    with torch.no_grad():  # LayerNorm starts at (1, 0): move it, so decaying it would show
+        for m in models:
+            m.net[1].weight.add_(torch.randn(16) * 0.3)
+            m.net[1].bias.add_(torch.randn(16) * 0.3)
+    args = dict(max_steps=STEPS, eval_strategy="no")
+    batch = BatchTrainer(
+        ModelBatch([copy.deepcopy(m) for m in models]),
+        make_args(tmp_path / "batch", **args),
+        configs=configs,
+        train_dataset=Blobs(),
+    )
+    batch.train()
+    # Two groups, as the stock Trainer builds them; the second never decays.
+    opt = batch.optimizer
+    assert len(opt.param_groups) == 2
+    assert float(opt.param_groups[1]["hparams"]["weight_decay"].abs().max()) == 0.0
+    for i, (m, c) in enumerate(zip(models, configs)):
+        single = copy.deepcopy(m)
+        stock = Trainer(
+            single,
+            make_args(
+                tmp_path / f"stock{i}",
+                learning_rate=c["lr"],
+                weight_decay=c["weight_decay"],
+                **args,
+            ),
+            train_dataset=Blobs(),
+        )
+        stock.train()
+        got = batch.model_batch.get_model_states()[i]
+        for k, v in single.state_dict().items():
+            rel = float((got[k] - v).abs().max() / v.abs().max())
+            assert rel <= 1e-5, (i, k, rel)
+
+
+def test_per_model_table_goes_to_tensorboard_with_report_to(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mb = ModelBatch(make_models(seed=8))
+    args = make_args(
+        tmp_path,
+        max_steps=10,
+        report_to=["tensorboard"],
+        eval_strategy="steps",
+        eval_steps=10,
+    )
+    trainer = BatchTrainer(
+        mb, args, configs=CONFIGS, train_dataset=Blobs(), eval_dataset=Blobs(12, seed=3)
+    )
+    trainer.train()
+    for cb in trainer.callback_handler.callbacks:
+        if getattr(cb, "tb_writer", None) is not None:
+            cb.tb_writer.flush()
+    events = sorted(tmp_path.rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for i in range(N):
+        train = acc.Scalars(f"per_model/train/loss/model_{i}")
+        assert [e.step for e in train] == [5, 10]
+        (ev,) = acc.Scalars(f"per_model/eval/loss/model_{i}")
+        assert ev.value == pytest.approx(float(trainer.eval_per_model["loss"][i]), rel=1e-6)
+    assert "per_model/eval/accuracy/model_0" in tags

@@ -430,3 +430,29 @@ def test_attached_scaler_is_adopted_under_16_mixed_and_refused_otherwise():
         ValueError, match=r"^BatchLightningModule: the ModelBatch has a grad scaler"
     ):
         trainer(max_steps=2).fit(BatchLightningModule(mb, CONFIGS), make_loader())
+
+
+def test_tensorboard_logger_gets_one_series_per_model_and_the_table_reads(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from modelbatch import format_table
+
+    configs = [{"lr": lr, "weight_decay": 0.0} for lr in (1e-4, 3e-5, 1e-3, 2e-4)]
+    logger = L.loggers.TensorBoardLogger(tmp_path, name="run")
+    module = BatchLightningModule(ModelBatch(make_models()), configs)
+    trainer(logger=logger, max_steps=10).fit(module, make_loader(), make_loader(seed=7, n=40))
+    logger.experiment.flush()
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for i, cfg in enumerate(configs):
+        events = acc.Scalars(f"per_model/lr/model_{i}")
+        assert [e.step for e in events] == [5, 10]  # one point per epoch end
+        assert events[-1].value == pytest.approx(cfg["lr"], rel=1e-6)
+        assert f"per_model/val_loss/model_{i}" in tags
+    # Also the CSV next to the events, and a table where 1e-4 reads as 1.0e-04, not 0.0000.
+    with open(logger.log_dir + "/per_model.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * N
+    table = format_table(module.per_model_rows())
+    assert "1.0e-04" in table and "3.0e-05" in table and "0.0000" not in table

@@ -396,3 +396,328 @@ def test_multistep_reset_models_with_new_milestones() -> None:
     sched.step()
     restored.step()
     assert torch.equal(restored.optimizer.hparams["lr"], opt.hparams["lr"])
+
+
+# ---------------------------------------------------------------- what torch's schedulers accept
+
+
+def _torch_single(lr: float, **opt_kwargs: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD([nn.Parameter(torch.randn(3))], lr=lr, **opt_kwargs)
+
+
+def _torch_lrs(singles: list) -> list[float]:
+    return [s.optimizer.param_groups[0]["lr"] for s in singles]
+
+
+def _step_quietly(sched: Any, *args: Any, **kwargs: Any) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of step(epoch), its order check
+        sched.step(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["step", "multistep", "exponential", "cosine"])
+def test_vectorized_step_epoch_is_torchs_closed_form(kind: str) -> None:
+    ours_fn, theirs_fn = SCHEDULES[kind]
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    sched = ours_fn(opt)
+    singles = [theirs_fn(_torch_single(LRS[i]), i) for i in range(N)]
+    for epoch in (7, 3, 12):
+        sched.step(epoch)
+        for s in singles:
+            _step_quietly(s, epoch)
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), epoch)
+        assert sched.last_epoch == epoch
+    # One epoch per model; then plain steps go on from there.
+    epochs = [0, 4, 9, 2, 15]
+    sched.step(torch.tensor(epochs))
+    expected = []
+    for i, e in enumerate(epochs):
+        single = theirs_fn(_torch_single(LRS[i]), i)
+        for _ in range(e + 2):
+            _step_quietly(single)
+        expected.append(single.optimizer.param_groups[0]["lr"])
+    sched.step()
+    sched.step()
+    _assert_lr_close(opt.hparams["lr"], expected, -1)
+
+
+@pytest.mark.parametrize("kind", ["step", "multistep", "exponential", "cosine"])
+def test_vectorized_last_epoch_resumes_per_model_as_torch(kind: str) -> None:
+    ours_fn, theirs_fn = SCHEDULES[kind]
+    # -1: model 3 starts fresh. torch's StepLR / MultiStepLR resume applies a decay twice
+    # when last_epoch + 1 is a milestone; these points avoid that.
+    last = [3, 0, 11, -1, 7]
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    cls = type(ours_fn(make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)))
+    kwargs = {
+        "step": {"step_size": STEP_SIZE, "gamma": GAMMA},
+        "multistep": {"milestones": MILESTONES, "gamma": GAMMA},
+        "exponential": {"gamma": GAMMA},
+        "cosine": {"T_max": T_MAX, "eta_min": ETA_MIN},
+    }[kind]
+    sched = cls(opt, last_epoch=last, **kwargs)
+    # torch's resume: a scheduler built with last_epoch=k on an optimizer that holds
+    # initial_lr and the rate a fresh run had after k + 1 steps (torch's last_epoch k+1).
+    singles = []
+    for i, k in enumerate(last):
+        fresh = theirs_fn(_torch_single(LRS[i]), i)
+        for _ in range(k + 1):
+            _step_quietly(fresh)
+        opt_i = _torch_single(fresh.optimizer.param_groups[0]["lr"])
+        opt_i.param_groups[0]["initial_lr"] = LRS[i]
+        singles.append(theirs_fn.__call__(opt_i, i) if k == -1 else None)
+        if k != -1:
+            import inspect as _inspect
+
+            torch_cls = type(fresh)
+            params = _inspect.signature(torch_cls).parameters
+            theirs_kwargs = {
+                key: (value[i] if isinstance(value, list) else value)
+                for key, value in kwargs.items()
+                if key in params
+            }
+            singles[-1] = torch_cls(opt_i, last_epoch=k, **theirs_kwargs)
+    for step in range(10):
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
+        sched.step()
+        for s in singles:
+            _step_quietly(s)
+
+
+def test_generic_scheduler_last_epoch_per_model_resumes_as_torch() -> None:
+    last = [3, -1, 8, 0, 5]
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    sched = BatchLRScheduler(
+        opt,
+        tls.OneCycleLR,
+        [{"max_lr": m} for m in MAX_LR],
+        total_steps=40,
+        cycle_momentum=False,
+        last_epoch=last,
+    )
+    singles = []
+    for i, k in enumerate(last):
+        s = tls.OneCycleLR(
+            _torch_single(LRS[i]), max_lr=MAX_LR[i], total_steps=40, cycle_momentum=False
+        )
+        for _ in range(k + 1):
+            _step_quietly(s)
+        singles.append(s)
+    for step in range(10):
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
+        sched.step()
+        for s in singles:
+            _step_quietly(s)
+    # torch's own resume of one of them agrees (OneCycleLR reads initial_lr, max_lr, ...).
+    fresh = tls.OneCycleLR(
+        _torch_single(LRS[2]), max_lr=MAX_LR[2], total_steps=40, cycle_momentum=False
+    )
+    for _ in range(9):
+        _step_quietly(fresh)
+    resumed_opt = _torch_single(fresh.optimizer.param_groups[0]["lr"])
+    for key in ("initial_lr", "max_lr", "min_lr"):
+        resumed_opt.param_groups[0][key] = fresh.optimizer.param_groups[0][key]
+    resumed = tls.OneCycleLR(
+        resumed_opt, max_lr=MAX_LR[2], total_steps=40, cycle_momentum=False, last_epoch=8
+    )
+    ours = BatchLRScheduler(
+        make_sgd([nn.Parameter(torch.randn(N, 3))], LRS),
+        tls.OneCycleLR,
+        [{"max_lr": m} for m in MAX_LR],
+        total_steps=40,
+        cycle_momentum=False,
+        last_epoch=8,
+    )
+    assert ours.get_last_lr()[0][2].item() == pytest.approx(resumed.get_last_lr()[0], rel=1e-6)
+
+
+def test_sequential_and_chained_schedulers_per_model() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    seq = BatchLRScheduler(
+        opt,
+        tls.SequentialLR,
+        [
+            {
+                "schedulers": [
+                    (tls.LinearLR, {"start_factor": START[i], "total_iters": WARMUP[i]}),
+                    lambda o, i=i: tls.CosineAnnealingLR(o, T_max=T_MAX[i], eta_min=ETA_MIN[i]),
+                ],
+                "milestones": [WARMUP[i]],
+            }
+            for i in range(N)
+        ],
+    )
+    opt2 = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    chained = BatchLRScheduler(
+        opt2,
+        tls.ChainedScheduler,
+        [
+            {"schedulers": [(tls.ExponentialLR, {"gamma": g}), (tls.ConstantLR, {"factor": 0.5})]}
+            for g in GAMMA
+        ],
+    )
+    singles, chains = [], []
+    for i in range(N):
+        o = _torch_single(LRS[i])
+        warm = tls.LinearLR(o, start_factor=START[i], total_iters=WARMUP[i])
+        cos = tls.CosineAnnealingLR(o, T_max=T_MAX[i], eta_min=ETA_MIN[i])
+        singles.append(tls.SequentialLR(o, [warm, cos], milestones=[WARMUP[i]]))
+        o2 = _torch_single(LRS[i])
+        chains.append(
+            tls.ChainedScheduler([tls.ExponentialLR(o2, gamma=GAMMA[i]), tls.ConstantLR(o2, 0.5)])
+        )
+    for step in range(STEPS):
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
+        _assert_lr_close(
+            opt2.hparams["lr"], [c.optimizer.param_groups[0]["lr"] for c in chains], step
+        )
+        seq.step()
+        chained.step()
+        for s in [*singles, *chains]:
+            _step_quietly(s)
+    with pytest.raises(
+        TypeError, match=r"BatchLRScheduler.step: torch's SequentialLR.step takes no epoch"
+    ):
+        seq.step(3)
+
+
+def test_multiplicative_with_a_function_per_model() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    sched = BatchLRScheduler(
+        opt, tls.MultiplicativeLR, [{"lr_lambda": (lambda t, g=g: g ** (t % 3))} for g in GAMMA]
+    )
+    singles = [
+        tls.MultiplicativeLR(_torch_single(LRS[i]), lambda t, g=GAMMA[i]: g ** (t % 3))
+        for i in range(N)
+    ]
+    for step in range(12):
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
+        sched.step()
+        for s in singles:
+            _step_quietly(s)
+
+
+def test_reduce_on_plateau_trajectory_equals_torch_per_model() -> None:
+    g = torch.Generator().manual_seed(3)
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    patience = [0, 1, 2, 0, 3]
+    sched = BatchLRScheduler(
+        opt,
+        tls.ReduceLROnPlateau,
+        [{"patience": p} for p in patience],
+        factor=0.5,
+        threshold=0.05,
+        cooldown=1,
+    )
+    singles = [
+        tls.ReduceLROnPlateau(
+            _torch_single(LRS[i]), patience=patience[i], factor=0.5, threshold=0.05, cooldown=1
+        )
+        for i in range(N)
+    ]
+    for step in range(20):
+        metrics = torch.rand(N, generator=g, dtype=torch.float64) + 1.0 / (step + 1)
+        sched.step(metrics)
+        for s, m in zip(singles, metrics.tolist()):
+            s.step(m)
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
+    assert len(set(opt.hparams["lr"].tolist())) > 1  # the models were reduced differently
+    with pytest.raises(ValueError, match="ReduceLROnPlateau needs one metric per model"):
+        sched.step()
+    with pytest.raises(ValueError, match="metrics must have one value per model"):
+        sched.step(torch.ones(N + 1))
+
+
+def test_warm_restarts_step_with_a_fractional_epoch_per_model() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    sched = BatchLRScheduler(opt, tls.CosineAnnealingWarmRestarts, [{"T_0": t} for t in STEP_SIZE])
+    singles = [
+        tls.CosineAnnealingWarmRestarts(_torch_single(LRS[i]), T_0=STEP_SIZE[i]) for i in range(N)
+    ]
+    for epoch in (0.5, 1.25, 6.75):
+        per_model = torch.tensor([epoch + 0.1 * i for i in range(N)])
+        sched.step(epoch=per_model)
+        for s, e in zip(singles, per_model.tolist()):
+            s.step(e)
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), int(epoch))
+
+
+@pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
+def test_cycled_momentum_reaches_the_optimizer(opt_kind: str) -> None:
+    params = nn.Parameter(torch.randn(N, 3))
+    if opt_kind == "sgd":
+        from modelbatch.optim import BatchSGD
+
+        opt = BatchSGD([params], [{"lr": lr, "momentum": 0.9} for lr in LRS])
+    else:
+        opt = BatchAdam([params], [{"lr": lr, "betas": (0.9, 0.99)} for lr in LRS])
+    sched = BatchLRScheduler(
+        opt,
+        tls.OneCycleLR,
+        [{"max_lr": m, "pct_start": p} for m, p in zip(MAX_LR, PCT)],
+        total_steps=STEPS + 1,
+    )
+    singles = []
+    for i in range(N):
+        p = [nn.Parameter(torch.randn(3))]
+        o = (
+            torch.optim.SGD(p, lr=LRS[i], momentum=0.9)
+            if opt_kind == "sgd"
+            else torch.optim.Adam(p, lr=LRS[i], betas=(0.9, 0.99))
+        )
+        singles.append(tls.OneCycleLR(o, max_lr=MAX_LR[i], pct_start=PCT[i], total_steps=STEPS + 1))
+
+    def momenta() -> list[float]:
+        key = "momentum" if opt_kind == "sgd" else "betas"
+        values = [s.optimizer.param_groups[0][key] for s in singles]
+        return values if opt_kind == "sgd" else [b[0] for b in values]
+
+    lowest = 1.0
+    for step in range(STEPS):
+        ours = opt.hparams["momentum"] if opt_kind == "sgd" else opt.hparams["betas"][:, 0]
+        lowest = min(lowest, float(ours.min()))
+        _assert_lr_close(ours, momenta(), step)
+        _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
+        if opt_kind == "adam":
+            assert torch.equal(
+                opt.hparams["betas"][:, 1], torch.full((N,), 0.99, dtype=torch.float64)
+            )
+        sched.step()
+        for s in singles:
+            _step_quietly(s)
+    assert lowest < 0.9  # it did cycle
+
+
+def test_generic_scheduler_refuses_clearly() -> None:
+    from modelbatch.optim import BatchAdagrad
+
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    with pytest.raises(TypeError, match="BatchLRScheduler: scheduler_cls must be a torch"):
+        BatchLRScheduler(opt, lambda o: tls.StepLR(o, 2))
+    with pytest.raises(TypeError, match="BatchLRScheduler: BatchStepLR is already per model"):
+        BatchLRScheduler(opt, BatchStepLR, step_size=2)
+    built = tls.StepLR(_torch_single(0.1), 2)
+    with pytest.raises(TypeError, match=r"schedulers must be \(class, kwargs\) pairs"):
+        BatchLRScheduler(opt, tls.SequentialLR, schedulers=[built, built], milestones=[2])
+    with pytest.raises(ValueError, match="ReduceLROnPlateau takes no last_epoch"):
+        BatchLRScheduler(opt, tls.ReduceLROnPlateau, last_epoch=3)
+    with pytest.raises(ValueError, match="last_epoch must be a number or one per model"):
+        BatchLRScheduler(opt, tls.StepLR, step_size=2, last_epoch=[1, 2])
+    with pytest.raises(TypeError, match="BatchLRScheduler: model 0's StepLR refused its arguments"):
+        BatchLRScheduler(opt, tls.StepLR, stepsize=2)
+    adagrad = BatchAdagrad([nn.Parameter(torch.randn(N, 2))], [{"lr": lr} for lr in LRS])
+    with pytest.raises(ValueError, match="cycle_momentum=True needs an optimizer with momentum"):
+        BatchLRScheduler(adagrad, tls.OneCycleLR, max_lr=0.1, total_steps=10)
+    with pytest.raises(ValueError, match=r"BatchStepLR: last_epoch must be whole numbers >= -1"):
+        BatchStepLR(opt, step_size=2, last_epoch=[1, 2, -3, 0, 0])
+
+
+def test_generic_reset_models_restarts_a_resumed_schedule_from_zero() -> None:
+    opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
+    sched = BatchLRScheduler(opt, tls.StepLR, step_size=2, gamma=0.5, last_epoch=3)
+    assert opt.hparams["lr"].tolist() == pytest.approx([lr * 0.25 for lr in LRS])
+    sched.reset_models([1], initial_lr=0.4)
+    assert opt.hparams["lr"][1].item() == pytest.approx(0.4)  # step 0 again, not step 4
+    assert "last_epoch" not in sched.per_model_kwargs[1]

@@ -6,9 +6,9 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, lifecycle, nn, optim
+from . import amp, checkpoint, data, lifecycle, nn, optim, plot
 from ._batch import ModelBatch
-from ._metrics import format_table
+from ._metrics import format_table, log_tensorboard, to_dataframe, write_csv
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
 from .fast import EvalResult, FastStep, compile_step, evaluate
@@ -31,5 +31,9 @@ __all__ = [
     "nn",
     "optim",
     "track",
+    "log_tensorboard",
+    "to_dataframe",
+    "write_csv",
+    "plot",
 ]
 __version__ = "0.1.0"

@@ -31,7 +31,7 @@ from ._batch import ModelBatch
 from ._indices import model_indices
 from ._stack import check_compatible, meta_skeleton
 
-__all__ = ["EarlyStopping", "NaNGuard", "replace_model"]
+__all__ = ["EarlyStopping", "LifecycleLog", "NaNGuard", "replace_model"]
 
 logger = logging.getLogger("modelbatch")
 
@@ -245,6 +245,97 @@ class NaNGuard:
         return bad
 
 
+class LifecycleLog:
+    """Which trial ran in which slot, from which step to which, and how it ended.
+
+    A search that retires or replaces models (successive halving, ASHA,
+    Hyperband) records its decisions here; `modelbatch.plot.bracket` draws
+    them. `replace_model(..., log=log, step=s)` records a replacement by
+    itself; call `retire` where models stop for good. Recording only: the
+    batch is not changed.
+
+    Args:
+        num_models: N; trials 0..N-1 start in slots 0..N-1.
+        configs: the first N trials' configurations (kept with each trial).
+        step: the step at which they start.
+
+    State: `trials`, one dict per trial: `trial` (its id, in order of start),
+    `slot`, `start`, `end` (None while it runs), `outcome` (`"running"`,
+    `"replaced"`, `"retired"` or the reason given), `config`.
+
+    Example:
+        >>> log = LifecycleLog(8, configs)
+        >>> replace_model(mb, 3, MLP, config=cfg, optimizer=opt, log=log, step=200)
+        >>> log.retire([5, 6], step=400)
+        >>> log.trial_in(3), len(log.trials)  # trial 8 now runs in slot 3
+        (8, 9)
+    """
+
+    def __init__(
+        self, num_models: int, configs: Sequence[Any] | None = None, step: int = 0
+    ) -> None:
+        if configs is not None and len(configs) != num_models:
+            raise ValueError(
+                f"LifecycleLog: configs has {len(configs)} entries, expected one per model "
+                f"(N={num_models})."
+            )
+        self.num_models = num_models
+        self.trials: list[dict[str, Any]] = []
+        self._slot_trial: list[int] = []
+        for i in range(num_models):
+            self._start(i, step, None if configs is None else configs[i])
+
+    def _start(self, slot: int, step: int, config: Any) -> int:
+        trial = len(self.trials)
+        self.trials.append(
+            {
+                "trial": trial,
+                "slot": slot,
+                "start": int(step),
+                "end": None,
+                "outcome": "running",
+                "config": config,
+            }
+        )
+        if slot < len(self._slot_trial):
+            self._slot_trial[slot] = trial
+        else:
+            self._slot_trial.append(trial)
+        return trial
+
+    def _end(self, slot: int, step: int, outcome: str) -> None:
+        record = self.trials[self._slot_trial[slot]]
+        if record["end"] is None:
+            record["end"], record["outcome"] = int(step), outcome
+
+    def trial_in(self, slot: int) -> int:
+        """The id of the trial now in `slot`."""
+        return self._slot_trial[slot]
+
+    def retire(
+        self, indices: int | Sequence[int] | Tensor, step: int, outcome: str = "retired"
+    ) -> None:
+        """Record that the trials in these slots stopped at `step`."""
+        for i in model_indices("LifecycleLog.retire", indices, self.num_models, "cpu").tolist():
+            self._end(i, step, outcome)
+
+    def replace(self, index: int, step: int, config: Any = None) -> int:
+        """Record that slot `index`'s trial stopped at `step` and a new one started there.
+
+        Returns:
+            The new trial's id.
+        """
+        self._end(index, step, "replaced")
+        return self._start(index, step, config)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trials": [dict(t) for t in self.trials], "slots": list(self._slot_trial)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.trials = [dict(t) for t in state["trials"]]
+        self._slot_trial = [int(t) for t in state["slots"]]
+
+
 def _fresh_module(new: nn.Module | Callable[[], nn.Module], seed: int | None) -> nn.Module:
     if isinstance(new, nn.Module):
         return new
@@ -318,6 +409,8 @@ def replace_model(
     scaler: Any = None,
     loader: Any = None,
     callbacks: Iterable[Any] = (),
+    log: LifecycleLog | None = None,
+    step: int | None = None,
 ) -> None:
     """Put a fresh model into slot `index`, in place; every other model is untouched.
 
@@ -344,6 +437,8 @@ def replace_model(
         scaler: defaults to `model_batch.grad_scaler`.
         loader: a `PerModelLoader` whose seed for this model becomes `seed`.
         callbacks: objects with `reset(indices)` (`EarlyStopping`, ...).
+        log: a `LifecycleLog` that records the replacement (at `step`, with `config`).
+        step: the training step, for `log`.
 
     Example:
         >>> replace_model(mb, 3, lambda: MLP(), config={"lr": 3e-4}, seed=17, optimizer=opt)
@@ -365,6 +460,8 @@ def replace_model(
         raise ValueError("replace_model: config sets optimizer hyperparameters; pass optimizer=.")
     if schedule is not None and scheduler is None:
         raise ValueError("replace_model: schedule needs scheduler=.")
+    if log is not None and step is None:
+        raise ValueError("replace_model: log records when the model was replaced; pass step=.")
     values = _check_fits(model_batch, _fresh_module(new, seed))
 
     if optimizer is not None:
@@ -388,3 +485,6 @@ def replace_model(
     for callback in callbacks:
         callback.reset([i])
     model_batch.activate(i)
+    if log is not None:
+        assert step is not None
+        log.replace(i, step, None if config is None else dict(config))

@@ -12,8 +12,12 @@ every per-model guarantee of the library inside Trainer's loop:
 - `max_grad_norm` clips each model by its own norm (`modelbatch.optim.clip_grad_norm_`);
 - under fp16 the grad scaler is the per-model `modelbatch.amp.BatchGradScaler`:
   one model's overflow skips only that model's step;
-- Trainer logs best / median / worst loss and the best model's index; the full
-  per-model table goes to a CSV file in the output dir (`PerModelCSVCallback`);
+- Trainer logs the loss as the mean over the active models (train and eval),
+  with best / median / worst and the best model's index; the full per-model
+  table goes to a CSV file in the output dir (`PerModelCSVCallback`), and the
+  last evaluation's per-model values stay in `BatchTrainer.eval_per_model`;
+- weight decay skips biases and LayerNorm weights, as the stock Trainer's
+  parameter groups do;
 - checkpoints hold the stacked weights (`model.safetensors`), resume works, and
   `export_model` / `load_model_state` give back model i as an ordinary module or
   state dict.
@@ -23,7 +27,6 @@ Importing this module imports `transformers` (install with `pip install modelbat
 
 from __future__ import annotations
 
-import csv
 import inspect
 import math
 import os
@@ -34,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import ModelBatch
-from .._metrics import aggregate, per_model_rows
+from .._metrics import aggregate, log_tensorboard, per_model_rows, write_csv
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -135,6 +138,9 @@ class BatchTrainer(Trainer):
 
     Attributes:
         last_grad_norms: `[N]` pre-clip gradient norms of the last step (None before).
+        eval_per_model: the last evaluation's per-model metrics, `{"loss": [N],
+            "accuracy": [N]}` (accuracy for class logits only); the logged
+            `eval_loss` is their mean over the active models.
 
     Example:
         >>> mb = ModelBatch([make_model() for _ in range(8)])
@@ -144,10 +150,9 @@ class BatchTrainer(Trainer):
         >>> trainer.per_model_losses().shape
         torch.Size([8])
 
-    Warning:
-        Weight decay applies to every parameter of every model (with its own
-        `weight_decay`), unlike the stock Trainer which exempts biases and
-        LayerNorm weights.
+    Weight decay follows the stock Trainer: biases and LayerNorm weights are
+    exempt (override `get_decay_parameter_names` to change the rule); every
+    other parameter of model i decays with its own `weight_decay`.
     """
 
     _window_loss: Tensor  # [N] float64, per-model loss summed since the last log
@@ -209,6 +214,7 @@ class BatchTrainer(Trainer):
         self.output_key = output_key
         self._stacked_ids = {id(p) for p in model.parameters()}
         self.last_grad_norms: Tensor | None = None
+        self.eval_per_model: dict[str, Tensor] = {}
         self._reset_train_window()
         self._reset_eval_window()
         self._table: tuple[str, list[dict[str, Any]]] | None = None
@@ -299,19 +305,57 @@ class BatchTrainer(Trainer):
         return {k: get(self.args) for k, get in _ARGS_TO_HPARAMS.items() if k in accepted}
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The vectorized optimizer with per-model hyperparameters (one param group)."""
+        """The vectorized optimizer with per-model hyperparameters.
+
+        Two param groups, as the stock Trainer makes them: the parameters
+        `get_decay_parameter_names` names (by default all but biases and
+        LayerNorm weights) decay with each model's `weight_decay`; the others
+        get weight decay 0 for every model.
+        """
         if self.optimizer is None:
             mb = self.model_batch
             if self.configs is None and not self.base_config and mb.optimizer is not None:
                 self.optimizer = mb.optimizer
             else:
-                from ..optim import OptimizerFactory
+                from ..optim import VECTORIZED, BatchOptimizer, OptimizerFactory
 
                 base = {**self._optimizer_defaults(), **self.base_config}
                 configs = self.configs or [{} for _ in range(mb.num_models)]
-                factory = OptimizerFactory(self.optimizer_cls, base)
-                self.optimizer = factory.create_optimizer(mb, configs)
+                cls = self.optimizer_cls
+                batch_cls = cls if issubclass(cls, BatchOptimizer) else VECTORIZED.get(cls)
+                decay, no_decay = self._decay_groups()
+                if batch_cls is not None and no_decay:
+                    groups = [{"params": decay}, {"params": no_decay}]
+                    optimizer = batch_cls(groups, configs, model_batch=mb, base_config=base)
+                    hparams = optimizer.param_groups[1]["hparams"]
+                    if "weight_decay" in hparams:
+                        hparams["weight_decay"].zero_()
+                    self.optimizer = optimizer
+                else:
+                    factory = OptimizerFactory(cls, base)
+                    self.optimizer = factory.create_optimizer(mb, configs)
+                    self._split_torch_groups(self.optimizer, no_decay)
         return self.optimizer
+
+    def _decay_groups(self) -> tuple[list[Tensor], list[Tensor]]:
+        # HF's rule, by name and layer type, on model 0's structure: the stacked
+        # parameters carry the same names.
+        mb = self.model_batch
+        names = set(self.get_decay_parameter_names(mb.skeleton))
+        params = [(n, p) for n, p in mb.stacked_params().items() if p.requires_grad]
+        decay = [p for n, p in params if n in names]
+        return decay, [p for n, p in params if n not in names]
+
+    @staticmethod
+    def _split_torch_groups(optimizer: torch.optim.Optimizer, no_decay: list[Tensor]) -> None:
+        # A torch optimizer run over the stacked tensors (one config for all
+        # models): a second group with weight_decay 0, as the stock Trainer builds.
+        group = optimizer.param_groups[0]
+        if not no_decay or "weight_decay" not in group or len(optimizer.param_groups) != 1:
+            return
+        ids = {id(p) for p in no_decay}
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
 
     def _set_signature_columns_if_needed(self) -> None:
         # Column pruning of `datasets` data must follow the user's model, not
@@ -423,6 +467,10 @@ class BatchTrainer(Trainer):
         if self._eval_correct is not None:
             columns["accuracy"] = self._eval_correct.double() / self._eval_count
         metrics = dict(output.metrics or {})
+        self.eval_per_model = {name: values.detach().clone() for name, values in columns.items()}
+        # Trainer's own eval loss would be the sum over models; report the mean
+        # over the active models, comparable with one model's loss.
+        metrics[f"{prefix}_loss"] = _active_mean(columns["loss"], mb.active)
         for name, values in columns.items():
             agg = aggregate(values, mb.active, higher_is_better=name == "accuracy")
             metrics[f"{prefix}_{name}_best"] = agg["best"]
@@ -466,14 +514,15 @@ class BatchTrainer(Trainer):
         """Add per-model aggregates to Trainer's logs and stage the per-model table.
 
         Training logs gain `loss_best`, `loss_median`, `loss_worst` and `best_model`
-        (over the active models, averaged over the steps since the last log); `loss`
-        stays Trainer's, the sum over models.
+        (over the active models, averaged over the steps since the last log);
+        `loss` is the mean over the active models (Trainer's would be their sum).
         """
         self._table = None
         mb = self.model_batch
         if "loss" in logs and self._window_steps > 0:
             per_model = self._window_loss / self._window_steps
             agg = aggregate(per_model, mb.active)
+            logs["loss"] = _active_mean(per_model, mb.active)
             logs["loss_best"] = agg["best"]
             logs["loss_median"] = agg["median"]
             logs["loss_worst"] = agg["worst"]
@@ -516,8 +565,21 @@ class BatchTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
+def _active_mean(values: Tensor, active: Tensor) -> float:
+    """Mean of `values` `[N]` over the active models (NaN when none is active)."""
+    on = active.to(values.device)
+    count = int(on.sum())
+    if count == 0:
+        return math.nan
+    return float(torch.where(on, values.double(), 0.0).sum()) / count
+
+
 class PerModelCSVCallback(TrainerCallback):
     """Appends the per-model table of every log event to a CSV file in the output dir.
+
+    With `report_to="tensorboard"` the table also goes to Trainer's TensorBoard
+    writer: one scalar series per model and column, under `per_model/<split>/`
+    (`per_model/eval/loss/model_3`).
 
     Columns: `step`, `epoch`, `split` (`train` or the eval prefix), `model`,
     `active`, `loss`, `grad_norm`, `accuracy` (empty where a split has none).
@@ -537,15 +599,18 @@ class PerModelCSVCallback(TrainerCallback):
         table = self.trainer.per_model_table()
         if table is None or not state.is_world_process_zero:
             return
-        path = self.path(args)
-        os.makedirs(args.output_dir, exist_ok=True)
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            for row in table[1]:
-                writer.writerow({"step": state.global_step, "epoch": state.epoch, **row})
+        stamp = {"step": state.global_step, "epoch": state.epoch}
+        write_csv(self.path(args), table[1], self.columns, **stamp)
+        for writer in self._tensorboard_writers():
+            split = table[0]
+            log_tensorboard(writer, table[1], state.global_step, prefix=f"per_model/{split}/")
+
+    def _tensorboard_writers(self) -> list[Any]:
+        # With report_to="tensorboard", Trainer's TensorBoardCallback holds a
+        # SummaryWriter: the per-model table goes there too, one series per model.
+        callbacks = self.trainer.callback_handler.callbacks
+        writers = [getattr(c, "tb_writer", None) for c in callbacks]
+        return [w for w in writers if w is not None and hasattr(w, "add_scalar")]
 
 
 # ---------------------------------------------------------------------- export

@@ -13,15 +13,15 @@ versions:
   (`modelbatch.amp.BatchGradScaler`) in place of torch's global one, so one
   model's overflow skips only that model's step.
 - `self.log` receives aggregates over the active models; the per-model table
-  goes to the logger (a `per_model.csv` in its `log_dir`, or `log_table`
-  where the logger has one).
+  goes to the logger: `log_table` where the logger has one (W&B), else one
+  scalar series per model under `per_model/` for TensorBoard, and a
+  `per_model.csv` in its `log_dir`.
 
 Requires `pip install modelbatch[lightning]`.
 """
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .._batch import ModelBatch
+from .._metrics import log_tensorboard, write_csv
 
 try:
     import lightning.pytorch as pl
@@ -357,14 +358,11 @@ class BatchLightningModule(pl.LightningModule):
                 data=[[*stamp.values(), *r.values()] for r in rows],
             )
             return
+        experiment = getattr(self.logger, "experiment", None)
+        if callable(getattr(experiment, "add_scalar", None)):
+            # TensorBoard: one scalar series per model and column.
+            log_tensorboard(experiment, rows, self.global_step, prefix="per_model/")
         log_dir = getattr(self.logger, "log_dir", None)
         if log_dir is None:
             return
-        os.makedirs(log_dir, exist_ok=True)
-        path = os.path.join(log_dir, "per_model.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*stamp, *rows[0]])
-            if new:
-                writer.writeheader()
-            writer.writerows({**stamp, **row} for row in rows)
+        write_csv(os.path.join(log_dir, "per_model.csv"), rows, None, **stamp)

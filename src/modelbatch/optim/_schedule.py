@@ -11,6 +11,7 @@ float factor `group["lr"]` stays free for an ordinary torch scheduler.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -61,11 +62,17 @@ class _VectorSchedule(LRScheduler):
     captured at construction), `steps` `[N]` (each model's own step count),
     and the schedule parameters listed in `_params`, each `[N]`. `last_epoch`
     counts `step()` calls as in torch.
+
+    As torch's schedulers, each takes `last_epoch` to resume (default -1,
+    fresh): a number or `[N]`, one per model; model i then stands where a
+    fresh schedule stands after `last_epoch[i] + 1` steps, from the base
+    rates now in `hparams["lr"]`. `step(epoch)` puts every model at that
+    step (a number or `[N]`).
     """
 
     _params: tuple[str, ...] = ()
 
-    def __init__(self, optimizer: Any, **params: Any) -> None:
+    def __init__(self, optimizer: Any, last_epoch: Any = -1, **params: Any) -> None:
         # LRScheduler.__init__ is not called: it rewrites param_group["lr"],
         # which here is the shared factor, not the per-model rate.
         name = type(self).__name__
@@ -79,6 +86,33 @@ class _VectorSchedule(LRScheduler):
         for key, value in params.items():
             setattr(self, key, self._vector(key, value, n, device))
         self._validate(name)
+        self._resume(last_epoch)
+        self._write()
+
+    def _steps_from(self, key: str, value: Any, low: int) -> Tensor:
+        """A number or `[N]` of whole steps >= `low`, as `[N]` int64."""
+        t = self._vector(key, value, self.num_models, self.steps.device)
+        ok = (t >= low) & (t % 1 == 0)
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().reshape(-1).tolist()
+            raise ValueError(
+                f"{type(self).__name__}: {key} must be whole numbers >= {low}, got "
+                f"{t[bad].tolist()} for models {bad}."
+            )
+        return t.to(torch.int64)
+
+    def _resume(self, last_epoch: Any) -> None:
+        # As torch: a schedule built with last_epoch=k stands where a fresh one
+        # stands after k + 1 steps; here k may differ per model ([N], -1: fresh).
+        if isinstance(last_epoch, int) and last_epoch == -1:
+            return
+        self.steps = self._steps_from("last_epoch", last_epoch, -1) + 1
+        self.last_epoch = int(self.steps.max())
+
+    def _jump(self, epoch: Any) -> None:
+        # torch's step(epoch): the closed form at that step (a number or [N]).
+        self.steps = self._steps_from("epoch", epoch, 0)
+        self.last_epoch = int(self.steps.max())
         self._write()
 
     def _vector(self, key: str, value: Any, n: int, device: torch.device) -> Tensor:
@@ -152,13 +186,16 @@ class _VectorSchedule(LRScheduler):
             for lr, value in zip(_lr_tensors(type(self).__name__, self.optimizer), values):
                 lr.copy_(value)
 
-    def step(self, epoch: None = None) -> None:  # type: ignore[override]
-        """Move every model one step along its own schedule."""
+    def step(self, epoch: Any = None) -> None:  # type: ignore[override]
+        """Move every model one step along its own schedule.
+
+        Args:
+            epoch: as torch's (deprecated there, still accepted): put every
+                model at this step of its schedule instead, a number or `[N]`.
+        """
         if epoch is not None:
-            raise TypeError(
-                f"{type(self).__name__}.step: the epoch argument is not supported; call step() "
-                "once per step, or use reset_models to restart a model's schedule."
-            )
+            self._jump(epoch)
+            return
         self.last_epoch += 1
         self.steps += 1
         self._write()
@@ -265,8 +302,10 @@ class BatchStepLR(_VectorSchedule):
     step_size: Tensor
     gamma: Tensor
 
-    def __init__(self, optimizer: Any, step_size: Any, gamma: Any = 0.1) -> None:
-        super().__init__(optimizer, step_size=step_size, gamma=gamma)
+    def __init__(
+        self, optimizer: Any, step_size: Any, gamma: Any = 0.1, last_epoch: Any = -1
+    ) -> None:
+        super().__init__(optimizer, last_epoch, step_size=step_size, gamma=gamma)
 
     def _check(self, name: str) -> None:
         self._steps(name, "step_size", 1)
@@ -291,10 +330,12 @@ class BatchMultiStepLR(_VectorSchedule):
     milestones: Tensor
     gamma: Tensor
 
-    def __init__(self, optimizer: Any, milestones: Any, gamma: Any = 0.1) -> None:
+    def __init__(
+        self, optimizer: Any, milestones: Any, gamma: Any = 0.1, last_epoch: Any = -1
+    ) -> None:
         lr = _lr_tensors(type(self).__name__, optimizer)[0]
         self.milestones = self._pad(milestones, lr.shape[0]).to(lr.device)
-        super().__init__(optimizer, gamma=gamma)
+        super().__init__(optimizer, last_epoch, gamma=gamma)
 
     @staticmethod
     def _pad(milestones: Any, n: int) -> Tensor:
@@ -378,8 +419,8 @@ class BatchExponentialLR(_VectorSchedule):
     _params = ("gamma",)
     gamma: Tensor
 
-    def __init__(self, optimizer: Any, gamma: Any) -> None:
-        super().__init__(optimizer, gamma=gamma)
+    def __init__(self, optimizer: Any, gamma: Any, last_epoch: Any = -1) -> None:
+        super().__init__(optimizer, last_epoch, gamma=gamma)
 
     def _check(self, name: str) -> None:
         self._positive(name, "gamma")
@@ -408,8 +449,10 @@ class BatchCosineAnnealingLR(_VectorSchedule):
     T_max: Tensor
     eta_min: Tensor
 
-    def __init__(self, optimizer: Any, T_max: Any, eta_min: Any = 0.0) -> None:
-        super().__init__(optimizer, T_max=T_max, eta_min=eta_min)
+    def __init__(
+        self, optimizer: Any, T_max: Any, eta_min: Any = 0.0, last_epoch: Any = -1
+    ) -> None:
+        super().__init__(optimizer, last_epoch, T_max=T_max, eta_min=eta_min)
 
     def _check(self, name: str) -> None:
         self._positive(name, "T_max")
@@ -451,9 +494,11 @@ class BatchWarmupCosineLR(_VectorSchedule):
         total_steps: Any,
         eta_min: Any = 0.0,
         start_factor: Any = 0.0,
+        last_epoch: Any = -1,
     ) -> None:
         super().__init__(
             optimizer,
+            last_epoch,
             warmup_steps=warmup_steps,
             total_steps=total_steps,
             eta_min=eta_min,
@@ -484,7 +529,20 @@ class BatchLRScheduler(LRScheduler):
     Keeps N small torch schedulers, each on a dummy optimizer with one
     one-element param group per param group of `optimizer`, whose lrs start at
     model i's `hparams["lr"][i]`, and copies their rates into `hparams["lr"]`
-    after every `step()`.
+    after every `step()`. Every torch scheduler is taken:
+
+    - `ReduceLROnPlateau`: `step(metrics)` with one metric per model, `[N]`;
+    - `LambdaLR`, `MultiplicativeLR`: a function per model through `per_model_kwargs`;
+    - `SequentialLR`, `ChainedScheduler`: `schedulers` as `(class, kwargs)`
+      pairs or functions `optimizer -> scheduler`, built on each model's
+      dummy optimizer;
+    - `CyclicLR`, `OneCycleLR` with `cycle_momentum=True`: the cycled momentum
+      (SGD, RMSprop) or beta1 (Adam, AdamW) is written to `hparams` too.
+
+    `last_epoch` (in `kwargs` or `per_model_kwargs`, a number or one per
+    model) resumes as torch does: model i's scheduler stands where a fresh
+    one stands after `last_epoch + 1` steps. `step(epoch)` passes the epoch
+    on (a number or `[N]`) where torch's scheduler still accepts one.
 
     Warning:
         Each `step()` runs a Python loop over the N schedulers and one
@@ -520,16 +578,113 @@ class BatchLRScheduler(LRScheduler):
                 f"BatchLRScheduler: per_model_kwargs has {len(per_model_kwargs)} entries, "
                 f"expected one dict per model (N={n})."
             )
-        self.scheduler_cls = scheduler_cls
+        self.scheduler_cls = self._check_class(scheduler_cls)
         self.shared_kwargs = dict(kwargs)
         self.per_model_kwargs = [dict(k) for k in (per_model_kwargs or [{}] * n)]
+        self._spread_last_epoch()
         self.last_epoch = 0
+        self._momentum_key = self._momentum_hparam()
         # base[i][g]: model i's base rate in param group g.
         base = torch.stack([lr.detach().to("cpu", _F64) for lr in lrs], dim=1).tolist()
         self.schedulers = [self._make(i, base[i]) for i in range(n)]
+        self._cycles_momentum = bool(getattr(self.schedulers[0], "cycle_momentum", False))
+        if self._cycles_momentum and self._momentum_key is None:
+            raise ValueError(
+                f"BatchLRScheduler: {scheduler_cls.__name__} with cycle_momentum=True needs an "
+                f"optimizer with momentum or betas, got {type(optimizer).__name__}; pass "
+                "cycle_momentum=False."
+            )
+        self.last_epoch = max(int(getattr(s, "last_epoch", 0)) for s in self.schedulers)
         self._write()
 
-    def _make(self, i: int, base_lrs: list[float], name: str = "BatchLRScheduler") -> Any:
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def _check_class(cls: Any) -> type:
+        ok = isinstance(cls, type) and issubclass(
+            cls, (LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        )
+        if not ok:
+            raise TypeError(
+                "BatchLRScheduler: scheduler_cls must be a torch.optim.lr_scheduler class "
+                f"(e.g. OneCycleLR), got {cls!r}."
+            )
+        if issubclass(cls, (_VectorSchedule, BatchLRScheduler)):
+            raise TypeError(
+                f"BatchLRScheduler: {cls.__name__} is already per model; use it directly, "
+                f"e.g. {cls.__name__}(optimizer, ...)."
+            )
+        return cls
+
+    def _spread_last_epoch(self) -> None:
+        # A shared last_epoch may hold one value per model ([N] or a list).
+        value = self.shared_kwargs.get("last_epoch")
+        if isinstance(value, (Tensor, Sequence)):
+            per = torch.as_tensor(value).reshape(-1).tolist()
+            if len(per) != self.num_models:
+                raise ValueError(
+                    f"BatchLRScheduler: last_epoch must be a number or one per model "
+                    f"(N={self.num_models}), got {len(per)} values."
+                )
+            del self.shared_kwargs["last_epoch"]
+            for kw, k in zip(self.per_model_kwargs, per):
+                kw.setdefault("last_epoch", int(k))
+
+    def _momentum_hparam(self) -> str | None:
+        hparams = self.optimizer.param_groups[0].get("hparams", {})
+        for key in ("betas", "momentum"):
+            if isinstance(hparams.get(key), Tensor):
+                return key
+        return None
+
+    def _momenta(self, i: int) -> list[Any]:
+        """Model i's momentum (or betas) in each param group, for its dummy optimizer."""
+        key = self._momentum_key
+        if key is None:
+            return [None] * len(self.optimizer.param_groups)
+        values = [g["hparams"][key][i].tolist() for g in self.optimizer.param_groups]
+        return [tuple(v) if key == "betas" else v for v in values]
+
+    def _make(
+        self, i: int, base_lrs: list[float], resume: bool = True, name: str = "BatchLRScheduler"
+    ) -> Any:
+        self._check_values(i, base_lrs, name)
+        key = self._momentum_key
+        groups = []
+        for lr, m in zip(base_lrs, self._momenta(i)):
+            group: dict[str, Any] = {"params": [torch.zeros((), requires_grad=True)], "lr": lr}
+            if key is not None:
+                group[key] = m
+            groups.append(group)
+        # Adam-like dummies for betas: CyclicLR and OneCycleLR then cycle beta1.
+        opt = (torch.optim.Adam if key == "betas" else torch.optim.SGD)(groups, lr=base_lrs[0])
+        kwargs = {**self.shared_kwargs, **self.per_model_kwargs[i]}
+        # A shared last_epoch resumes at construction only; reset_models restarts at 0.
+        last = int(kwargs.pop("last_epoch", -1))
+        if not resume:
+            last = -1
+        if "schedulers" in kwargs:
+            kwargs["schedulers"] = [self._inner(entry, opt) for entry in kwargs["schedulers"]]
+        cls_name = self.scheduler_cls.__name__
+        if last != -1 and "last_epoch" not in inspect.signature(self.scheduler_cls).parameters:
+            raise ValueError(
+                f"{name}: {cls_name} takes no last_epoch; resume it with "
+                "load_state_dict(state) from the saved BatchLRScheduler.state_dict()."
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_ORDER_WARNING)
+                sched = self._build(opt, kwargs)
+                for _ in range(last + 1):  # torch's resume: a fresh schedule, last + 1 steps on
+                    sched.step()
+        except (TypeError, ValueError, KeyError) as error:
+            raise type(error)(
+                f"{name}: model {i}'s {cls_name} refused its arguments: {error}"
+            ) from error
+        return sched
+
+    def _check_values(self, i: int, base_lrs: list[float], name: str) -> None:
+        """Model i's arguments and base rates: finite numbers, rates >= 0 (named in the error)."""
         kwargs = {**self.shared_kwargs, **self.per_model_kwargs[i]}
         cls = getattr(self.scheduler_cls, "__name__", repr(self.scheduler_cls))
         for key, value in kwargs.items():
@@ -542,12 +697,33 @@ class BatchLRScheduler(LRScheduler):
             raise ValueError(
                 f"{name}: model {i}'s base learning rate must be finite and >= 0, got {bad_lr[0]}."
             )
-        groups = [{"params": [torch.zeros((), requires_grad=True)], "lr": lr} for lr in base_lrs]
-        opt = torch.optim.SGD(groups, lr=base_lrs[0])
-        try:
-            return self.scheduler_cls(opt, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{name}: model {i}'s {cls} refused its arguments: {e}") from e
+
+    def _build(self, opt: torch.optim.Optimizer, kwargs: dict[str, Any]) -> Any:
+        cls = self.scheduler_cls
+        first = next(iter(inspect.signature(cls).parameters), "optimizer")
+        if first != "optimizer":  # ChainedScheduler(schedulers, optimizer=None)
+            return cls(optimizer=opt, **kwargs)
+        return cls(opt, **kwargs)
+
+    @staticmethod
+    def _inner(entry: Any, opt: torch.optim.Optimizer) -> Any:
+        if isinstance(entry, (LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+            raise TypeError(
+                "BatchLRScheduler: schedulers must be (class, kwargs) pairs or functions "
+                f"optimizer -> scheduler, got a built {type(entry).__name__} (bound to another "
+                "optimizer); e.g. schedulers=[(LinearLR, {'total_iters': 5}), "
+                "(CosineAnnealingLR, {'T_max': 95})]."
+            )
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Mapping):
+            return entry[0](opt, **entry[1])
+        if callable(entry):
+            return entry(opt)
+        raise TypeError(
+            "BatchLRScheduler: schedulers must be (class, kwargs) pairs or functions "
+            f"optimizer -> scheduler, got {entry!r}."
+        )
+
+    # ------------------------------------------------------------------ stepping
 
     def _rates(self) -> list[list[float]]:
         return [[g["lr"] for g in s.optimizer.param_groups] for s in self.schedulers]
@@ -566,22 +742,84 @@ class BatchLRScheduler(LRScheduler):
         with torch.no_grad():
             for lr, value in zip(_lr_tensors("BatchLRScheduler", self.optimizer), rates):
                 lr.copy_(value)
+            if self._cycles_momentum:
+                self._write_momentum()
 
-    def step(self, metrics: Any = None) -> None:  # type: ignore[override]
-        """Step every model's scheduler once; `metrics` (`[N]`) for ReduceLROnPlateau."""
-        values: list[Any] = [None] * self.num_models
-        if metrics is not None:
-            values = torch.as_tensor(metrics).reshape(-1).tolist()
-            if len(values) != self.num_models:
-                raise ValueError(
-                    f"BatchLRScheduler.step: metrics must have one value per model "
-                    f"(N={self.num_models}), got {len(values)}."
+    def _write_momentum(self) -> None:
+        key = self._momentum_key
+        assert key is not None
+        for g, group in enumerate(self.optimizer.param_groups):
+            values = [s.optimizer.param_groups[g][key] for s in self.schedulers]
+            target = group["hparams"][key]
+            if key == "betas":
+                first = torch.tensor([b[0] for b in values], dtype=target.dtype)
+                target[:, 0].copy_(first.to(target.device))
+            else:
+                target.copy_(torch.tensor(values, dtype=target.dtype).to(target.device))
+
+    def _per_model(self, what: str, values: Any) -> list[Any]:
+        t = torch.as_tensor(values)
+        if t.dim() == 0:
+            return [t.item()] * self.num_models
+        flat = t.reshape(-1).tolist()
+        if len(flat) != self.num_models:
+            raise ValueError(
+                f"BatchLRScheduler.step: {what} must have one value per model "
+                f"(N={self.num_models}), got {len(flat)}."
+            )
+        return flat
+
+    def step(self, metrics: Any = None, epoch: Any = None) -> None:  # type: ignore[override]
+        """Step every model's scheduler once.
+
+        Args:
+            metrics: for `ReduceLROnPlateau`, one metric per model, `[N]`. For
+                every other scheduler the first argument is the epoch, as in torch.
+            epoch: passed to each model's `step` (a number or `[N]`) where
+                torch's scheduler accepts one (deprecated there, still taken).
+        """
+        cls: Any = self.scheduler_cls
+        plateau = issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if not plateau and metrics is not None:
+            if epoch is not None:
+                raise TypeError(
+                    f"BatchLRScheduler.step: {cls.__name__} takes no metrics; call step() or "
+                    "step(epoch)."
                 )
-        with warnings.catch_warnings():
-            # The dummy optimizers never step; torch would warn about the order.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            for sched, value in zip(self.schedulers, values):
-                sched.step() if value is None else sched.step(value)
+            metrics, epoch = None, metrics
+        if plateau and metrics is None:
+            raise ValueError(
+                "BatchLRScheduler.step: ReduceLROnPlateau needs one metric per model; call "
+                "step(val_losses) with an [N] tensor."
+            )
+        values = self._per_model("metrics", metrics) if plateau else [None] * self.num_models
+        epochs = [None] * self.num_models
+        if epoch is not None:
+            if "epoch" not in inspect.signature(cls.step).parameters:
+                raise TypeError(
+                    f"BatchLRScheduler.step: torch's {cls.__name__}.step takes no epoch; call "
+                    "step() once per step (or build it with last_epoch to resume)."
+                )
+            epochs = self._per_model("epoch", epoch)
+        self._step_all(values, epochs)
+
+    def _step_all(self, values: list[Any], epochs: list[Any]) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for sched, value, ep in zip(self.schedulers, values, epochs):
+                args = [] if value is None else [value]
+                if ep is None:
+                    sched.step(*args)
+                else:
+                    sched.step(*args, epoch=ep)
+        # torch's own warnings (the deprecated epoch argument), once rather than N times;
+        # the dummy optimizers never step, so torch's warning about the order is dropped.
+        for message in dict.fromkeys(str(w.message) for w in caught):
+            if (
+                _ORDER_WARNING not in message
+                and "optimizer.step()` has been overridden" not in message
+            ):
+                warnings.warn(message, UserWarning, stacklevel=3)
         self.last_epoch += 1
         self._write()
 
@@ -591,6 +829,8 @@ class BatchLRScheduler(LRScheduler):
 
     def get_lr(self) -> list[Tensor]:  # type: ignore[override]
         return self.get_last_lr()
+
+    # ------------------------------------------------------------------ models and state
 
     def reset_models(
         self,
@@ -623,6 +863,7 @@ class BatchLRScheduler(LRScheduler):
                 self.per_model_kwargs[i] = dict(kw)
         for i in idx:
             self.per_model_kwargs[i] = {**self.per_model_kwargs[i], **params}
+            self.per_model_kwargs[i].pop("last_epoch", None)  # restarted: not a resume
         groups = len(self.schedulers[0].optimizer.param_groups)
         if initial_lr is None:
             rates = [list(self.schedulers[i].base_lrs) for i in idx]
@@ -630,7 +871,7 @@ class BatchLRScheduler(LRScheduler):
             flat = torch.as_tensor(initial_lr, dtype=_F64).expand(len(idx)).tolist()
             rates = [[r] * groups for r in flat]
         for i, rate in zip(idx, rates):
-            self.schedulers[i] = self._make(i, rate, name)
+            self.schedulers[i] = self._make(i, rate, resume=False, name=name)
         self._write()
 
     def state_dict(self) -> dict[str, Any]:
@@ -655,3 +896,7 @@ class BatchLRScheduler(LRScheduler):
                 group["lr"] = rate
         self.last_epoch = int(state_dict["last_epoch"])
         self._write()
+
+
+# torch warns when a scheduler steps before its optimizer; the dummy optimizers never step.
+_ORDER_WARNING = "Detected call of `lr_scheduler.step"
