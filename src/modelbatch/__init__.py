@@ -11,6 +11,7 @@ from ._batch import ModelBatch
 from ._metrics import format_table
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
+from .ensemble import ensemble_evaluate, ensemble_predict
 from .fast import EvalResult, FastStep, compile_step, evaluate
 from .optim import OptimizerFactory
 
@@ -31,5 +32,8 @@ __all__ = [
     "nn",
     "optim",
     "track",
+    "ensemble",
+    "ensemble_evaluate",
+    "ensemble_predict",
 ]
 __version__ = "0.1.0"
