@@ -35,6 +35,8 @@ def plot_reliability(
 ) -> Any:
     """Reliability diagram: accuracy against confidence per bin, for the ensemble and members.
 
+    Each bin is drawn at its mean confidence, its marker sized by its share of samples.
+
     Args:
         report: an `EnsembleReport` (classification).
         members: positions in `report.indices` of members to draw as well.
@@ -57,7 +59,10 @@ def plot_reliability(
         keep = bins["count"] > 0
         x = bins["confidence"][keep].tolist()
         y = bins["accuracy"][keep].tolist()
-        ax.plot(x, y, marker="o", markersize=3, label=f"{name} (ECE {ece:.3f})")
+        share = (bins["count"][keep] / bins["count"].sum()).tolist()
+        (line,) = ax.plot(x, y, linewidth=1, label=f"{name} (ECE {ece:.3f})")
+        # Marker area shows how many samples a bin holds: most sit in the top bins.
+        ax.scatter(x, y, s=[4 + 200 * v for v in share], color=line.get_color(), alpha=0.7)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
