@@ -138,8 +138,8 @@ def seed_statistics(
 
     Example:
         >>> stats = seed_statistics({"acc": acc}, optimizer)  # 8 lrs x 16 seeds
-        >>> len(stats.configs), stats.stats["acc"][0]["ci_low"] < stats.stats["acc"][0]["mean"]
-        (8, True)
+        >>> len(stats.configs), stats.keys
+        (8, ['lr'])
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"seed_statistics: confidence must be in (0, 1), got {confidence}.")

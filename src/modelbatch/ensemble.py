@@ -206,7 +206,8 @@ def export_ensemble(
         model_batch: the trained models.
         members: None (all), `"active"`, indices or an `[N]` bool mask.
         weights: `[K]` member weights (normalized here); uniform by default.
-        task, combine: what the module returns (see `StackedEnsemble`).
+        task: `"classification"` or `"regression"` (see `StackedEnsemble`).
+        combine: for classification, `"probs"`, `"logits"` or `"vote"`.
 
     Example:
         >>> ens = export_ensemble(mb, members=[0, 3, 5])
@@ -334,8 +335,8 @@ def ensemble_evaluate(
         members: None (all), `"active"`, indices or an `[N]` bool mask.
         weights: `[K]` member weights (normalized here), e.g. a `Selection`'s.
         task: `"classification"` (members' logits `[K, B, C]`) or `"regression"`.
-        n_bins, norm: the calibration error's bins and norm (see
-            `classification_metrics`).
+        n_bins: the calibration error's equal-width bins.
+        norm: the calibration error's norm, `"l1"`, `"l2"` or `"max"`.
         autocast_dtype: run the forward under `torch.autocast`; metrics in fp32/fp64.
 
     Returns:
