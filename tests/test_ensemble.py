@@ -151,6 +151,30 @@ def test_combiners_compile_without_graph_breaks() -> None:
         torch.testing.assert_close(compiled(outputs, w), fn(outputs, w))
 
 
+def test_per_model_dropout_members_predict_in_eval_mode() -> None:
+    torch.manual_seed(9)
+    models = [
+        nn.Sequential(nn.Linear(IN, 8), nn.Dropout(0.1 * (i + 1)), nn.Tanh(), nn.Linear(8, 3))
+        for i in range(4)
+    ]
+    mb = ModelBatch(models, per_model_dropout=True)
+    x = torch.randn(9, IN)
+    want = reference_outputs(mb, x, [2, 0]).softmax(-1).mean(0)
+    first = ensemble_predict(mb, x, members=[2, 0])
+    torch.testing.assert_close(first, want, **FP32)
+    torch.testing.assert_close(ensemble_predict(mb, x, members=[2, 0]), first, rtol=0, atol=0)
+    torch.testing.assert_close(export_ensemble(mb, [2, 0])(x), want, **FP32)
+
+
+def test_member_metrics_fill_the_summary_table() -> None:
+    mb = mlp_batch()
+    x, y = torch.randn(32, IN), torch.randint(0, CLASSES, (32,))
+    report = ensemble_evaluate(mb, [(x, y)])
+    rows = mb.summary(**report.members)
+    assert [r["model"] for r in rows] == list(range(6))
+    assert rows[3]["nll"] == report.members["nll"][3].item()
+
+
 # ---------------------------------------------------------------------- export
 
 
@@ -181,6 +205,14 @@ def test_exported_ensemble_holds_copies_not_views() -> None:
         for p in mb.parameters():
             p.add_(1.0)
     torch.testing.assert_close(ens(x), before, rtol=0, atol=0)
+
+
+def test_exported_ensemble_compiles_without_graph_breaks() -> None:
+    mb = bn_batch()
+    x = torch.randn(12, IN)
+    ens = export_ensemble(mb, members=[0, 2, 4])
+    compiled = torch.compile(ens, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), ens(x), **FP32)
 
 
 @pytest.mark.parametrize("task", ["classification", "regression"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -42,6 +43,11 @@ class StackedEnsemble(nn.Module):
             `"regression"` (returns `(mean, variance)`, each `[B, ...]`).
         combine: for classification, `"probs"`, `"logits"` or `"vote"`
             (see `ensemble_classify`).
+
+    Warning:
+        Under `torch.compile` the forward leaves torch's attention switches
+        alone; for members with `nn.MultiheadAttention` call
+        `torch.backends.mha.set_fastpath_enabled(False)` before compiling.
 
     Example:
         >>> ens = StackedEnsemble(nn.Linear(4, 3), 8)
@@ -102,7 +108,14 @@ class StackedEnsemble(nn.Module):
         def run_one(state: dict[str, Tensor], a: tuple, kw: dict) -> Any:
             return functional_call(skeleton, state, a, kw)
 
-        with vmap_forward_context(self.member_weights.device):
+        # The context flips global attention switches, which torch.compile cannot trace:
+        # compiled, they stay as the caller set them (see the class's warning).
+        ctx = (
+            contextlib.nullcontext()
+            if torch.compiler.is_compiling()
+            else vmap_forward_context(self.member_weights.device)
+        )
+        with ctx:
             return torch.vmap(run_one, in_dims=(0, None, None))(self.member_state(), args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:

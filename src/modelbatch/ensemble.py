@@ -103,14 +103,20 @@ def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _forward(model_batch: ModelBatch, idx: Tensor | None, args: tuple, kwargs: dict) -> Any:
-    """The members' outputs `[K, B, ...]` on shared inputs, in the batch's current mode."""
+def _member_state(model_batch: ModelBatch, idx: Tensor | None) -> dict[str, Tensor] | None:
+    """The members' stacked parameters and buffers `[K, ...]`, gathered once; None for all."""
     if idx is None:
+        return None
+    own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
+    return {name: t.index_select(0, idx) for name, t in own.items()}
+
+
+def _forward(
+    model_batch: ModelBatch, state: dict[str, Tensor] | None, args: tuple, kwargs: dict
+) -> Any:
+    """The members' outputs `[K, B, ...]` on shared inputs, in the batch's current mode."""
+    if state is None:
         return model_batch(*args, **kwargs)
-    state = {
-        name: t.index_select(0, idx)
-        for name, t in {**model_batch.stacked_params(), **model_batch.stacked_buffers()}.items()
-    }
     skeleton = model_batch.skeleton
 
     def run_one(state_i: dict[str, Tensor], a: tuple, kw: dict) -> Any:
@@ -152,7 +158,7 @@ def member_outputs(model_batch: ModelBatch, *args: Any, members: Any = None, **k
     """
     idx = _members("member_outputs", model_batch, members)
     with _eval_mode(model_batch):
-        return _forward(model_batch, idx, args, kwargs)
+        return _forward(model_batch, _member_state(model_batch, idx), args, kwargs)
 
 
 def ensemble_predict(
@@ -186,7 +192,7 @@ def ensemble_predict(
     k = model_batch.num_models if idx is None else idx.numel()
     w = _weights("ensemble_predict", weights, k, model_batch.active.device)
     with _eval_mode(model_batch):
-        outputs = _forward(model_batch, idx, args, kwargs)
+        outputs = _forward(model_batch, _member_state(model_batch, idx), args, kwargs)
     if task == "regression":
         return ensemble_regress(outputs, w)
     return ensemble_classify(outputs, w, combine=combine)
@@ -360,6 +366,7 @@ def ensemble_evaluate(
         sums[key] = sums[key] + value if key in sums else value
 
     with _eval_mode(mb):
+        state = _member_state(mb, idx)
         for batch in loader:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise ValueError(
@@ -375,7 +382,7 @@ def ensemble_evaluate(
                 else contextlib.nullcontext()
             )
             with ctx:
-                outputs = _forward(mb, idx, _as_args(inputs), {})
+                outputs = _forward(mb, state, _as_args(inputs), {})
             outputs = outputs.float()
             if task == "regression":
                 mean, var = ensemble_regress(outputs, w)
