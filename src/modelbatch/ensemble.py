@@ -177,11 +177,15 @@ def ensemble_predict(
         *args: inputs shared by all members (`[B, ...]`).
         members: None (all), `"active"`, indices or an `[N]` bool mask.
         weights: `[K]` member weights (normalized here), e.g. a `Selection`'s.
-        task: `"classification"`: `[B, ..., C]` as `combine` says (`"probs"`,
-            the mean probabilities; `"logits"`; `"vote"`, see
-            `ensemble_classify`). `"regression"`: `(mean, variance)` across
-            members, each `[B, ...]`.
+        task: `"classification"` returns `[B, ..., C]` as `combine` says;
+            `"regression"` returns `(mean, variance)` across members, each `[B, ...]`.
+        combine: `"probs"`, the mean of the members' probabilities; `"logits"`,
+            the mean logits; `"vote"`, the fraction of members voting for each
+            class (see `ensemble_classify`).
         **kwargs: the model's keyword inputs.
+
+    Returns:
+        The ensemble's prediction; the batch is put back in its mode.
 
     Example:
         >>> ensemble_predict(mb, torch.randn(16, 4)).shape
