@@ -25,6 +25,7 @@ EXAMPLES = {
         ["--trials", "8", "--batch", "4", "--steps", "10", "--report-every", "5"],
         "best trial #",
     ),
+    "ensemble_digits.py": (["--quick"], "Multi-seed study"),
 }
 
 

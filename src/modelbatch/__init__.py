@@ -6,11 +6,12 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, lifecycle, nn, optim, plot
+from . import amp, checkpoint, data, ensemble, lifecycle, nn, optim, plot
 from ._batch import ModelBatch
 from ._metrics import format_table, log_tensorboard, to_dataframe, write_csv
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
+from .ensemble import ensemble_evaluate, ensemble_predict
 from .fast import EvalResult, FastStep, compile_step, evaluate
 from .optim import OptimizerFactory
 
@@ -35,5 +36,8 @@ __all__ = [
     "to_dataframe",
     "write_csv",
     "plot",
+    "ensemble",
+    "ensemble_evaluate",
+    "ensemble_predict",
 ]
 __version__ = "0.1.0"
