@@ -158,7 +158,7 @@ def test_checkpoint_detects_corruption_and_mismatch(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="holds state for"):
             distributed.load(tmp_path / "c", ctx, fresh, loader=loader)
         ctx.shard(range(N + 1))
-        with pytest.raises(ValueError, match="ctx.shard|from_factory"):
+        with pytest.raises(ValueError, match=r"ctx\.shard|from_factory"):
             distributed.load(tmp_path / "c", ctx, fresh)
         ctx.shard(range(N))
         # Flip bytes inside one model's weights in the data files.
@@ -172,7 +172,7 @@ def test_checkpoint_detects_corruption_and_mismatch(tmp_path: Path) -> None:
         raw = bytearray(good)
         raw[at + 2] ^= 0x10
         victim.write_bytes(bytes(raw))
-        with pytest.raises(ValueError, match="model 0's .* fails its checksum"):
+        with pytest.raises(ValueError, match=r"model 0's .* fails its checksum"):
             distributed.load(tmp_path / "c", ctx, fresh)
         victim.write_bytes(good[: len(good) // 2])
         with pytest.raises(ValueError, match="unreadable"):
@@ -188,7 +188,7 @@ def test_gather_decide_and_errors() -> None:
     ctx = distributed.init(backend="gloo")
     try:
         assert (ctx.rank, ctx.world_size) == (0, 1)
-        with pytest.raises(RuntimeError, match="ctx.shard"):
+        with pytest.raises(RuntimeError, match=r"ctx\.shard"):
             ctx.gather(torch.zeros(3))
         ids = ctx.shard([5, 2, 9])
         assert ids.tolist() == [5, 2, 9]
