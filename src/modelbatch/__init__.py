@@ -6,8 +6,9 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, lifecycle, nn, optim
+from . import amp, checkpoint, data, distributed, lifecycle, nn, optim
 from ._batch import ModelBatch
+from ._chunked import ChunkedTrainer
 from ._metrics import format_table
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
@@ -31,5 +32,7 @@ __all__ = [
     "nn",
     "optim",
     "track",
+    "ChunkedTrainer",
+    "distributed",
 ]
 __version__ = "0.1.0"
