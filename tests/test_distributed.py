@@ -74,6 +74,7 @@ def run(mode: str, folder: Path) -> dict[str, torch.Tensor] | None:
             train(mb, loader, STEPS_BEFORE - 2)
             if mode == "save":
                 distributed.save(folder / "ckpt", ctx, mb, loader=loader, step=STEPS_BEFORE)
+                shared_optuna_study(ctx, folder)
         else:
             ckpt = distributed.load(folder / "ckpt", ctx, mb, loader=loader)
             assert ckpt.step == STEPS_BEFORE
@@ -90,6 +91,42 @@ def run(mode: str, folder: Path) -> dict[str, torch.Tensor] | None:
         return None
     finally:
         ctx.close()
+
+
+def shared_optuna_study(ctx: distributed.Context, folder: Path) -> None:
+    """Each rank asks and tells its own batch of trials of one study in a journal file."""
+    try:
+        import optuna
+
+        from modelbatch.integrations.optuna import optimize_batched, shared_study
+    except ImportError:
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = shared_study(
+        folder / "study.journal",
+        ctx,
+        direction="minimize",
+        sampler=optuna.samplers.RandomSampler(seed=ctx.rank),
+    )
+    x, y = data()
+    mine = len(ctx.block(range(6)))
+    trials = optimize_batched(
+        study,
+        lambda t: make(),
+        lambda t: {"lr": t.suggest_float("lr", 1e-3, 1e-1, log=True)},
+        [(x, y)],
+        lambda mb: mb.per_model_losses(mb(x), y),
+        n_trials=mine,
+        batch_size=2,
+        steps=2,
+        report_every=1,
+    )
+    assert len(trials) == mine
+    ctx.barrier()
+    everyone = study.get_trials(deepcopy=False)
+    assert len(everyone) == 6
+    assert len({t.number for t in everyone}) == 6
+    assert all(t.state.is_finished() for t in everyone)
 
 
 def torchrun(nproc: int, mode: str, folder: Path) -> dict[str, torch.Tensor]:
