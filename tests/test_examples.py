@@ -25,6 +25,7 @@ EXAMPLES = {
         ["--trials", "8", "--batch", "4", "--steps", "10", "--report-every", "5"],
         "best trial #",
     ),
+    "distributed_sweep.py": (["--models", "16", "--epochs", "2", "--halve-every", "1"], "val_acc"),
 }
 
 
