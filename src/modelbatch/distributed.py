@@ -521,7 +521,11 @@ def save(
         path: the checkpoint directory.
         ctx: the context (its shard is `model_batch`'s models).
         model_batch: this rank's models.
-        optimizer, scheduler, scaler, loader, states: as for `modelbatch.checkpoint.save`.
+        optimizer: defaults to `model_batch.optimizer`.
+        scheduler: any object with `state_dict()`.
+        scaler: defaults to `model_batch.grad_scaler`.
+        loader: a data loader with `state_dict()` (e.g. `PerModelLoader`).
+        states: further objects with `state_dict()` by name.
         step: the step count, returned by `load`.
         extra: any JSON value, returned by `load`.
     """
