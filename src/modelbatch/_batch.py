@@ -451,6 +451,7 @@ class ModelBatch(nn.Module):
         configs: Sequence[Mapping[str, Any]] | None = None,
         optimizer_kwargs: Mapping[str, Any] | None = None,
         chunk_elements: int = 1 << 26,
+        build_device: torch.device | str | None = None,
     ) -> ModelBatch:
         """Build the models `ids` (or `range(n)`) of `make()` stacked on `device`, seeded by id.
 
@@ -478,6 +479,8 @@ class ModelBatch(nn.Module):
                 with `configs[k]` (e.g. `{"lr": ...}`) for model `ids[k]`
                 merged over `optimizer_kwargs`.
             chunk_elements: values drawn per piece, to bound temporary memory.
+            build_device: where the values are drawn (default `device`): a GPU
+                builds a CPU store fast, in pinned memory (see `ChunkedTrainer`).
 
         Returns:
             A ModelBatch with `model_ids` `[N]` (int64), which its `summary` shows.
@@ -498,6 +501,7 @@ class ModelBatch(nn.Module):
             init=init,
             seeded_dropout=seeded_dropout,
             chunk_elements=chunk_elements,
+            build_device=build_device,
             loss_fn=loss_fn,
         )
         if optimizer_cls is not None:

@@ -219,6 +219,7 @@ def build_from_factory(
     init: str,
     seeded_dropout: bool,
     chunk_elements: int,
+    build_device: Any = None,
     **kwargs: Any,
 ) -> ModelBatch:
     owner = "ModelBatch.from_factory"
@@ -257,7 +258,8 @@ def build_from_factory(
         mb = cls(models, **kwargs)
     else:
         mb = cls([convert(template).to(device)], **kwargs)
-        _grow(mb, ids, template, rules, seed, device, chunk_elements)
+        draw = torch.device(build_device) if build_device is not None else device
+        _grow(mb, ids, template, rules, seed, device, chunk_elements, draw)
     # Exports give the user's own layers back (torch dropout with its rate).
     object.__setattr__(mb, "_export_skeleton", _meta(template))
     _seed_dropouts(mb, dropouts, ids, seed)
@@ -285,24 +287,34 @@ def _grow(
     seed: int,
     device: torch.device,
     chunk_elements: int,
+    draw: torch.device,
 ) -> None:
-    """Swap the one-model batch's `[1, ...]` tensors for `[N, ...]` ones, drawn or copied."""
+    """Swap the one-model batch's `[1, ...]` tensors for `[N, ...]` ones, drawn or copied.
+
+    Values are drawn on `draw` a piece at a time and written to `device`; a
+    CPU store drawn on a GPU is allocated in pinned memory (what offloading
+    needs, without a second host copy).
+    """
+    pin = device.type == "cpu" and draw.type == "cuda"
     n = len(ids)
     order = {name: k for k, (name, _) in enumerate(template.named_parameters())}
     tensors = {**mb.stacked_params(), **mb.stacked_buffers()}
     for name, one in tensors.items():
         shape, dtype = one.shape[1:], one.dtype
         rule = rules.get(name)
+        new = torch.empty(n, *shape, dtype=dtype, device=device, pin_memory=pin)
         if rule is None:
             # Deterministic in make(): every model gets the template's value.
-            new = one.detach().expand(n, *shape).clone()
+            new.copy_(one.detach().expand(n, *shape))
         else:
-            new = torch.empty(n, *shape, dtype=dtype, device=device)
             keys = _keys(seed, ids, _STREAM_PARAM, order[name])
             step = max(1, chunk_elements // max(1, math.prod(shape)))
             for start in range(0, n, step):
                 stop = min(n, start + step)
-                new[start:stop] = _draw(rule, keys[start:stop], shape, dtype, device)
+                part = _draw(rule, keys[start:stop], shape, dtype, draw)
+                new[start:stop].copy_(part, non_blocking=pin)
+        if pin:
+            torch.cuda.synchronize(draw)
         prefix, _, leaf = name.rpartition(".")
         owner = mb.stacked.get_submodule(prefix)
         if leaf in owner._parameters:

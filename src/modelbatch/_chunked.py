@@ -201,7 +201,7 @@ class ChunkedTrainer:
     def _build(self, size: int) -> None:
         """A worker of `size` models, its optimizer, step and the tensor pairs it swaps."""
         store = self.store
-        one = ModelBatch([materialize(store.skeleton, self.device)], store.loss_fn)
+        one = ModelBatch([materialize(store.skeleton, self.device)], store.loss_fn, history_size=1)
         _replace(
             one,
             {
@@ -263,8 +263,14 @@ class ChunkedTrainer:
                 fresh = {}
                 for k, v in wo.state[wp].items():
                     if isinstance(v, Tensor) and v.dim() and v.shape[0] == w.num_models:
-                        v = v[:1].to(sp.device).expand(self.n, *v.shape[1:]).contiguous()
-                        v = v.pin_memory() if sp.is_pinned() else v
+                        one = v[:1].to(sp.device)
+                        v = torch.empty(
+                            self.n,
+                            *v.shape[1:],
+                            dtype=v.dtype,
+                            device=sp.device,
+                            pin_memory=sp.is_pinned(),
+                        ).copy_(one.expand(self.n, *v.shape[1:]))
                     fresh[k] = v
                 so.state[sp] = fresh
 
