@@ -250,5 +250,18 @@ def test_gather_decide_and_errors() -> None:
         ctx.close()
 
 
+def test_export_best_names_global_ids(tmp_path: Path) -> None:
+    ctx = distributed.init(backend="gloo")
+    try:
+        mb = ModelBatch.from_factory(make, ctx.shard([3, 8, 1]), seed=2)
+        best = distributed.export_best(ctx, mb, torch.tensor([0.5, 0.9, float("nan")]), 2, tmp_path)
+        assert [gid for gid, _ in best] == [8, 3]
+        state = torch.load(tmp_path / "model_8.pt")
+        assert torch.equal(state["0.weight"], mb.model(1)[0].weight)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model_3.pt", "model_8.pt"]
+    finally:
+        ctx.close()
+
+
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]))

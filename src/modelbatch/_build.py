@@ -104,8 +104,9 @@ def model_seeds(seed: int, ids: int | Sequence[int] | Tensor) -> Tensor:
 def _rule(module: nn.Module, leaf: str, param: Tensor) -> tuple[str, float, float] | None:
     """`("uniform", low, high)` or `("normal", mean, std)` for a parameter torch draws, else None."""
     kind = type(module)
+    weight: Any = getattr(module, "weight", None)
     if kind in _CONV:
-        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
         if leaf == "weight":
             # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3), bound gain * sqrt(3 / fan_in).
             bound = math.sqrt(1.0 / 3.0) * math.sqrt(3.0 / fan_in)
@@ -114,12 +115,12 @@ def _rule(module: nn.Module, leaf: str, param: Tensor) -> tuple[str, float, floa
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
             return ("uniform", -bound, bound)
     if kind is nn.Bilinear and leaf in ("weight", "bias"):
-        bound = 1 / math.sqrt(module.weight.size(1))
+        bound = 1 / math.sqrt(weight.size(1))
         return ("uniform", -bound, bound)
     if kind in (nn.Embedding,) and leaf == "weight":
         return ("normal", 0.0, 1.0)
     if kind in _RNN:
-        hidden = module.hidden_size
+        hidden = int(getattr(module, "hidden_size", 0))
         bound = 1.0 / math.sqrt(hidden) if hidden > 0 else 0.0
         return ("uniform", -bound, bound)
     return None
@@ -198,7 +199,7 @@ def _draw(rule: Any, keys: Tensor, shape: torch.Size, dtype: torch.dtype, device
     return out
 
 
-def _seeded_dropout(template: nn.Module) -> dict[str, type]:
+def _seeded_dropout(template: nn.Module) -> dict[str, Any]:
     return {
         name: SEEDED_TWINS[type(m)]
         for name, m in template.named_modules()
@@ -325,7 +326,7 @@ def _grow(
     mb.active = torch.ones(n, dtype=torch.bool, device=device)
 
 
-def _seed_dropouts(mb: ModelBatch, dropouts: dict[str, type], ids: Tensor, seed: int) -> None:
+def _seed_dropouts(mb: ModelBatch, dropouts: dict[str, Any], ids: Tensor, seed: int) -> None:
     """Each seeded dropout layer of model `id` gets the key `(seed, id, layer)`."""
     buffers = mb.stacked_buffers()
     with torch.no_grad():

@@ -51,6 +51,7 @@ from .nn._seeded import mix32
 __all__ = [
     "Context",
     "DistributedCheckpoint",
+    "export_best",
     "init",
     "load",
     "save",
@@ -380,6 +381,50 @@ def successive_halving(
     retire = ctx.decide(rule, metric.detach(), model_batch.active)
     model_batch.active &= ~retire
     return retire
+
+
+def export_best(
+    ctx: Context,
+    model_batch: ModelBatch,
+    metric: Tensor,
+    k: int,
+    directory: str | os.PathLike[str],
+    *,
+    largest: bool = True,
+    suffix: str = ".pt",
+) -> list[tuple[int, Path]]:
+    """Export the best `k` models of all ranks as `model_<global id><suffix>`; each rank writes its own.
+
+    Args:
+        ctx: the context whose shard `model_batch` holds.
+        model_batch: this rank's models.
+        metric: `[n_local]`, one value per local model; NaN ranks last.
+        k: how many models over all ranks.
+        directory: where the files go (created if needed; seen by every rank).
+        largest: whether larger is better (accuracy) or smaller (loss).
+        suffix: `.pt` (torch.save) or `.safetensors`.
+
+    Returns:
+        `(global id, path)` pairs, best first, on every rank.
+    """
+    from .checkpoint import export_model
+
+    gathered = ctx.gather(torch.as_tensor(metric).detach().double())
+    assert gathered is not None
+    values = -gathered if largest else gathered
+    values = torch.where(values.isnan(), torch.full_like(values, float("inf")), values)
+    order = torch.argsort(values.cpu(), stable=True).tolist()
+    if not 1 <= k <= len(order):
+        raise ValueError(f"distributed.export_best: k must be in [1, {len(order)}], got {k}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ids, start, count = ctx._ids(), ctx.offset, ctx.counts[ctx.rank]
+    best = [(int(ids[pos]), directory / f"model_{int(ids[pos])}{suffix}", pos) for pos in order[:k]]
+    for _, path, pos in best:
+        if start <= pos < start + count:
+            export_model(model_batch, pos - start, path)
+    ctx.barrier()
+    return [(gid, path) for gid, path, _ in best]
 
 
 # ---------------------------------------------------------------------- checkpoints
