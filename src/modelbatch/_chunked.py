@@ -286,12 +286,20 @@ class ChunkedTrainer:
         self._probe(batch)
         torch.cuda.synchronize(self.device)
         per_model = (torch.cuda.max_memory_allocated(self.device) - base) / probe
+        if self.store.active.device.type == "cpu":
+            # Two staging copies (in and out) of everything swapped per model.
+            w, wo = self._worker, self._worker_opt
+            assert w is not None
+            tensors = [*w.parameters(), *w.buffers()]
+            tensors += [v for st in wo.state.values() for v in st.values() if isinstance(v, Tensor)]
+            swapped = sum(t.numel() * t.element_size() for t in tensors)
+            per_model += 2 * swapped / probe
         self._worker = None
         self._step = None
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
-        # Room for the staging copies of an offloaded store, too.
-        return max(1, min(self.n, int(free * self.memory_fraction / (per_model * 1.5))))
+        # The CUDA graph's own pool holds another set of activations.
+        return max(1, min(self.n, int(free * self.memory_fraction / (per_model * 1.25))))
 
     # ------------------------------------------------------------------ training
 

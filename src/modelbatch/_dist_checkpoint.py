@@ -73,15 +73,25 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor], where: str) -> A
     return encode(obj, prefix, tensors, where)
 
 
-def _checksums(t: Tensor) -> Tensor:
-    """A 32-bit hash of each model's bytes, `[n]` int64, computed where `t` lives."""
+def _checksums(t: Tensor, words_per_piece: int = 1 << 25) -> Tensor:
+    """A 32-bit hash of each model's bytes, `[n]` int64, computed where `t` lives.
+
+    Models are hashed a few at a time, so the int64 temporaries stay small
+    next to the tensor itself.
+    """
     n = t.shape[0]
     raw = t.detach().contiguous().reshape(n, -1).view(torch.uint8)
-    if raw.shape[1] % 4:
-        raw = torch.cat([raw, raw.new_zeros(n, 4 - raw.shape[1] % 4)], dim=1)
-    words = raw.view(torch.int32).to(torch.int64) & _M32
-    pos = mix32(torch.arange(words.shape[1], device=t.device, dtype=torch.int64) + 0x9E3779B9)
-    return mix32(words ^ pos).sum(dim=1) & _M32
+    width = (raw.shape[1] + 3) // 4
+    pos = mix32(torch.arange(width, device=t.device, dtype=torch.int64) + 0x9E3779B9)
+    out = torch.empty(n, dtype=torch.int64, device=t.device)
+    step = max(1, words_per_piece // max(1, width))
+    for start in range(0, n, step):
+        part = raw[start : start + step]
+        if part.shape[1] % 4:
+            part = torch.cat([part, part.new_zeros(part.shape[0], 4 - part.shape[1] % 4)], dim=1)
+        words = part.view(torch.int32).to(torch.int64) & _M32
+        out[start : start + step] = mix32(words ^ pos).sum(dim=1) & _M32
+    return out
 
 
 @contextlib.contextmanager
