@@ -18,6 +18,7 @@ one computes, and the finished one is copied out behind it.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -192,6 +193,7 @@ class ChunkedTrainer:
         self._configs = None if configs is None else [dict(c) for c in configs]
         self.chunk_size = min(self.n, chunk_size) if chunk_size else None
         self._worker: ModelBatch | None = None
+        self._worker_opt: Any = None
         self._mover: _Mover | None = None
         self._step: Any = None
         self._written = False
@@ -279,10 +281,10 @@ class ChunkedTrainer:
         if self.device.type != "cuda":
             return self.n
         probe = min(self.n, 256)
-        self._build(probe)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
+        self._build(probe)
         self._probe(batch)
         torch.cuda.synchronize(self.device)
         per_model = (torch.cuda.max_memory_allocated(self.device) - base) / probe
@@ -294,8 +296,8 @@ class ChunkedTrainer:
             tensors += [v for st in wo.state.values() for v in st.values() if isinstance(v, Tensor)]
             swapped = sum(t.numel() * t.element_size() for t in tensors)
             per_model += 2 * swapped / probe
-        self._worker = None
-        self._step = None
+        self._worker, self._worker_opt, self._step = None, None, None
+        gc.collect()
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         # The CUDA graph's own pool holds another set of activations.
@@ -346,7 +348,8 @@ class ChunkedTrainer:
                     raise
                 if self._mover is not None:
                     self._mover.finish()
-                self._worker, self._mover, self._step = None, None, None
+                self._worker, self._worker_opt, self._mover, self._step = None, None, None, None
+                gc.collect()
                 torch.cuda.empty_cache()
                 self.chunk_size = max(1, (self.chunk_size or self.n) // 2)
 
