@@ -169,3 +169,17 @@ def test_no_warning_for_default_inits() -> None:
         ModelBatch.from_factory(
             lambda: nn.Sequential(nn.Embedding(10, 8, padding_idx=0), nn.LSTM(8, 8)), 3
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", [mlp, cnn, dropout_mlp])
+def test_built_on_the_gpu_as_on_the_cpu(make) -> None:
+    # Integer hashing and single fp32 operations: the same values on either device.
+    cpu = ModelBatch.from_factory(make, [2, 40, 7], seed=3)
+    gpu = ModelBatch.from_factory(make, [2, 40, 7], seed=3, device="cuda")
+    pinned = ModelBatch.from_factory(make, [2, 40, 7], seed=3, device="cpu", build_device="cuda")
+    for name, t in cpu.stacked_params().items():
+        assert torch.equal(gpu.stacked_params()[name].cpu(), t), name
+        assert torch.equal(pinned.stacked_params()[name], t), name
+        assert pinned.stacked_params()[name].is_pinned()

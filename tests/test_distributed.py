@@ -263,5 +263,40 @@ def test_export_best_names_global_ids(tmp_path: Path) -> None:
         ctx.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nccl_world_of_one(tmp_path: Path) -> None:
+    ctx = distributed.init(backend="nccl")
+    try:
+        assert ctx.backend == "nccl" and ctx.device.type == "cuda"
+        ids = ctx.shard(range(5))
+        mb = ModelBatch.from_factory(
+            make, ids, seed=1, device=ctx.device, optimizer_cls=torch.optim.Adam
+        )
+        x, y = (t.to(ctx.device) for t in data())
+        for _ in range(2):
+            mb.zero_grad()
+            mb.compute_loss(mb(x), y).backward()
+            mb.step()
+        assert mb.latest_losses is not None
+        assert torch.equal(ctx.gather(mb.latest_losses), mb.latest_losses)
+        assert torch.equal(ctx.gather(mb.latest_losses, dst=0), mb.latest_losses)
+        distributed.successive_halving(ctx, mb, mb.latest_losses, keep=0.6)
+        assert int(mb.active.sum()) == 3
+        distributed.save(tmp_path / "c", ctx, mb, step=2)
+        fresh = ModelBatch.from_factory(
+            make, ids, seed=9, device=ctx.device, optimizer_cls=torch.optim.Adam
+        )
+        fresh.zero_grad()
+        fresh.compute_loss(fresh(x), y).backward()
+        fresh.step()  # creates the optimizer state that load fills
+        distributed.load(tmp_path / "c", ctx, fresh)
+        for name, t in mb.stacked_params().items():
+            assert torch.equal(fresh.stacked_params()[name], t), name
+        assert torch.equal(fresh.active, mb.active)
+    finally:
+        ctx.close()
+
+
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]))
