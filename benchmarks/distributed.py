@@ -159,6 +159,8 @@ def sharded(args: argparse.Namespace, device: torch.device, out: Path) -> None:
     mode = "auto" if device.type == "cuda" else "eager"
     batch = 16 if args.quick else args.batch
     results: list[dict[str, Any]] = []
+    if "steps" not in args.parts.split(","):
+        per_gpu = {}
     for name, counts in per_gpu.items():
         make, shape = MODELS[name]
         data = batches(shape, batch, 4, device)
@@ -201,8 +203,9 @@ def sharded(args: argparse.Namespace, device: torch.device, out: Path) -> None:
         "env": environment(device),
         "results": results,
     }
-    report["checkpoint"] = checkpoint_timing(ctx, args, out)
-    report["equality"] = equality(ctx, args, out)
+    parts = set(args.parts.split(","))
+    report["checkpoint"] = checkpoint_timing(ctx, args, out) if "checkpoint" in parts else None
+    report["equality"] = equality(ctx, args, out) if "equality" in parts else None
     if ctx.is_main:
         path = out / f"sharded_G{g}.json"
         if (out / "sharded_G1.json").exists() and g > 1:
@@ -490,6 +493,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--batch", type=int, default=128, help="samples per step, shared")
+    parser.add_argument(
+        "--parts", default="steps,checkpoint,equality", help="of the sharded suite, comma-separated"
+    )
     parser.add_argument("--ckpt-per-gpu", type=int, default=16384)
     parser.add_argument("--ckpt-dir", type=Path, default=None)
     parser.add_argument("--models", type=int, default=250_000)
