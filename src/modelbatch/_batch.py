@@ -470,7 +470,7 @@ class ModelBatch(nn.Module):
                 Conv, ConvTranspose, Bilinear, Embedding, RNNs) for all
                 models at once from torch's default init distribution, keyed
                 by `(seed, id)`; `"exact"` calls `make()` under
-                `torch.manual_seed(modelbatch._build.model_seeds(seed, ids)[k])`
+                `torch.manual_seed(modelbatch.distributed.init_seeds(seed, ids)[k])`
                 per model; `"auto"` is fast unless `make()` has an init the
                 fast path does not know (then exact, with a warning).
             seeded_dropout: run torch dropout layers as `modelbatch.nn.Seeded*`

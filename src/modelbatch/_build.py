@@ -90,6 +90,8 @@ def _keys(seed: int, ids: Tensor, *salts: int) -> Tensor:
 def model_seeds(seed: int, ids: int | Sequence[int] | Tensor) -> Tensor:
     """The seed of each model id, `[N]` int64 in `[0, 2**63)`: what `init="exact"` seeds `make()` with.
 
+    Public as `modelbatch.distributed.init_seeds`.
+
     Example:
         >>> model_seeds(0, [3, 5]).shape
         torch.Size([2])

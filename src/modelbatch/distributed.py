@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ._batch import ModelBatch
 from ._build import global_ids
+from ._build import model_seeds as init_seeds
 from ._dist_checkpoint import DistributedCheckpoint, load, save
 from ._metrics import per_model_rows
 
@@ -46,6 +47,7 @@ __all__ = [
     "DistributedCheckpoint",
     "export_best",
     "init",
+    "init_seeds",
     "load",
     "save",
     "successive_halving",
