@@ -129,3 +129,54 @@ def test_chunked_on_gpu_matches_in_memory(offload: bool) -> None:
         torch.testing.assert_close(
             store.stacked_params()[name].cuda(), t.detach(), rtol=1e-4, atol=1e-5
         )
+
+
+class _FakeStream:
+    """Stands in for a CUDA stream or event on the CPU: every copy is already done."""
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def wait_event(self, event: object) -> None:
+        pass
+
+    def wait_stream(self, stream: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record(self, stream: object = None) -> None:
+        pass
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_staged_copies_move_each_chunk_to_its_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The host-to-GPU path's bookkeeping (staging in, staging out, padded last
+    # chunk), run on the CPU with streams and events that do nothing.
+    from modelbatch._chunked import _Mover
+
+    for name in ("Stream", "Event", "stream", "current_stream"):
+        monkeypatch.setattr(torch.cuda, name, _FakeStream)
+    store = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2)
+    worker = torch.zeros(3, 2)
+    mover = _Mover([(worker, store)], torch.device("cuda"))
+    assert mover.async_
+    expected = store.clone()
+    chunks = [(0, 3), (3, 6), (6, 7)]
+    mover.prefetch(*chunks[0])
+    for c, (start, stop) in enumerate(chunks):
+        mover.load(start, stop)
+        assert torch.equal(worker[: stop - start], expected[start:stop])
+        if c + 1 < len(chunks):
+            mover.prefetch(*chunks[c + 1])
+        worker.mul_(-1)
+        expected[start:stop] *= -1
+        mover.save(start, stop)
+    mover.finish()
+    assert torch.equal(store, expected)

@@ -61,6 +61,7 @@ class _Mover:
         self.pairs = pairs
         store_device = pairs[0][1].device if pairs else device
         self.async_ = device.type == "cuda" and store_device.type == "cpu"
+        self.device = device
         if self.async_:
             self.side = torch.cuda.Stream(device)
             self.stage_in = [torch.empty_like(w) for w, _ in pairs]
@@ -68,8 +69,8 @@ class _Mover:
             self.fetched: Any = None
             self.in_free = torch.cuda.Event()
             self.out_free = torch.cuda.Event()
-            self.in_free.record()
-            self.out_free.record()
+            self.in_free.record(torch.cuda.current_stream(device))
+            self.out_free.record(torch.cuda.current_stream(device))
             self.pending: tuple[int, int] | None = None
 
     def prefetch(self, start: int, stop: int) -> None:
@@ -92,7 +93,7 @@ class _Mover:
                 return
             if self.fetched is None or self.fetched[:2] != (start, stop):
                 self.prefetch(start, stop)
-            current = torch.cuda.current_stream()
+            current = torch.cuda.current_stream(self.device)
             current.wait_event(self.fetched[2])
             for stage, (worker, _) in zip(self.stage_in, self.pairs):
                 worker[:m].copy_(stage[:m])
@@ -106,7 +107,7 @@ class _Mover:
                 for worker, store in self.pairs:
                     store[start:stop].copy_(worker[:m])
                 return
-            current = torch.cuda.current_stream()
+            current = torch.cuda.current_stream(self.device)
             current.wait_event(self.out_free)
             for stage, (worker, _) in zip(self.stage_out, self.pairs):
                 stage[:m].copy_(worker[:m])
@@ -120,7 +121,7 @@ class _Mover:
 
     def finish(self) -> None:
         if self.async_:
-            torch.cuda.current_stream().wait_stream(self.side)
+            torch.cuda.current_stream(self.device).wait_stream(self.side)
             self.side.synchronize()
 
 
