@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._indices import model_indices
+from ._layout import GradLayout
 from ._metrics import format_table, per_model_rows
 from ._stack import (
     build_stacked_tree,
@@ -21,6 +23,7 @@ from ._stack import (
     meta_skeleton,
     state_key_map,
 )
+from ._step import apply_update
 from .nn._convert import restore_config, vmap_forward_context
 from .nn._errors import explain_forward_error
 
@@ -101,9 +104,12 @@ class ModelBatch(nn.Module):
         self.latest_losses: Tensor | None = None
         self._history: deque[Tensor] = deque(maxlen=history_size)
         self.grad_scaler: Any = None
+        self._substitute: dict[str, Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self._layout: GradLayout | None = None
         if optimizer_cls is not None or lr_list is not None:
             self.optimizer = self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
+            self._layout = GradLayout(list(self.parameters()))
 
     # ------------------------------------------------------------------ structure
 
@@ -157,7 +163,8 @@ class ModelBatch(nn.Module):
             in_dim: Any = tree_map(lambda x: 0 if isinstance(x, Tensor) else None, (args, kwargs))
         else:
             in_dim = None
-        state = {**self.stacked_params(), **self.stacked_buffers()}
+        weights = self._substitute if self._substitute is not None else self.stacked_params()
+        state = {**weights, **self.stacked_buffers()}
         skeleton = self._skeleton
 
         def run_one(state_i: dict[str, Tensor], inputs: tuple[tuple, dict]) -> Any:
@@ -174,6 +181,26 @@ class ModelBatch(nn.Module):
             if clearer is None:
                 raise
             raise clearer from err
+
+    @contextlib.contextmanager
+    def substitute_weights(self, weights: Mapping[str, Tensor]) -> Iterator[None]:
+        """Run forwards on other tensors in place of the stacked parameters (same names, shapes).
+
+        The training step uses it for the low-precision copies its optimizer
+        writes (`BatchOptimizer.low_precision_copies`); gradients then land on
+        those tensors.
+        """
+        own = self.stacked_params()
+        if set(weights) != set(own):
+            raise ValueError(
+                f"ModelBatch.substitute_weights: expected tensors for {sorted(own)}, got "
+                f"{sorted(weights)}; pass one tensor per stacked parameter."
+            )
+        previous, self._substitute = self._substitute, dict(weights)
+        try:
+            yield
+        finally:
+            self._substitute = previous
 
     # ------------------------------------------------------------------ losses
 
@@ -420,12 +447,9 @@ class ModelBatch(nn.Module):
                 "ModelBatch.step: this batch owns no optimizer; pass optimizer_cls (and "
                 "lr_list) to ModelBatch, or step your own optimizer."
             )
-        scaler = self.grad_scaler
-        if scaler is not None and scaler.is_enabled():
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
+        if self._layout is not None:
+            self._layout.apply()
+        apply_update(self.optimizer, scaler=self.grad_scaler)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients of the stacked parameters."""

@@ -237,12 +237,17 @@ class BatchGradScaler:
                 "step() unscale."
             )
         n = self.num_models
-        grads = [
-            p.grad
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        low_precision = bool(getattr(optimizer, "low_precision", None))
+        if low_precision:
+            # Gradients of the low-precision weight copies: fp16 by design.
+            grads = optimizer.gradients()
+        else:
+            grads = [
+                p.grad
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            ]
         if grads:
             self._to_device(grads[0].device)
         # Reciprocal in float64 as torch does, so the unscaled values match it.
@@ -255,7 +260,7 @@ class BatchGradScaler:
                         f"leading model axis of length N={n}; the optimizer must hold the "
                         "ModelBatch's stacked parameters."
                     )
-                if g.dtype == torch.float16:
+                if g.dtype == torch.float16 and not low_precision:
                     raise ValueError(
                         "BatchGradScaler.unscale_: gradients are float16; keep the parameters in "
                         "float32 and run the forward under torch.autocast(dtype=torch.float16)."

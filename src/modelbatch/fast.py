@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._batch import ModelBatch
-from ._fused import _adopt_grad_layouts, _fuse, _stride_recorder
+from ._step import TrainStep
 
 __all__ = ["EvalResult", "FastStep", "compile_step", "evaluate"]
 
@@ -83,9 +83,9 @@ class FastStep:
         mode: str = "auto",
         warmup: int = 2,
         max_graphs: int = 4,
-        fuse_optimizer: bool = True,
         compile_model: bool = False,
         relayout: bool = True,
+        low_precision: bool = True,
     ) -> None:
         if not isinstance(model_batch, ModelBatch):
             raise TypeError(
@@ -136,7 +136,6 @@ class FastStep:
         self.per_model = per_model
         self.warmup = warmup
         self.max_graphs = max_graphs
-        self._params = [p for p in model_batch.parameters() if p.requires_grad]
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: dict[tuple, int] = {}
         self._grads_of: tuple | None = None
@@ -150,16 +149,21 @@ class FastStep:
         else:
             self.reason = self._make_capturable()
         self.mode = "eager" if self.reason is not None else "graph"
-        if self.mode == "graph":
-            _lr_factors_as_tensors(optimizer, device)
         self._lr_factors = self._lr_objects()
-        self.fused = False
-        self._relayout_pending = self.mode == "graph" and relayout
-        if self.mode == "graph" and fuse_optimizer:
-            self.fused = _fuse(optimizer)
-        self._forward_loss: Callable[[Any, Tensor], Tensor] = self._forward_loss_eager
+        self._step = TrainStep(
+            model_batch,
+            optimizer,
+            loss_fn,
+            scaler=self.scaler,
+            max_norm=max_norm,
+            autocast_dtype=autocast_dtype,
+            per_model=per_model,
+            relayout=relayout,
+            low_precision=low_precision,
+        )
+        self._forward_loss: Callable[[Any, Tensor], Tensor] = self._step.forward_loss
         if compile_model:
-            self._forward_loss = torch.compile(self._forward_loss_eager)
+            self._forward_loss = torch.compile(self._step.forward_loss)
         if self.reason is not None and mode != "eager":
             if mode == "graph":
                 raise RuntimeError(f"compile_step: mode='graph' is impossible: {self.reason}.")
@@ -191,43 +195,13 @@ class FastStep:
 
     # ------------------------------------------------------------------ the step
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        device_type = self.model_batch.active.device.type
-        # The weight-cast cache must be off under graph capture (torch's advice),
-        # and costs nothing measurable eagerly.
-        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
-
     def _lr_objects(self) -> list:
         return [g.get("lr") for g in self.optimizer.param_groups]
 
-    def _forward_loss_eager(self, inputs: Any, targets: Tensor) -> Tensor:
-        mb = self.model_batch
-        with self._autocast():
-            outputs = mb(*_as_args(inputs), per_model=self.per_model)
-            losses = mb.per_model_losses(
-                outputs, targets, self.loss_fn, per_model=self.per_model or None
-            )
-        return mb.mask_retired(losses.float())
-
     def _body(self, inputs: Any, targets: Tensor) -> Tensor:
         """Forward, per-model loss, backward, clipping/unscaling and update; losses `[N]`."""
-        mb = self.model_batch
         losses = self._forward_loss(inputs, targets)
-        scaled = self.scaler.attach(losses) if self.scaler is not None else losses
-        scaled.sum().backward()
-        if self.scaler is not None and self.max_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.max_norm is not None:
-            from .optim import clip_grad_norm_
-
-            clip_grad_norm_(mb, self.max_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._step.backward_update(losses)
         return losses.detach()
 
     def _eager(self, inputs: Any, targets: Tensor) -> Tensor:
@@ -240,32 +214,22 @@ class FastStep:
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
-        layouts: dict[int, tuple[int, ...]] = {}
-        hooks = []
-        if self._relayout_pending:
-            for p in self._params:
-                hooks.append(p.register_hook(_stride_recorder(layouts, id(p))))
         with torch.cuda.stream(side):
             losses = self._eager(inputs, targets)
         current.wait_stream(side)
         losses.record_stream(current)
-        for h in hooks:
-            h.remove()
-        if self._relayout_pending:
-            self._relayout_pending = False
-            _adopt_grad_layouts(self._params, layouts, self.optimizer)
         return losses
 
     def _capture(self, inputs: Any, targets: Tensor) -> _Graph:
         static = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (inputs, targets))
-        for p in self._params:
+        for p in self._step.leaves:
             # With no grad at capture, backward writes (not adds) the graph's own
             # grad tensors on every replay: no zero_grad in the graph.
             p.grad = None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             losses = self._body(*static)
-        return _Graph(graph, static, losses, [p.grad for p in self._params])
+        return _Graph(graph, static, losses, [p.grad for p in self._step.leaves])
 
     def _record(self, losses: Tensor) -> Tensor:
         self.model_batch.record_losses(losses)
@@ -330,6 +294,10 @@ class FastStep:
                 return self._record(self._warm(inputs, targets))
             entry = self._capture(inputs, targets)
             self._graphs[key] = entry
+        if self._step._weights is not None:
+            # A parameter changed in place outside the step (a load, a replaced model):
+            # its low-precision copy is written again before the replay reads it.
+            self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]
         static_in, static_tgt = entry.inputs
         for dst, src in zip(tree_flatten(static_in)[0], tree_flatten(inputs)[0]):
             if isinstance(dst, Tensor):
@@ -338,27 +306,11 @@ class FastStep:
         entry.graph.replay()
         if self._grads_of != key:
             # Let `param.grad` show this step's gradients (a loop over tensors, not models).
-            for p, g in zip(self._params, entry.grads):
+            for p, g in zip(self._step.leaves, entry.grads):
                 p.grad = g
             self._grads_of = key
         # A fresh tensor: the static one is overwritten by the next replay.
         return self._record(entry.losses.clone())
-
-
-def _lr_factors_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """Make each modelbatch optimizer group's float lr factor a 0-dim tensor on `device`.
-
-    A float would be a constant inside the CUDA graph; a tensor is read by it,
-    and torch's LR schedulers update a tensor lr in place (`fill_`), so a
-    per-step schedule needs no re-capture.
-    """
-    from .optim import BatchOptimizer
-
-    if not isinstance(optimizer, BatchOptimizer):
-        return
-    for group in optimizer.param_groups:
-        if not isinstance(group["lr"], Tensor):
-            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float64, device=device)
 
 
 def compile_step(
@@ -373,9 +325,9 @@ def compile_step(
     mode: str = "auto",
     warmup: int = 2,
     max_graphs: int = 4,
-    fuse_optimizer: bool = True,
     compile_model: bool = False,
     relayout: bool = True,
+    low_precision: bool = True,
 ) -> FastStep:
     """A training step `step(x, y) -> losses [N]` that runs as one CUDA graph.
 
@@ -415,16 +367,17 @@ def compile_step(
             impossible) or `"eager"`.
         warmup: eager steps per input shape before capture (>= 1).
         max_graphs: most input shapes captured.
-        fuse_optimizer: on the graph path, run the per-tensor update of a
-            `modelbatch.optim` Adam/AdamW compiled with `torch.compile` (one fused
-            kernel per parameter tensor instead of about eight; same math,
-            rounding within fp32 tolerance). Compiles once per process.
         compile_model: also compile forward and loss with `torch.compile` (fuses
             elementwise work; costs compile time at the first step).
-        relayout: on the graph path, after the first step store each parameter
+        relayout: after the first backward store each parameter
             (and its grad and optimizer state) in the memory layout its gradient
             arrives in, so autograd stops copying weight gradients every step.
             Values, shapes and names are unchanged; `param.stride()` may change.
+        low_precision: with a bf16/fp16 `autocast_dtype` and a modelbatch
+            optimizer, the forward reads low-precision weight copies that the
+            optimizer writes in its update kernel, and the update reads the
+            low-precision gradients directly: no weight or gradient is cast per
+            step. The float32 parameters stay the weights of record.
 
     Returns:
         A `FastStep`; `step(x, y)` returns the per-model losses `[N]` on the device.
@@ -451,9 +404,9 @@ def compile_step(
         mode=mode,
         warmup=warmup,
         max_graphs=max_graphs,
-        fuse_optimizer=fuse_optimizer,
         compile_model=compile_model,
         relayout=relayout,
+        low_precision=low_precision,
     )
 
 

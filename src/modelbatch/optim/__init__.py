@@ -4,14 +4,20 @@ Also per-model learning-rate schedules and per-model gradient clipping.
 """
 
 from ._clip import clip_grad_norm_, clip_grad_value_, per_model_grad_norm
-from ._factory import ELEMENTWISE, NOT_SEPARABLE, VECTORIZED, OptimizerFactory
+from ._factory import NOT_SEPARABLE, VECTORIZED, OptimizerFactory
 from ._hparams import per_model
 from ._optimizers import (
+    BatchAdadelta,
     BatchAdagrad,
     BatchAdam,
+    BatchAdamax,
     BatchAdamW,
+    BatchASGD,
+    BatchNAdam,
     BatchOptimizer,
+    BatchRAdam,
     BatchRMSprop,
+    BatchRprop,
     BatchSGD,
 )
 from ._schedule import (
@@ -24,18 +30,23 @@ from ._schedule import (
 )
 
 __all__ = [
-    "ELEMENTWISE",
     "NOT_SEPARABLE",
     "VECTORIZED",
+    "BatchASGD",
+    "BatchAdadelta",
     "BatchAdagrad",
     "BatchAdam",
     "BatchAdamW",
+    "BatchAdamax",
     "BatchCosineAnnealingLR",
     "BatchExponentialLR",
     "BatchLRScheduler",
     "BatchMultiStepLR",
+    "BatchNAdam",
     "BatchOptimizer",
+    "BatchRAdam",
     "BatchRMSprop",
+    "BatchRprop",
     "BatchSGD",
     "BatchStepLR",
     "BatchWarmupCosineLR",

@@ -21,10 +21,9 @@ __all__ = ["clip_grad_norm_", "clip_grad_value_", "per_model_grad_norm"]
 
 def _stacked_params(name: str, parameters: Any, num_models: int | None) -> tuple[list[Tensor], int]:
     """The stacked tensors and N from a ModelBatch or an iterable of `[N, ...]` tensors."""
-    from .._batch import ModelBatch
-
-    if isinstance(parameters, ModelBatch):
-        n = parameters.num_models
+    # A ModelBatch, recognised by its interface (the optimizer core imports nothing of it).
+    if isinstance(parameters, torch.nn.Module) and hasattr(parameters, "num_models"):
+        n = int(parameters.num_models)  # type: ignore[arg-type]
         if num_models is not None and num_models != n:
             raise ValueError(
                 f"{name}: num_models={num_models} does not match the ModelBatch's N={n}; "

@@ -1,35 +1,45 @@
 """Vectorized optimizers over stacked parameters, with per-model hyperparameters.
 
-Thin `torch.optim.Optimizer` shells around the pure math in `_functional.py`.
+Thin `torch.optim.Optimizer` shells: each class names an update rule
+(`_rules`) and how its hyperparameters are validated; `_executor` runs the
+rule for every optimizer, on every device.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._indices import model_indices
-from . import _functional as F
+from ._executor import ParamSlot, run_rule
 from ._hparams import HPARAM_DTYPE, HParam, Rule, build_hparams, check_rules, per_model
+from ._rules import RULES, UpdateRule
 
 __all__ = [
     "BatchOptimizer",
     "BatchSGD",
     "BatchAdam",
     "BatchAdamW",
+    "BatchAdamax",
+    "BatchNAdam",
+    "BatchRAdam",
     "BatchRMSprop",
     "BatchAdagrad",
+    "BatchAdadelta",
+    "BatchASGD",
+    "BatchRprop",
+    "BATCH_CLASSES",
     "update_mask",
 ]
 
 #: Options torch optimizers take that choose an implementation, not the math:
 #: accepted and ignored (the vectorized implementation is always used).
-IGNORED_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+IGNORED_OPTIONS = ("foreach", "fused", "capturable")
 
 
 def update_mask(owner: str, model_batch: Any, skip: Tensor | None, n: int, device: Any) -> Tensor:
@@ -54,38 +64,52 @@ def _nonneg(key: str) -> Rule:
     return Rule((key,), f"{key} >= 0", lambda h: h[key] >= 0)
 
 
+def _finite(specs: Mapping[str, HParam]) -> tuple[Rule, ...]:
+    """One rule per number-valued hyperparameter: no nan or inf."""
+
+    def rule(key: str) -> Rule:
+        def valid(h: Mapping[str, Tensor]) -> Tensor:
+            finite = torch.isfinite(h[key])
+            return finite if finite.dim() == 1 else finite.all(dim=1)
+
+        return Rule((key,), f"a finite {key} (no nan or inf)", valid)
+
+    return tuple(rule(k) for k, spec in specs.items() if spec.kind != "bool")
+
+
 class BatchOptimizer(torch.optim.Optimizer):
     """Base of the vectorized optimizers: N models' hyperparameters as `[N]` tensors.
 
-    Every param group holds `group["hparams"]` (`{name: [N] tensor}`, `betas`
-    as `[N, 2]`, flags as `[N]` bool), `group["step"]` (per-model step counts,
-    `[N]`) and `group["lr"]`, a float factor (1.0 at creation) that multiplies
-    every model's own lr: torch LR schedulers drive it.
+    Every param group holds `group["hparams"]` (`{name: [N] tensor}`, pairs
+    such as `betas` as `[N, 2]`, flags as `[N]` bool), `group["step"]`
+    (`[K, N]` float64: the step count of each of the group's K parameters in
+    each model; like torch, a parameter's count advances only on steps where
+    it has a gradient), per-(parameter, model) scalar state in
+    `group["scalars"]` (NAdam's `mu_product`, ASGD's `eta`, `mu`), and
+    `group["lr"]`, a 0-dim float64 tensor factor (1.0 at creation) that
+    multiplies every model's own lr: torch LR schedulers drive it in place.
 
     Args:
         params: stacked parameters `[N, *shape]` (or param groups of them).
         configs: N dicts of hyperparameters, one per model, merged over
             `base_config` and the torch class's defaults.
-        model_batch: the ModelBatch whose `active` mask `step()` honours
-            (read at every step); None updates every model.
+        model_batch: the ModelBatch whose `active` mask `step()` honours (read
+            at every step, held by a weak reference); None updates every model.
         base_config: hyperparameters shared by all models.
-        compile: run each parameter's update as one `torch.compile`d kernel
-            (same math, one pass over memory instead of about eight; the
-            first step compiles, a few seconds per parameter rank).
 
     Warning:
         Writing `hparams` tensors directly is not validated; `set_hparams`
-        is. Buffers a flag needs (amsgrad, momentum, centered) exist only if
-        some model had the flag on at creation.
+        is. State that a per-model option needs (amsgrad's
+        `max_exp_avg_sq`, a momentum buffer) exists only if some model had
+        the option on at creation.
     """
 
+    rule: ClassVar[UpdateRule]
     torch_cls: ClassVar[type[torch.optim.Optimizer]]
     specs: ClassVar[dict[str, HParam]]
-    rules: ClassVar[tuple[Rule, ...]]
+    rules: ClassVar[tuple[Rule, ...]] = ()
     #: options that must be equal for every model (they choose the math).
     shared: ClassVar[tuple[str, ...]] = ()
-    #: how many parameter-sized scratch tensors one update overwrites.
-    scratch_count: ClassVar[int] = 1
 
     def __init__(
         self,
@@ -94,14 +118,13 @@ class BatchOptimizer(torch.optim.Optimizer):
         *,
         model_batch: Any = None,
         base_config: Mapping[str, Any] | None = None,
-        compile: bool = False,
     ) -> None:
         name = type(self).__name__
         base = {**self.default_config(), **dict(base_config or {})}
         configs = [dict(cfg) for cfg in configs]
         if not configs:
             raise ValueError(f"{name}: expected one config per model, got none.")
-        accepted = sorted([*self.specs, *self.shared, *IGNORED_OPTIONS])
+        accepted = sorted([*self.specs, *self.shared, *IGNORED_OPTIONS, "differentiable"])
         for i, cfg in enumerate([base, *configs]):
             unknown = sorted(set(cfg) - set(accepted))
             if unknown:
@@ -111,7 +134,10 @@ class BatchOptimizer(torch.optim.Optimizer):
                 )
         full = [{**base, **cfg} for cfg in configs]
         if any(cfg.get("differentiable") for cfg in full):
-            raise ValueError(f"{name}: differentiable=True is not supported; drop it.")
+            raise ValueError(
+                f"{name}: differentiable=True is not supported (the update runs without "
+                "autograd); drop it."
+            )
         self.options = {k: full[0][k] for k in self.shared}
         for k in self.shared:
             differ = [i for i, cfg in enumerate(full) if cfg[k] != self.options[k]]
@@ -123,14 +149,13 @@ class BatchOptimizer(torch.optim.Optimizer):
         param_list = list(params)
         self.num_models = len(configs)
         self._base_config = base
-        self._model_batch = model_batch
-        # Scratch tensors per parameter, reused every step; not optimizer state.
-        self._scratch: dict[Tensor, list[Tensor]] = {}
-        self.compiled = bool(compile)
-        self._update_fn: Any = None
+        self._model_batch = (lambda: None) if model_batch is None else weakref.ref(model_batch)
+        #: parameter -> its low-precision copy (see `low_precision_copies`).
+        self.low_precision: dict[Tensor, Tensor] = {}
+        self._low_versions: dict[Tensor, int] = {}
         device = _first_device(param_list)
         self._new_hparams = build_hparams(name, self.specs, full, device)
-        check_rules(name, self.rules, self._new_hparams)
+        check_rules(name, (*_finite(self.specs), *self.rules), self._new_hparams)
         super().__init__(param_list, {"lr": 1.0})
         del self._new_hparams
 
@@ -143,15 +168,24 @@ class BatchOptimizer(torch.optim.Optimizer):
         keys = [*cls.specs, *cls.shared]
         return {k: sig[k].default for k in keys if k in sig}
 
+    def _rule_options(self) -> dict[str, bool]:
+        return {o: bool(self.options.get(f"{o}_weight_decay", False)) for o in self.rule.options}
+
     @classmethod
     def structure(cls, hparams: Mapping[str, Tensor]) -> dict[str, bool]:
-        """Which optional state buffers the models need (e.g. `{"amsgrad": True}`)."""
-        return {}
+        """Which optional state tensors exist, from the models' hyperparameters."""
+        out = {}
+        for state, key in cls.rule.optional.items():
+            t = hparams[key]
+            out[state] = bool((t != 0).any())
+        return out
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = type(self).__name__
         n = self.num_models
-        for p in param_group["params"] if isinstance(param_group["params"], list) else []:
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
             if p.dim() == 0 or p.shape[0] != n:
                 raise ValueError(
                     f"{name}: expected stacked parameters [N={n}, ...], got shape "
@@ -160,17 +194,30 @@ class BatchOptimizer(torch.optim.Optimizer):
         hp = getattr(self, "_new_hparams", None)
         if hp is None:
             hp = self.param_groups[0]["hparams"]
+        lr = param_group.get("lr", 1.0)
+        param_group["lr"] = torch.tensor(float(lr), dtype=HPARAM_DTYPE, device=hp["lr"].device)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["hparams"] = {k: t.clone() for k, t in hp.items()}
-        group["step"] = torch.zeros(n, dtype=HPARAM_DTYPE, device=hp["lr"].device)
+        device = hp["lr"].device
+        k = len(group["params"])
+        group["hparams"] = {key: t.clone() for key, t in hp.items()}
+        group["step"] = torch.zeros(k, n, dtype=HPARAM_DTYPE, device=device)
+        group["scalars"] = {
+            s: self._scalar_init(init, group["hparams"], k) for s, init in self.rule.scalars
+        }
         group["structure"] = self.structure(hp)
+
+    def _scalar_init(self, init: float | str, hparams: Mapping[str, Tensor], k: int) -> Tensor:
+        if isinstance(init, str):
+            return hparams[init].to(HPARAM_DTYPE).expand(k, -1).clone()
+        device = hparams["lr"].device
+        return torch.full((k, self.num_models), float(init), dtype=HPARAM_DTYPE, device=device)
 
     # ------------------------------------------------------------------ hyperparameters
 
     @property
     def hparams(self) -> dict[str, Tensor]:
-        """Param group 0's per-model hyperparameters, `{name: [N]}` (`betas`: `[N, 2]`).
+        """Param group 0's per-model hyperparameters, `{name: [N]}` (pairs: `[N, 2]`).
 
         Writing an entry in place (`opt.hparams["lr"][3] = 0.01`) takes effect
         at the next step.
@@ -203,14 +250,15 @@ class BatchOptimizer(torch.optim.Optimizer):
             candidate = {k: t.clone() for k, t in live.items()}
             for k, t in new.items():
                 candidate[k][idx] = t.to(candidate[k].device)
-            check_rules(owner, self.rules, candidate, what="model")
+            check_rules(owner, (*_finite(self.specs), *self.rules), candidate, what="model")
             wanted = self.structure(candidate)
             missing = [k for k, on in wanted.items() if on and not group["structure"].get(k)]
             if missing:
+                option = self.rule.optional[missing[0]]
                 raise ValueError(
-                    f"{owner}: this optimizer was created without the state {missing[0]} "
-                    f"needs (no model used it at creation); create the optimizer with "
-                    f"{missing[0]} enabled for at least one model."
+                    f"{owner}: this optimizer was created without the state {option} needs "
+                    f"({missing[0]!r}: no model used {option} at creation); create the "
+                    f"optimizer with {option} enabled for at least one model."
                 )
             staged.append((live, candidate))
         for live, candidate in staged:
@@ -242,32 +290,56 @@ class BatchOptimizer(torch.optim.Optimizer):
                 {k for cfg in full for k in cfg}
                 - set(self.specs)
                 - set(self.shared)
-                - set(IGNORED_OPTIONS)
+                - {*IGNORED_OPTIONS, "differentiable"}
             )
             if unknown:
                 raise ValueError(
                     f"{owner}: unknown keys {unknown}; accepted keys are {sorted(self.specs)}."
                 )
             self._assign(owner, idx, build_hparams(owner, self.specs, full, what="config"))
-        for group in self.param_groups:
-            dev_idx = idx.to(group["step"].device)
-            group["step"][dev_idx] = 0
-            for p in group["params"]:
-                for key, value in self.state.get(p, {}).items():
-                    at = dev_idx.to(value.device)
-                    value[at] = self._state_init(key, group, p)[at]
+        with torch.no_grad():
+            for group in self.param_groups:
+                dev_idx = idx.to(group["step"].device)
+                group["step"][:, dev_idx] = 0
+                k = len(group["params"])
+                for (_name, init), table in zip(self.rule.scalars, group["scalars"].values()):
+                    table[:, dev_idx] = self._scalar_init(init, group["hparams"], k)[:, dev_idx]
+                for p in group["params"]:
+                    for key, value in self.state.get(p, {}).items():
+                        at = dev_idx.to(value.device)
+                        value[at] = self._state_init(key, group, p)[at]
 
     # ------------------------------------------------------------------ state
 
-    def _state_keys(self, group: Mapping[str, Any]) -> list[str]:
-        raise NotImplementedError
-
     def _state_init(self, key: str, group: Mapping[str, Any], p: Tensor) -> Tensor:
-        """A fresh state tensor for `key`, shaped like `p` (zeros unless overridden)."""
-        return torch.zeros_like(p, memory_format=torch.preserve_format)
+        """A fresh state tensor for `key`, shaped (and strided) like `p`."""
+        source = self.rule.init.get(key)
+        if source is None:
+            return torch.zeros_like(p, memory_format=torch.preserve_format)
+        init = group["hparams"][source].to(p.device, torch.float64)
+        if source == "lr":
+            # Created at the parameter's first step, with that step's lr (as torch does).
+            init = init * group["lr"].to(p.device)
+        init = init.to(p.dtype)
+        out = torch.empty_like(p, memory_format=torch.preserve_format)
+        return out.copy_(per_model(init, p.dim()).expand_as(p))
+
+    def _state_for(self, group: Mapping[str, Any], p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        for key in self.rule.state:
+            if not group["structure"].get(key, True):
+                continue
+            t = state.get(key)
+            if t is None:
+                state[key] = self._state_init(key, group, p)
+            elif t.stride() != p.stride() and t.shape == p.shape:
+                # The parameter moved to its gradient's layout; its state follows once.
+                moved = torch.empty_like(p)
+                state[key] = moved.copy_(t)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; hyperparameters and step counts are copied into the live tensors."""
+        """Load a state dict; hyperparameters and step tables are copied into the live tensors."""
         name = type(self).__name__
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             hp, got = group["hparams"], saved.get("hparams", {})
@@ -278,41 +350,120 @@ class BatchOptimizer(torch.optim.Optimizer):
                     f"optimizer's { {k: tuple(v.shape) for k, v in hp.items()} }; load a state "
                     "dict of the same optimizer class and number of models."
                 )
-        live = [(g["hparams"], g["step"]) for g in self.param_groups]
+            saved_step = saved.get("step")
+            if not isinstance(saved_step, Tensor) or saved_step.shape != group["step"].shape:
+                raise ValueError(
+                    f"{name}.load_state_dict: the saved step table has shape "
+                    f"{tuple(saved_step.shape) if isinstance(saved_step, Tensor) else saved_step!r}, "
+                    f"expected {tuple(group['step'].shape)} [parameters, models]; load a state "
+                    "dict of the same optimizer over the same models."
+                )
+        live = [(g["hparams"], g["step"], g["scalars"], g["lr"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
         with torch.no_grad():
-            for group, (hp, step) in zip(self.param_groups, live):
+            for group, (hp, step, scalars, lr) in zip(self.param_groups, live):
                 for k, t in hp.items():
                     t.copy_(group["hparams"][k])
                 step.copy_(group["step"])
-                group["hparams"], group["step"] = hp, step
+                for k, t in scalars.items():
+                    t.copy_(group["scalars"][k])
+                lr.copy_(torch.as_tensor(group["lr"], dtype=lr.dtype))
+                group["hparams"], group["step"], group["scalars"], group["lr"] = (
+                    hp,
+                    step,
+                    scalars,
+                    lr,
+                )
+
+    # ------------------------------------------------------------------ low precision
+
+    @torch.no_grad()
+    def low_precision_copies(self, dtype: torch.dtype) -> dict[Tensor, Tensor]:
+        """bf16/fp16 copies of every parameter, for a forward under autocast without weight casts.
+
+        Each copy is a leaf `[N, *shape]` that requires grad, laid out like its
+        parameter. A forward that reads the copies (`ModelBatch.forward(...,
+        weights=...)`) leaves its gradients on them; `step()` reads those
+        low-precision gradients directly, updates the float32 parameters and
+        writes the copies in the same kernel: no per-step cast of any weight
+        or gradient. A parameter changed in place outside `step()` (a load, a
+        replaced model) is copied again by `refresh_low_precision()`.
+
+        Returns:
+            `{parameter: copy}`; the same copies on every call with the same dtype.
+        """
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"{type(self).__name__}.low_precision_copies: dtype must be torch.bfloat16 or "
+                f"torch.float16, got {dtype}."
+            )
+        existing = next(iter(self.low_precision.values()), None)
+        if existing is not None and existing.dtype == dtype:
+            return self.low_precision
+        self.low_precision = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                copy = torch.empty_like(p, dtype=dtype).copy_(p)
+                self.low_precision[p] = copy.requires_grad_()
+        self._low_versions = {p: p._version for p in self.low_precision}
+        return self.low_precision
+
+    @torch.no_grad()
+    def refresh_low_precision(self) -> None:
+        """Copy again every parameter changed in place since its copy was written (host-side check)."""
+        for p, copy in self.low_precision.items():
+            if p._version != self._low_versions.get(p) or copy.stride() != p.stride():
+                if copy.stride() != p.stride():
+                    copy.data = torch.empty_like(p, dtype=copy.dtype)
+                copy.copy_(p)
+                self._low_versions[p] = p._version
+
+    def gradients(self) -> list[Tensor]:
+        """Every parameter's current gradient (its low-precision copy's, where it has one)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = self._grad(p)
+                if g is not None:
+                    out.append(g)
+        return out
+
+    def _grad(self, p: Tensor) -> Tensor | None:
+        if p.grad is not None:
+            return p.grad
+        copy = self.low_precision.get(p)
+        return None if copy is None else copy.grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for copy in self.low_precision.values():
+            if copy.grad is not None:
+                if set_to_none:
+                    copy.grad = None
+                else:
+                    copy.grad.zero_()
 
     # ------------------------------------------------------------------ step
 
-    def _follow_device(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Move hyperparameters and state to the parameters' device, in place (after `.to()`)."""
-        device = params[0].device
-        if group["step"].device != device:
-            for t in [*group["hparams"].values(), group["step"]]:
+    def _follow_device(self, group: dict[str, Any], device: torch.device) -> None:
+        """Move hyperparameters and tables to the parameters' device, in place (after `.to()`)."""
+        if not isinstance(group["lr"], Tensor):
+            # A float factor set by hand; a tensor is read by a captured step and filled in
+            # place by torch's schedulers.
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=HPARAM_DTYPE, device=device)
+        tensors = [
+            *group["hparams"].values(),
+            group["step"],
+            *group["scalars"].values(),
+            group["lr"],
+        ]
+        for t in tensors:
+            if t.device != device:
                 t.data = t.data.to(device)
-        for p in params:
+        for p in group["params"]:
             for t in self.state.get(p, {}).values():
                 if isinstance(t, Tensor) and t.device != p.device:
                     t.data = t.data.to(p.device)
-
-    def _coefficients(self, group: dict[str, Any], mask: Tensor) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def _kernel(self) -> Callable[..., None]:
-        """The update of one parameter: `fn(param, grad, state, c, scratch)` (see `_functional`)."""
-        raise NotImplementedError
-
-    def _update(self) -> Callable[..., None]:
-        if self._update_fn is None:
-            fn = self._kernel()
-            # dynamic=True: one graph per parameter rank, not one per shape.
-            self._update_fn = torch.compile(fn, dynamic=True) if self.compiled else fn
-        return self._update_fn
 
     @torch.no_grad()
     def step(self, closure: Any = None, *, skip: Tensor | None = None) -> Any:
@@ -328,63 +479,39 @@ class BatchOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         name = type(self).__name__
+        options = self._rule_options()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
+            params = group["params"]
+            grads = [self._grad(p) for p in params]
+            if all(g is None for g in grads):
                 continue
-            if any(p.grad.is_sparse for p in params):
-                raise ValueError(f"{name}: sparse gradients are not supported.")
-            self._follow_device(group, params)
-            mask = update_mask(name, self._model_batch, skip, self.num_models, params[0].device)
-            coefficients = self._coefficients(group, mask)
-            update = self._update()
-            by_dtype: dict[torch.dtype, dict[str, Tensor]] = {}
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    for key in self._state_keys(group):
-                        state[key] = self._state_init(key, group, p)
-                c = by_dtype.get(p.dtype)
-                if c is None:
-                    c = by_dtype[p.dtype] = _cast(coefficients, p.dtype)
-                if self.compiled:
-                    # Inside one compiled kernel temporaries cost nothing; a scratch
-                    # buffer would be an output the kernel must write.
-                    scratch: list[Tensor | None] = [None] * self.scratch_count
-                else:
-                    scratch = _LazyScratch(p, self.scratch_count, self._scratch)  # type: ignore[assignment]
-                # A compiled update sees a plain tensor: torch.compile specializes on
-                # the shape of each nn.Parameter, but not on that of a detached view.
-                update(p.detach() if self.compiled else p, p.grad, state, c, scratch)
+            if any(g is not None and g.is_sparse for g in grads):
+                raise ValueError(f"{name}: sparse gradients are not supported; use dense ones.")
+            device = params[0].device
+            self._follow_device(group, device)
+            mask = update_mask(name, self._model_batch(), skip, self.num_models, device)
+            slots = []
+            for row, (p, g) in enumerate(zip(params, grads)):
+                if g is None:
+                    slots.append(ParamSlot(row, p, None, {}))
+                    continue
+                state = self._state_for(group, p)
+                slots.append(ParamSlot(row, p, g, state, self.low_precision.get(p)))
+            run_rule(
+                self.rule,
+                slots,
+                group["hparams"],
+                group["lr"],
+                group["step"],
+                group["scalars"],
+                mask,
+                options,
+                group["structure"],
+            )
+        for p in self.low_precision:
+            # The kernel wrote p without torch's version counter; the copy is current.
+            self._low_versions[p] = p._version
         return loss
-
-
-class _LazyScratch(Sequence):
-    """Parameter-sized scratch tensors, allocated on first use and kept for later steps.
-
-    An update that never reads them (the fused update of `compile_step`) costs
-    no memory for them.
-    """
-
-    def __init__(self, param: Tensor, count: int, cache: dict[Tensor, list[Tensor]]) -> None:
-        self._param, self._count, self._cache = param, count, cache
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, i):  # type: ignore[override]
-        buffers = self._cache.get(self._param)
-        if buffers is None or buffers[0].device != self._param.device:
-            p = self._param
-            buffers = self._cache[p] = [torch.empty_like(p) for _ in range(self._count)]
-        return buffers[i]
-
-
-def _cast(coefficients: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The `[N]` float coefficients in `dtype`, cast in one op (stacked) rather than one each."""
-    floats = [k for k, v in coefficients.items() if v.is_floating_point()]
-    packed = torch.stack([coefficients[k] for k in floats]).to(dtype)
-    return {**coefficients, **dict(zip(floats, packed.unbind(0)))}
 
 
 def _first_device(params: list[Any]) -> torch.device:
@@ -401,48 +528,33 @@ _FLOAT = HParam("float")
 _BOOL = HParam("bool")
 _PAIR = HParam("pair")
 
+_BETAS = Rule(
+    ("betas",),
+    "0 <= beta < 1 for both betas",
+    lambda h: ((h["betas"] >= 0) & (h["betas"] < 1)).all(dim=1),
+)
+
 
 class BatchAdam(BatchOptimizer):
-    """Adam (optionally amsgrad, maximize, decoupled weight decay) with per-model hyperparameters.
+    """Adam (amsgrad, maximize, optionally decoupled weight decay) with per-model hyperparameters.
 
     Per model: `lr`, `betas` (`[N, 2]`), `eps`, `weight_decay`, `amsgrad`,
     `maximize`. Shared: `decoupled_weight_decay`. Numerically equal to
     `torch.optim.Adam` run on each model alone.
     """
 
+    rule = RULES["Adam"]
     torch_cls: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adam
     specs: ClassVar[dict[str, HParam]] = {
         "lr": _FLOAT, "betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT,
         "amsgrad": _BOOL, "maximize": _BOOL,
     }  # fmt: skip
-    rules = (
-        _nonneg("lr"),
-        _nonneg("eps"),
-        Rule(("betas",), "0 <= beta < 1 for both betas",
-             lambda h: ((h["betas"] >= 0) & (h["betas"] < 1)).all(dim=1)),
-        _nonneg("weight_decay"),
-    )  # fmt: skip
+    rules = (_nonneg("lr"), _nonneg("eps"), _BETAS, _nonneg("weight_decay"))
     shared: ClassVar[tuple[str, ...]] = ("decoupled_weight_decay",)
 
     @property
     def decoupled(self) -> bool:
         return bool(self.options.get("decoupled_weight_decay", False))
-
-    @classmethod
-    def structure(cls, hparams: Mapping[str, Tensor]) -> dict[str, bool]:
-        return {"amsgrad": bool(hparams["amsgrad"].any())}
-
-    def _state_keys(self, group: Mapping[str, Any]) -> list[str]:
-        keys = ["exp_avg", "exp_avg_sq"]
-        return [*keys, "max_exp_avg_sq"] if group["structure"]["amsgrad"] else keys
-
-    def _coefficients(self, group: dict[str, Any], mask: Tensor) -> dict[str, Tensor]:
-        return F.adam_coefficients(
-            group["hparams"], group["step"], mask, group["lr"], self.decoupled
-        )
-
-    def _kernel(self) -> Callable[..., None]:
-        return functools.partial(F.adam_update, decoupled=self.decoupled)
 
 
 class BatchAdamW(BatchAdam):
@@ -451,14 +563,14 @@ class BatchAdamW(BatchAdam):
     torch_cls = torch.optim.AdamW
     shared = ()
 
-    @property
-    def decoupled(self) -> bool:
-        return True
+    def _rule_options(self) -> dict[str, bool]:
+        return {"decoupled": True}
 
 
 class BatchSGD(BatchOptimizer):
     """SGD (momentum, dampening, nesterov, weight decay, maximize) with per-model hyperparameters."""
 
+    rule = RULES["SGD"]
     torch_cls = torch.optim.SGD
     specs: ClassVar[dict[str, HParam]] = {
         "lr": _FLOAT, "momentum": _FLOAT, "dampening": _FLOAT, "weight_decay": _FLOAT,
@@ -468,60 +580,29 @@ class BatchSGD(BatchOptimizer):
         _nonneg("lr"),
         _nonneg("momentum"),
         _nonneg("weight_decay"),
+        Rule(("dampening",), "0 <= dampening <= 1",
+             lambda h: (h["dampening"] >= 0) & (h["dampening"] <= 1)),
         Rule(("nesterov", "momentum", "dampening"), "momentum > 0 and dampening = 0 with nesterov",
              lambda h: ~h["nesterov"] | ((h["momentum"] > 0) & (h["dampening"] == 0))),
     )  # fmt: skip
-
-    @classmethod
-    def structure(cls, hparams: Mapping[str, Tensor]) -> dict[str, bool]:
-        return {"momentum": bool((hparams["momentum"] != 0).any())}
-
-    def _state_keys(self, group: Mapping[str, Any]) -> list[str]:
-        return ["momentum_buffer"] if group["structure"]["momentum"] else []
-
-    def _coefficients(self, group: dict[str, Any], mask: Tensor) -> dict[str, Tensor]:
-        return F.sgd_coefficients(group["hparams"], group["step"], mask, group["lr"])
-
-    def _kernel(self) -> Callable[..., None]:
-        return F.sgd_update
 
 
 class BatchRMSprop(BatchOptimizer):
     """RMSprop (centered, momentum, weight decay, maximize) with per-model hyperparameters."""
 
+    rule = RULES["RMSprop"]
     torch_cls = torch.optim.RMSprop
     specs: ClassVar[dict[str, HParam]] = {
         "lr": _FLOAT, "alpha": _FLOAT, "eps": _FLOAT, "weight_decay": _FLOAT,
         "momentum": _FLOAT, "centered": _BOOL, "maximize": _BOOL,
     }  # fmt: skip
     rules = tuple(_nonneg(k) for k in ("lr", "eps", "momentum", "weight_decay", "alpha"))
-    scratch_count = 2
-
-    @classmethod
-    def structure(cls, hparams: Mapping[str, Tensor]) -> dict[str, bool]:
-        return {
-            "momentum": bool((hparams["momentum"] != 0).any()),
-            "centered": bool(hparams["centered"].any()),
-        }
-
-    def _state_keys(self, group: Mapping[str, Any]) -> list[str]:
-        keys = ["square_avg"]
-        if group["structure"]["centered"]:
-            keys.append("grad_avg")
-        if group["structure"]["momentum"]:
-            keys.append("momentum_buffer")
-        return keys
-
-    def _coefficients(self, group: dict[str, Any], mask: Tensor) -> dict[str, Tensor]:
-        return F.rmsprop_coefficients(group["hparams"], group["step"], mask, group["lr"])
-
-    def _kernel(self) -> Callable[..., None]:
-        return F.rmsprop_update
 
 
 class BatchAdagrad(BatchOptimizer):
     """Adagrad (lr decay, initial accumulator, weight decay, maximize) with per-model hyperparameters."""
 
+    rule = RULES["Adagrad"]
     torch_cls = torch.optim.Adagrad
     specs: ClassVar[dict[str, HParam]] = {
         "lr": _FLOAT, "lr_decay": _FLOAT, "weight_decay": _FLOAT,
@@ -530,17 +611,98 @@ class BatchAdagrad(BatchOptimizer):
     rules = tuple(
         _nonneg(k) for k in ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps")
     )
-    scratch_count = 2
 
-    def _state_keys(self, group: Mapping[str, Any]) -> list[str]:
-        return ["sum"]
 
-    def _state_init(self, key: str, group: Mapping[str, Any], p: Tensor) -> Tensor:
-        init = group["hparams"]["initial_accumulator_value"].to(p.device, p.dtype)
-        return per_model(init, p.dim()).expand_as(p).clone(memory_format=torch.preserve_format)
+class BatchAdamax(BatchOptimizer):
+    """Adamax (infinity-norm Adam) with per-model hyperparameters."""
 
-    def _coefficients(self, group: dict[str, Any], mask: Tensor) -> dict[str, Tensor]:
-        return F.adagrad_coefficients(group["hparams"], group["step"], mask, group["lr"])
+    rule = RULES["Adamax"]
+    torch_cls = torch.optim.Adamax
+    specs: ClassVar[dict[str, HParam]] = {
+        "lr": _FLOAT, "betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT, "maximize": _BOOL,
+    }  # fmt: skip
+    rules = (_nonneg("lr"), _nonneg("eps"), _BETAS, _nonneg("weight_decay"))
 
-    def _kernel(self) -> Callable[..., None]:
-        return F.adagrad_update
+
+class BatchNAdam(BatchOptimizer):
+    """NAdam (Nesterov Adam, optionally decoupled weight decay) with per-model hyperparameters."""
+
+    rule = RULES["NAdam"]
+    torch_cls = torch.optim.NAdam
+    specs: ClassVar[dict[str, HParam]] = {
+        "lr": _FLOAT, "betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT,
+        "momentum_decay": _FLOAT, "maximize": _BOOL,
+    }  # fmt: skip
+    rules = (
+        _nonneg("lr"),
+        _nonneg("eps"),
+        _BETAS,
+        _nonneg("weight_decay"),
+        _nonneg("momentum_decay"),
+    )
+    shared: ClassVar[tuple[str, ...]] = ("decoupled_weight_decay",)
+
+
+class BatchRAdam(BatchOptimizer):
+    """RAdam (rectified Adam, optionally decoupled weight decay) with per-model hyperparameters."""
+
+    rule = RULES["RAdam"]
+    torch_cls = torch.optim.RAdam
+    specs: ClassVar[dict[str, HParam]] = {
+        "lr": _FLOAT, "betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT, "maximize": _BOOL,
+    }  # fmt: skip
+    rules = (_nonneg("lr"), _nonneg("eps"), _BETAS, _nonneg("weight_decay"))
+    shared: ClassVar[tuple[str, ...]] = ("decoupled_weight_decay",)
+
+
+class BatchAdadelta(BatchOptimizer):
+    """Adadelta with per-model hyperparameters."""
+
+    rule = RULES["Adadelta"]
+    torch_cls = torch.optim.Adadelta
+    specs: ClassVar[dict[str, HParam]] = {
+        "lr": _FLOAT, "rho": _FLOAT, "eps": _FLOAT, "weight_decay": _FLOAT, "maximize": _BOOL,
+    }  # fmt: skip
+    rules = (
+        _nonneg("lr"),
+        _nonneg("eps"),
+        _nonneg("weight_decay"),
+        Rule(("rho",), "0 <= rho <= 1", lambda h: (h["rho"] >= 0) & (h["rho"] <= 1)),
+    )
+
+
+class BatchASGD(BatchOptimizer):
+    """ASGD (averaged SGD) with per-model hyperparameters; the average is `state["ax"]`."""
+
+    rule = RULES["ASGD"]
+    torch_cls = torch.optim.ASGD
+    specs: ClassVar[dict[str, HParam]] = {
+        "lr": _FLOAT, "lambd": _FLOAT, "alpha": _FLOAT, "t0": _FLOAT, "weight_decay": _FLOAT,
+        "maximize": _BOOL,
+    }  # fmt: skip
+    rules = (_nonneg("lr"), _nonneg("lambd"), _nonneg("weight_decay"))
+
+
+class BatchRprop(BatchOptimizer):
+    """Rprop with per-model hyperparameters (`lr` is each model's initial step size)."""
+
+    rule = RULES["Rprop"]
+    torch_cls = torch.optim.Rprop
+    specs: ClassVar[dict[str, HParam]] = {
+        "lr": _FLOAT, "etas": _PAIR, "step_sizes": _PAIR, "maximize": _BOOL,
+    }  # fmt: skip
+    rules = (
+        _nonneg("lr"),
+        Rule(("etas",), "0 < etaminus < 1 < etaplus",
+             lambda h: (h["etas"][:, 0] > 0) & (h["etas"][:, 0] < 1) & (h["etas"][:, 1] > 1)),
+        Rule(("step_sizes",), "0 <= step_size_min <= step_size_max",
+             lambda h: (h["step_sizes"][:, 0] >= 0) & (h["step_sizes"][:, 0] <= h["step_sizes"][:, 1])),
+    )  # fmt: skip
+
+
+#: the vectorized twin of every elementwise torch optimizer.
+BATCH_CLASSES: dict[type[torch.optim.Optimizer], type[BatchOptimizer]] = {
+    c.torch_cls: c
+    for c in (BatchSGD, BatchAdam, BatchAdamW, BatchRMSprop, BatchAdagrad, BatchAdamax,
+              BatchNAdam, BatchRAdam, BatchAdadelta, BatchASGD, BatchRprop)
+}  # fmt: skip

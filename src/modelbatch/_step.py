@@ -1,0 +1,163 @@
+"""The training step, written once: forward, per-model loss, backward, unscale, clip, update.
+
+`ModelBatch.step()` (the quick-start loop's update), `compile_step` (which
+captures a `TrainStep` into a CUDA graph), and the integrations all run these
+functions. Nothing here synchronizes the host with the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._layout import GradLayout
+
+__all__ = ["TrainStep", "apply_update"]
+
+LossFn = Callable[..., Tensor]
+
+
+def apply_update(
+    optimizer: torch.optim.Optimizer,
+    *,
+    scaler: Any = None,
+    max_norm: float | Tensor | None = None,
+    params: Sequence[Tensor] | None = None,
+    num_models: int | None = None,
+) -> None:
+    """After backward: unscale (AMP), clip each model's gradient norm, step, update the scale.
+
+    Args:
+        optimizer: the optimizer over the stacked parameters.
+        scaler: a per-model grad scaler (`modelbatch.amp.BatchGradScaler`), or None.
+        max_norm: clip each model's gradients to this norm (a float or `[N]`), or None.
+        params: the stacked parameters whose gradients are clipped (needed with `max_norm`).
+        num_models: N (needed with `max_norm`).
+    """
+    scaling = scaler is not None and scaler.is_enabled()
+    if max_norm is not None:
+        if scaling:
+            scaler.unscale_(optimizer)
+        from .optim import clip_grad_norm_
+
+        clip_grad_norm_(list(params or []), max_norm, num_models=num_models)
+    if scaling:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+
+class TrainStep:
+    """One training step of every active model: `step(inputs, targets) -> losses [N]`.
+
+    Args:
+        model_batch: the models (a `ModelBatch`).
+        optimizer: an optimizer over `model_batch.parameters()`.
+        loss_fn: per-model loss; defaults to the batch's.
+        scaler: a per-model grad scaler; defaults to the batch's own.
+        max_norm: clip each model's gradient norm to this (a float or `[N]` tensor).
+        autocast_dtype: run forward and loss under `torch.autocast` with this dtype.
+        per_model: inputs and targets carry the model axis `[N, B, ...]`.
+        relayout: store each parameter in its gradient's memory layout after
+            the first backward (see `modelbatch._layout`).
+        low_precision: under a bf16/fp16 `autocast_dtype` with a modelbatch
+            optimizer, run the forward on low-precision weight copies that the
+            optimizer writes in its update kernel (`BatchOptimizer.low_precision_copies`),
+            so no weight or gradient is cast per step. False casts under
+            autocast as torch does.
+    """
+
+    def __init__(
+        self,
+        model_batch: Any,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn | None = None,
+        *,
+        scaler: Any = None,
+        max_norm: float | Tensor | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        per_model: bool = False,
+        relayout: bool = True,
+        low_precision: bool = True,
+    ) -> None:
+        self.model_batch = model_batch
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.scaler = scaler if scaler is not None else model_batch.grad_scaler
+        self.max_norm = max_norm
+        self.autocast_dtype = autocast_dtype
+        self.per_model = per_model
+        self.params = [p for p in model_batch.parameters() if p.requires_grad]
+        self._weights: dict[str, Tensor] | None = None
+        leaves = self.params
+        make_copies = getattr(optimizer, "low_precision_copies", None)
+        if low_precision and autocast_dtype in (torch.bfloat16, torch.float16) and make_copies:
+            copies = make_copies(autocast_dtype)
+            names = model_batch.stacked_params()
+            self._weights = {name: copies[p] for name, p in names.items() if p in copies}
+            leaves = [copies[p] for p in self.params]
+        # What backward writes gradients to: the parameters, or their low-precision copies.
+        self.leaves = leaves
+        self._layout = GradLayout(leaves) if relayout else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = self.model_batch.active.device.type
+        # The weight-cast cache must be off under graph capture (torch's advice),
+        # and costs nothing measurable eagerly.
+        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def forward_loss(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Per-model losses `[N]` (float32, with graph; retired models give 0)."""
+        mb = self.model_batch
+        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        weights = contextlib.nullcontext()
+        if self._weights is not None:
+            self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]
+            weights = mb.substitute_weights(self._weights)
+        with self.autocast(), weights:
+            outputs = mb(*args, per_model=self.per_model)
+            losses = mb.per_model_losses(
+                outputs, targets, self.loss_fn, per_model=self.per_model or None
+            )
+        return mb.mask_retired(losses.float())
+
+    def backward_update(self, losses: Tensor) -> None:
+        """Backward of the per-model losses (scaled per model under AMP), then the update."""
+        scaled = self.scaler.attach(losses) if self.scaler is not None else losses
+        scaled.sum().backward()
+        if self._layout is not None and not self._layout.done:
+            self._layout.apply()
+            if self._weights is not None:
+                self._follow_copies()
+        apply_update(
+            self.optimizer,
+            scaler=self.scaler,
+            max_norm=self.max_norm,
+            params=self.leaves,
+            num_models=self.model_batch.num_models,
+        )
+
+    @torch.no_grad()
+    def _follow_copies(self) -> None:
+        """After the copies took their gradients' layout, the float32 parameters take it too."""
+        copies = self.optimizer.low_precision  # type: ignore[attr-defined]
+        for p in self.params:
+            copy = copies[p]
+            if copy.stride() != p.stride():
+                moved = torch.empty_strided(p.shape, copy.stride(), dtype=p.dtype, device=p.device)
+                p.data = moved.copy_(p)
+        self.optimizer._low_versions = {p: p._version for p in copies}  # type: ignore[attr-defined]
+
+    def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Zero the gradients, run the step, return the detached per-model losses `[N]`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.forward_loss(inputs, targets)
+        self.backward_update(losses)
+        return losses.detach()

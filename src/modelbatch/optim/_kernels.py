@@ -1,0 +1,389 @@
+"""Generated Triton kernels that run the update rules on CUDA (private to `_executor`).
+
+For each rule two kernels are generated from the rule's own functions, which
+are re-bound so that their `ops` is `triton.language` and inlined:
+
+- the coefficient kernel, grid `(ceil(N / 128), K)`: advances the step counts
+  and scalar state of live (parameter, model) pairs and writes the rule's
+  coefficients to a `[K, N, C]` float64 table;
+- the update kernel, grid `(N, chunks)`: program `(n, c)` updates chunk `c`
+  (of `CHUNK` elements) of model n's slice of one parameter tensor, for up to
+  `MAX_SLOTS` tensors passed as separate arguments (a table of chunks maps
+  `c` to a tensor). It reads p, g and the state once and writes p, the state
+  and an optional low-precision copy of p once; a model outside the mask
+  returns before touching memory.
+
+The launch configuration is fixed (no autotuning), so the speed does not
+depend on a first measurement. Each tensor must be dense with the model axis
+outermost in memory, and its gradient and state must share its strides: every
+model's slice is then one contiguous run of `L` elements.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+import tempfile
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._rules import UpdateRule
+
+__all__ = ["available", "run", "eligible"]
+
+MAX_SLOTS = 16
+BLOCK = 1024
+NUM_WARPS = 4
+COEFF_BLOCK = 128
+MAX_CHUNKS = 65535
+_MIN_PROGRAMS = 4096
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+#: set False (or MODELBATCH_TRITON=0) to run every update with torch ops (for comparisons).
+ENABLED = os.environ.get("MODELBATCH_TRITON", "1") != "0"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available(device: torch.device) -> bool:
+    """Whether the generated kernels can run on `device`."""
+    return ENABLED and device.type == "cuda" and _triton_importable()
+
+
+def _model_major_dense(t: Tensor) -> bool:
+    """Dense, with the model axis outermost in memory (each model's slice contiguous)."""
+    if t.dim() == 0:
+        return False
+    strides = t.stride()
+    order = sorted(range(t.dim()), key=lambda d: (-strides[d], d))
+    expected = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and strides[d] != expected:
+            return False
+        expected *= t.shape[d]
+    return order[0] == 0 or t.shape[0] == 1
+
+
+def eligible(slot: Any) -> bool:
+    """Whether the update kernel can take this parameter (else the torch path runs it)."""
+    p, g = slot.param, slot.grad
+    tensors = [p, g, *slot.state.values()]
+    if slot.low_precision is not None:
+        tensors.append(slot.low_precision)
+    return (
+        p.dtype in _FLOATS
+        and g.dtype in _FLOATS
+        and all(t.dtype == p.dtype for t in slot.state.values())
+        and all(t.stride() == p.stride() and t.device == p.device for t in tensors)
+        and _model_major_dense(p)
+        and p.numel() > 0
+    )
+
+
+# ---------------------------------------------------------------------- code generation
+
+
+def _rebound(fn: Any) -> Any:
+    """`fn` with its global `ops` (and helpers it calls) bound to Triton."""
+    import triton
+    import triton.language as tl
+
+    module = sys.modules[fn.__module__]
+    namespace = dict(module.__dict__)
+    namespace["ops"] = tl
+    namespace["tl"] = tl
+    for name, source in (("_lerp", "_lerp_formula"), ("_pow", "_pow"), ("_round32", "_round32")):
+        helper = module.__dict__[source]
+        namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, source))
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__)
+    copy.__module__ = fn.__module__
+    return triton.jit(copy)
+
+
+def _load_source(name: str, source: str) -> types.ModuleType:
+    """Import generated source from a file (Triton reads a kernel's source with inspect)."""
+    folder = _source_dir()
+    path = os.path.join(folder, f"{name}.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"modelbatch_generated_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.lru_cache(maxsize=1)
+def _source_dir() -> str:
+    return tempfile.mkdtemp(prefix="modelbatch_kernels_")
+
+
+@functools.cache
+def _coefficient_kernel(rule: UpdateRule) -> Any:
+    h = [f"h{i}" for i in range(len(rule.hparams))]
+    sc = [f"s{i}" for i in range(len(rule.scalars))]
+    opts = [f"o{i}" for i in range(len(rule.options))]
+    c = rule.num_coefficients
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "@triton.jit(do_not_specialize=['K', 'N'])",
+        f"def modelbatch_coefficients_{rule.name}(mask_ptr, has_ptr, steps_ptr, lr_factor_ptr, coef_ptr, K, N, "
+        + "".join(f"{x}_ptr, {x}_stride, " for x in h)
+        + "".join(f"{x}_ptr, " for x in sc)
+        + "".join(f"{x}, " for x in opts)
+        + "BLOCK: tl.constexpr):",
+        "    k = tl.program_id(1)",
+        "    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)",
+        "    inb = n < N",
+        "    live = (tl.load(mask_ptr + n, mask=inb, other=0) != 0) & (tl.load(has_ptr + k) != 0)",
+        "    idx = k.to(tl.int64) * N + n",
+        "    step = tl.load(steps_ptr + idx, mask=inb, other=0.0) + tl.where(live, 1.0, 0.0).to(tl.float64)",
+        "    tl.store(steps_ptr + idx, step, mask=inb & live)",
+    ]
+    for i, (key, _col) in enumerate(rule.hparams):
+        value = f"tl.load(h{i}_ptr + n * h{i}_stride, mask=inb, other=0).to(tl.float64)"
+        if key == "lr":
+            value += " * tl.load(lr_factor_ptr)"
+        lines.append(f"    h{i} = {value}")
+    for x in sc:
+        lines.append(f"    {x} = tl.load({x}_ptr + idx, mask=inb, other=0.0)")
+    args = ", ".join(["step", *sc, *h, *[f"{o} + 0.0" for o in opts]])
+    lines.append(f"    out = _coefficients({args})")
+    for j in range(c):
+        lines.append(
+            f"    tl.store(coef_ptr + idx * {c} + {j}, (out[{j}] + 0.0 * step).to(tl.float64), mask=inb)"
+        )
+    for j, x in enumerate(sc):
+        lines.append(f"    tl.store({x}_ptr + idx, out[{c + j}], mask=inb & live)")
+    module = _load_source(f"coefficients_{rule.name}", "\n".join(lines) + "\n")
+    module._coefficients = _rebound(rule.coefficients)  # type: ignore[attr-defined]
+    return getattr(module, f"modelbatch_coefficients_{rule.name}")
+
+
+@functools.cache
+def _update_kernel(
+    rule: UpdateRule, present: tuple[bool, ...], slots: int, low_precision: bool, aligned: bool
+) -> Any:
+    states = [i for i, on in enumerate(present) if on]
+    per_slot = ["p", "g", *[f"s{i}" for i in states]] + (["lp"] if low_precision else [])
+    c = rule.num_coefficients
+    flags = [on for name, on in zip(rule.state, present) if name in rule.optional]
+    header = []
+    for j in range(slots):
+        header += [f"{x}{j}" for x in per_slot] + [f"L{j}", f"R{j}"]
+    no_spec = [f"L{j}" for j in range(slots)] + [f"R{j}" for j in range(slots)] + ["K", "N"]
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        f"@triton.jit(do_not_specialize={no_spec!r})",
+        f"def modelbatch_update_{rule.name}(mask_ptr, coef_ptr, chunk_slot_ptr, chunk_off_ptr, K, N, "
+        + ", ".join(header)
+        + ", CHUNK: tl.constexpr, BLOCK: tl.constexpr):",
+        "    n = tl.program_id(0)",
+        "    c = tl.program_id(1)",
+        "    if tl.load(mask_ptr + n) != 0:",
+        "        slot = tl.load(chunk_slot_ptr + c)",
+        "        off = tl.load(chunk_off_ptr + c)",
+    ]
+    for j in range(slots):
+        indent = "            "
+        if slots == 1:
+            indent = "        "
+        else:
+            keyword = "if" if j == 0 else ("else" if j == slots - 1 else "elif")
+            cond = "" if keyword == "else" else f" slot == {j}"
+            lines.append(f"        {keyword}{cond}:")
+        for x in per_slot:
+            lines.append(f"{indent}{x}_ = {x}{j}")
+        lines.append(f"{indent}L = L{j}")
+        lines.append(f"{indent}row = R{j}")
+    if aligned:
+        lines.append("        L = tl.multiple_of(L, 4)")
+        lines.append("        off = tl.multiple_of(off, BLOCK)")
+    lines += [
+        "        base = n.to(tl.int64) * L",
+        f"        cbase = coef_ptr + (row.to(tl.int64) * N + n) * {c}",
+    ]
+    for j in range(c):
+        lines.append(f"        c{j} = tl.load(cbase + {j}).to(tl.float32)")
+    placeholders = {i: f"s{i}" for i in states}
+    lines += [
+        "        for start in tl.range(0, CHUNK, BLOCK):",
+        "            idx = off + start + tl.arange(0, BLOCK)",
+        "            inb = idx < L",
+        "            o = base + idx",
+        "            p = tl.load(p_ + o, mask=inb, other=0.0).to(tl.float32)",
+        "            g = tl.load(g_ + o, mask=inb, other=0.0).to(tl.float32)",
+    ]
+    args = ["p", "g"]
+    for i in range(len(rule.state)):
+        if i in placeholders:
+            lines.append(
+                f"            s{i} = tl.load(s{i}_ + o, mask=inb, other=0.0).to(tl.float32)"
+            )
+            args.append(f"s{i}")
+        else:
+            args.append("p")
+    args += [f"c{j}" for j in range(c)] + [str(f) for f in flags]
+    lines.append(f"            out = _update({', '.join(args)})")
+    lines.append("            tl.store(p_ + o, out[0].to(p_.dtype.element_ty), mask=inb)")
+    for i in states:
+        lines.append(
+            f"            tl.store(s{i}_ + o, out[{1 + i}].to(s{i}_.dtype.element_ty), mask=inb)"
+        )
+    if low_precision:
+        lines.append("            tl.store(lp_ + o, out[0].to(lp_.dtype.element_ty), mask=inb)")
+    name = f"update_{rule.name}_{''.join('1' if x else '0' for x in present)}_{slots}{'_lp' if low_precision else ''}{'_a' if aligned else ''}"
+    module = _load_source(name, "\n".join(lines) + "\n")
+    module._update = _rebound(rule.update)  # type: ignore[attr-defined]
+    return getattr(module, f"modelbatch_update_{rule.name}")
+
+
+# ---------------------------------------------------------------------- launching
+
+
+_HAS_GRAD: dict[tuple, Tensor] = {}
+_CHUNKS: dict[tuple, tuple[Tensor, Tensor, int]] = {}
+
+
+def _device_flags(key: tuple[bool, ...], device: torch.device) -> Tensor:
+    """The has-gradient flags `[K]` on the device, made once per pattern (no copy per step)."""
+    full = (key, str(device))
+    t = _HAS_GRAD.get(full)
+    if t is None:
+        t = _HAS_GRAD[full] = torch.tensor(key, dtype=torch.uint8, device=device)
+    return t
+
+
+def _chunk_tables(
+    lengths: tuple[int, ...], models: int, device: torch.device
+) -> tuple[Tensor, Tensor, int]:
+    """Which tensor and offset each chunk covers; the chunk size (a multiple of BLOCK).
+
+    Chunks are as long as possible (up to 16 blocks: fewer programs, each
+    loading its coefficients once) while the grid keeps at least
+    `_MIN_PROGRAMS` programs to spread over the multiprocessors.
+    """
+    full = (lengths, models, str(device))
+    cached = _CHUNKS.get(full)
+    if cached is not None:
+        return cached
+
+    def count(chunk: int) -> int:
+        return sum(-(-n // chunk) for n in lengths)
+
+    chunk = 16 * BLOCK
+    while chunk > BLOCK and models * count(chunk) < _MIN_PROGRAMS:
+        chunk //= 2
+    while count(chunk) > MAX_CHUNKS:
+        chunk *= 2
+    slot, offset = [], []
+    for j, n in enumerate(lengths):
+        for start in range(0, n, chunk):
+            slot.append(j)
+            offset.append(start)
+    cached = (
+        torch.tensor(slot, dtype=torch.int32, device=device),
+        torch.tensor(offset, dtype=torch.int32, device=device),
+        chunk,
+    )
+    _CHUNKS[full] = cached
+    return cached
+
+
+def run(
+    rule: UpdateRule,
+    slots: Sequence[Any],
+    hparams: Mapping[str, Tensor],
+    lr_factor: Tensor,
+    steps: Tensor,
+    scalars: Mapping[str, Tensor],
+    mask: Tensor,
+    options: Mapping[str, bool],
+    flags: Mapping[str, bool],
+) -> None:
+    """The coefficient kernel, then the update kernel(s) over every slot with a gradient."""
+    from ._executor import hparam_column, update_tensor
+
+    k, n = steps.shape
+    device = steps.device
+    has = _device_flags(tuple(s.grad is not None for s in slots), device)
+    # [K, N, C]: one program's coefficients are adjacent in memory.
+    table = torch.empty((k, n, rule.num_coefficients), dtype=torch.float64, device=device)
+    coefficients = table.permute(2, 0, 1)
+    args: list[Any] = [mask, has, steps, lr_factor, table, k, n]
+    for key, column in rule.hparams:
+        t = hparam_column(hparams, key, column)
+        args += [t, t.stride(0)]
+    args += [scalars[name] for name, _ in rule.scalars]
+    args += [float(options[o]) for o in rule.options]
+    grid = (-(-n // COEFF_BLOCK), k)
+    _coefficient_kernel(rule)[grid](*args, BLOCK=COEFF_BLOCK, num_warps=4)
+
+    present = tuple(flags.get(name, True) for name in rule.state)
+    groups: dict[tuple, list[Any]] = {}
+    for slot in slots:
+        if slot.grad is None:
+            continue
+        if not eligible(slot):
+            update_tensor(rule, slot, coefficients[:, slot.row], mask, flags)
+            continue
+        length = slot.param.numel() // n
+        aligned = length % 4 == 0 and all(
+            t.data_ptr() % 16 == 0 for t in (slot.param, slot.grad, *slot.state.values())
+        )
+        lp = slot.low_precision
+        group_key = (slot.param.dtype, slot.grad.dtype, None if lp is None else lp.dtype, aligned)
+        groups.setdefault(group_key, []).append(slot)
+    for (_, _, lp_dtype, aligned), members in groups.items():
+        for i in range(0, len(members), MAX_SLOTS):
+            _launch(
+                table,
+                rule,
+                members[i : i + MAX_SLOTS],
+                present,
+                lp_dtype is not None,
+                aligned,
+                coefficients,
+                mask,
+                k,
+                n,
+            )
+
+
+def _launch(
+    table: Tensor,
+    rule: UpdateRule,
+    members: Sequence[Any],
+    present: tuple[bool, ...],
+    low_precision: bool,
+    aligned: bool,
+    coefficients: Tensor,
+    mask: Tensor,
+    k: int,
+    n: int,
+) -> None:
+    lengths = tuple(s.param.numel() // n for s in members)
+    chunk_slot, chunk_off, chunk = _chunk_tables(lengths, n, mask.device)
+    args: list[Any] = [mask, table, chunk_slot, chunk_off, k, n]
+    for s, length in zip(members, lengths):
+        args += [s.param, s.grad]
+        args += [s.state[name] for name, on in zip(rule.state, present) if on]
+        if low_precision:
+            args.append(s.low_precision)
+        args += [length, s.row]
+    kernel = _update_kernel(rule, present, len(members), low_precision, aligned)
+    kernel[(n, chunk_slot.numel())](*args, CHUNK=chunk, BLOCK=BLOCK, num_warps=NUM_WARPS)
