@@ -165,18 +165,24 @@ def test_staged_copies_move_each_chunk_to_its_place(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(torch.cuda, name, _FakeStream)
     store = torch.arange(7 * 2, dtype=torch.float32).reshape(7, 2)
     worker = torch.zeros(3, 2)
-    mover = _Mover([(worker, store)], torch.device("cuda"))
+    # A table with the models on its second axis, like the optimizer's step counts [K, N].
+    table, table_worker = torch.arange(2 * 7.0).reshape(2, 7), torch.zeros(2, 3)
+    mover = _Mover(lambda: [(worker, store, 0), (table_worker, table, 1)], torch.device("cuda"))
     assert mover.async_
-    expected = store.clone()
+    expected, expected_table = store.clone(), table.clone()
     chunks = [(0, 3), (3, 6), (6, 7)]
     mover.prefetch(*chunks[0])
     for c, (start, stop) in enumerate(chunks):
         mover.load(start, stop)
         assert torch.equal(worker[: stop - start], expected[start:stop])
+        assert torch.equal(table_worker[:, : stop - start], expected_table[:, start:stop])
         if c + 1 < len(chunks):
             mover.prefetch(*chunks[c + 1])
         worker.mul_(-1)
+        table_worker.add_(100)
         expected[start:stop] *= -1
+        expected_table[:, start:stop] += 100
         mover.save(start, stop)
     mover.finish()
     assert torch.equal(store, expected)
+    assert torch.equal(table, expected_table)

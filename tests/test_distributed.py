@@ -263,6 +263,20 @@ def test_export_best_names_global_ids(tmp_path: Path) -> None:
         ctx.close()
 
 
+def test_model_axis_of_saved_tensors() -> None:
+    from modelbatch._dist_checkpoint import _model_axis
+
+    step = "state['optimizer']['param_groups'][]['step']"
+    assert _model_axis(step, [(6, 4), (6, 3)], [4, 3]) == 1
+    assert _model_axis("state['model']['w']", [(4, 5, 10), (3, 5, 10)], [4, 3]) == 0
+    # Equal shards: the first axis, but the last for [K, N] tables.
+    assert _model_axis("state['optimizer']['hparams']['betas']", [(2, 2)], [2]) == 0
+    assert _model_axis(step, [(2, 2)], [2]) == 1
+    assert _model_axis("state['scheduler']['t']", [(3,), (3,)], [4, 3]) is None
+    with pytest.raises(ValueError, match="neither one block"):
+        _model_axis("state['x']", [(2,), (5,)], [4, 3])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nccl_world_of_one(tmp_path: Path) -> None:

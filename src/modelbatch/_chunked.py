@@ -19,7 +19,7 @@ one computes, and the finished one is copied out behind it.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,30 +48,52 @@ def _replace(mb: ModelBatch, tensors: Mapping[str, Tensor]) -> None:
     mb.active = torch.ones(n, dtype=torch.bool, device=mb.active.device)
 
 
+Pair = tuple[Tensor, Tensor, "int | None"]
+
+
+def _part(t: Tensor, axis: int | None, start: int, m: int) -> Tensor:
+    """Models `[start, start + m)` of `t` along its model axis (all of it when None)."""
+    return t if axis is None else t.narrow(axis, start, m)
+
+
+def _model_axis(worker: Tensor, store: Tensor) -> int | None:
+    """The axis along which a worker tensor holds fewer models than the store's (None: same shape)."""
+    if worker.shape == store.shape:
+        return None
+    for d, (a, b) in enumerate(zip(worker.shape, store.shape)):
+        if a != b:
+            return d
+    raise ValueError(
+        f"ChunkedTrainer: cannot tell the model axis of a worker tensor {tuple(worker.shape)} "
+        f"against the store's {tuple(store.shape)}."
+    )
+
+
 class _Mover:
     """Copies between the worker's tensors `[C, ...]` and slices of the store's `[N, ...]`.
 
     With the store in host memory and the worker on a GPU, copies in go
     through a staging set filled on a side stream (the next chunk's, while
     the current one computes), and copies out through another, drained on
-    the side stream behind the compute.
+    the side stream behind the compute. The pairs are listed again at every
+    copy: an optimizer may replace a state tensor (a new memory layout).
     """
 
-    def __init__(self, pairs: list[tuple[Tensor, Tensor]], device: torch.device) -> None:
+    def __init__(self, pairs: Callable[[], list[Pair]], device: torch.device) -> None:
         self.pairs = pairs
-        store_device = pairs[0][1].device if pairs else device
-        self.async_ = device.type == "cuda" and store_device.type == "cpu"
+        first = pairs()
+        store_device = first[0][1].device if first else device
         self.device = device
+        self.async_ = device.type == "cuda" and store_device.type == "cpu"
         if self.async_:
             self.side = torch.cuda.Stream(device)
-            self.stage_in = [torch.empty_like(w) for w, _ in pairs]
-            self.stage_out = [torch.empty_like(w) for w, _ in pairs]
+            self.stage_in = [torch.empty_like(w) for w, _, _ in first]
+            self.stage_out = [torch.empty_like(w) for w, _, _ in first]
             self.fetched: Any = None
             self.in_free = torch.cuda.Event()
             self.out_free = torch.cuda.Event()
             self.in_free.record(torch.cuda.current_stream(device))
             self.out_free.record(torch.cuda.current_stream(device))
-            self.pending: tuple[int, int] | None = None
 
     def prefetch(self, start: int, stop: int) -> None:
         if not self.async_:
@@ -79,8 +101,8 @@ class _Mover:
         with torch.cuda.stream(self.side):
             self.side.wait_event(self.in_free)
             m = stop - start
-            for stage, (_, store) in zip(self.stage_in, self.pairs):
-                stage[:m].copy_(store[start:stop], non_blocking=True)
+            for stage, (_, store, axis) in zip(self.stage_in, self.pairs()):
+                _part(stage, axis, 0, m).copy_(_part(store, axis, start, m), non_blocking=True)
             self.fetched = (start, stop, torch.cuda.Event())
             self.fetched[2].record(self.side)
 
@@ -88,15 +110,15 @@ class _Mover:
         m = stop - start
         with torch.no_grad():
             if not self.async_:
-                for worker, store in self.pairs:
-                    worker[:m].copy_(store[start:stop])
+                for worker, store, axis in self.pairs():
+                    _part(worker, axis, 0, m).copy_(_part(store, axis, start, m))
                 return
             if self.fetched is None or self.fetched[:2] != (start, stop):
                 self.prefetch(start, stop)
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.fetched[2])
-            for stage, (worker, _) in zip(self.stage_in, self.pairs):
-                worker[:m].copy_(stage[:m])
+            for stage, (worker, _, axis) in zip(self.stage_in, self.pairs()):
+                _part(worker, axis, 0, m).copy_(_part(stage, axis, 0, m))
             self.in_free.record(current)
             self.fetched = None
 
@@ -104,19 +126,20 @@ class _Mover:
         m = stop - start
         with torch.no_grad():
             if not self.async_:
-                for worker, store in self.pairs:
-                    store[start:stop].copy_(worker[:m])
+                for worker, store, axis in self.pairs():
+                    _part(store, axis, start, m).copy_(_part(worker, axis, 0, m))
                 return
             current = torch.cuda.current_stream(self.device)
             current.wait_event(self.out_free)
-            for stage, (worker, _) in zip(self.stage_out, self.pairs):
-                stage[:m].copy_(worker[:m])
+            pairs = self.pairs()
+            for stage, (worker, _, axis) in zip(self.stage_out, pairs):
+                _part(stage, axis, 0, m).copy_(_part(worker, axis, 0, m))
             ready = torch.cuda.Event()
             ready.record(current)
             with torch.cuda.stream(self.side):
                 self.side.wait_event(ready)
-                for stage, (_, store) in zip(self.stage_out, self.pairs):
-                    store[start:stop].copy_(stage[:m], non_blocking=True)
+                for stage, (_, store, axis) in zip(self.stage_out, pairs):
+                    _part(store, axis, start, m).copy_(_part(stage, axis, 0, m), non_blocking=True)
                 self.out_free.record(self.side)
 
     def finish(self) -> None:
@@ -224,24 +247,34 @@ class ChunkedTrainer:
         self._step = compile_step(one, opt, self.loss_fn, per_model=self.per_model, mode=mode)
         self._mover = None
 
-    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
-        """(worker tensor, store tensor) for everything per model: weights to step counts."""
+    def _pairs(self) -> list[Pair]:
+        """(worker tensor, store tensor, model axis) for everything per model.
+
+        Weights, buffers and the active mask; the optimizer's per-model
+        hyperparameters, step counts and scalar tables (any tensor of a param
+        group) and its state.
+        """
         w, s = self._worker, self.store
         assert w is not None
-        pairs = [(w.active, s.active)]
+        found = [(w.active, s.active)]
         own, theirs = (
             {**w.stacked_params(), **w.stacked_buffers()},
             {**s.stacked_params(), **s.stacked_buffers()},
         )
-        pairs += [(own[k], theirs[k]) for k in own]
+        found += [(own[k], theirs[k]) for k in own]
         wo, so = self._worker_opt, self.optimizer
         for wg, sg in zip(wo.param_groups, so.param_groups):
-            pairs += [(wg["hparams"][k], sg["hparams"][k]) for k in wg["hparams"]]
-            pairs.append((wg["step"], sg["step"]))
+            for key, value in wg.items():
+                if key in ("params", "lr"):
+                    continue
+                if isinstance(value, Tensor):
+                    found.append((value, sg[key]))
+                elif isinstance(value, Mapping):
+                    found += [(v, sg[key][k]) for k, v in value.items() if isinstance(v, Tensor)]
             for wp, sp in zip(wg["params"], sg["params"]):
                 ws, ss = wo.state[wp], so.state[sp]
-                pairs += [(ws[k], ss[k]) for k in ws if isinstance(ws[k], Tensor)]
-        return pairs
+                found += [(ws[k], ss[k]) for k in ws if isinstance(ws[k], Tensor)]
+        return [(a, b, _model_axis(a, b)) for a, b in found if a.dim() > 0]
 
     def _probe(self, batch: tuple[Any, Tensor]) -> None:
         """One step of the worker through its compiled step, then a fresh optimizer state.
@@ -252,8 +285,18 @@ class ChunkedTrainer:
         """
         w = self._worker
         assert w is not None
-        self._step(*self._slice(batch, 0, w.num_models))
+        # Two steps: the first may move the weights to their gradients' layout,
+        # the second then settles the optimizer state in that layout.
+        for _ in range(2):
+            self._step(*self._slice(batch, 0, w.num_models))
         self._worker_opt.reset_models(list(range(w.num_models)))
+        mine, theirs = self._worker_opt.param_groups, self.optimizer.param_groups
+        if [g.get("structure") for g in mine] != [g.get("structure") for g in theirs]:
+            raise ValueError(
+                "ChunkedTrainer: the models need optimizer state that the first chunk's do "
+                f"not ({theirs[0].get('structure')} vs {mine[0].get('structure')}); give every "
+                "model the same optional flags (amsgrad, momentum, centered)."
+            )
 
     def _store_state(self) -> None:
         """Give every model in the store a fresh optimizer state, shaped like the worker's."""
@@ -361,7 +404,7 @@ class ChunkedTrainer:
             self._build(self.chunk_size)
             self._probe(batches[0])
             self._store_state()
-            self._mover = _Mover(self._pairs(), self.device)
+            self._mover = _Mover(self._pairs, self.device)
         mover, size, n = self._mover, self.chunk_size, self.n
         assert self._worker is not None and mover is not None
         losses = torch.empty(len(batches), n, device=self.device)

@@ -48,29 +48,65 @@ class DistributedCheckpoint:
     metadata: dict[str, Any] = field(repr=False)
 
 
-def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor], where: str) -> Any:
-    """A JSON structure for `obj` (the checkpoint format's encoding), tensors kept in place."""
+def _flatten(
+    obj: Any, prefix: str, tensors: dict[str, Tensor], where: str, paths: dict[str, str]
+) -> Any:
+    """A JSON structure for `obj` (the checkpoint format's encoding), tensors kept in place.
+
+    `paths` gets where each tensor sits (`state['optimizer']['param_groups']...`).
+    """
     from ._checkpoint_format import encode
 
     if isinstance(obj, Tensor):
         name = f"{prefix}/{len(tensors)}"
         tensors[name] = obj.detach()
+        paths[name] = where
         return {"__tensor__": name}
     if isinstance(obj, Mapping):
         return {
             "__dict__": [
                 [
-                    _flatten(k, prefix, tensors, where),
-                    _flatten(v, prefix, tensors, f"{where}[{k!r}]"),
+                    _flatten(k, prefix, tensors, where, paths),
+                    _flatten(v, prefix, tensors, f"{where}[{k!r}]", paths),
                 ]
                 for k, v in obj.items()
             ]
         }
     if isinstance(obj, tuple):
-        return {"__tuple__": [_flatten(v, prefix, tensors, where) for v in obj]}
+        return {"__tuple__": [_flatten(v, prefix, tensors, f"{where}[]", paths) for v in obj]}
     if isinstance(obj, list):
-        return [_flatten(v, prefix, tensors, where) for v in obj]
+        return [_flatten(v, prefix, tensors, f"{where}[]", paths) for v in obj]
     return encode(obj, prefix, tensors, where)
+
+
+# Tables whose models lie on their last axis: the optimizer's per-(parameter, model)
+# step counts and scalars `[K, N]`, a schedule's per-(group, model) values `[G, N]`.
+_MODELS_LAST = ("['step']", "['scalars']", "state['scheduler']")
+
+
+def _model_axis(path: str, shapes: list[tuple[int, ...]], counts: list[int]) -> int | None:
+    """The axis along which a tensor holds each rank's models, from every rank's shape; None if shared.
+
+    An axis qualifies when on every rank it has that rank's model count and
+    every other axis is the same on all ranks. Where several qualify (equal
+    shards), the first is taken, or the last for the tables named in `_MODELS_LAST`.
+    """
+    dims = {len(s) for s in shapes}
+    if len(dims) != 1:
+        raise ValueError(f"distributed.save: {path} has shapes {shapes} on the ranks.")
+    ok = []
+    for d in range(dims.pop()):
+        others = {tuple(x for i, x in enumerate(s) if i != d) for s in shapes}
+        if all(s[d] == c for s, c in zip(shapes, counts)) and len(others) == 1:
+            ok.append(d)
+    if not ok:
+        if len(set(shapes)) != 1:
+            raise ValueError(
+                f"distributed.save: {path} has shapes {shapes} on the ranks, which is neither "
+                "one block of models per rank nor the same tensor everywhere."
+            )
+        return None
+    return ok[-1] if any(mark in path for mark in _MODELS_LAST) else ok[0]
 
 
 def _checksums(t: Tensor, words_per_piece: int = 1 << 25) -> Tensor:
@@ -107,11 +143,15 @@ def _sharded_tensors() -> Iterator[None]:
     gc.collect()
 
 
-def _as_sharded(local: Tensor, offset: int, n: int, rank: int) -> Any:
+def _as_sharded(local: Tensor, offset: int, n: int, rank: int, axis: int) -> Any:
     from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
 
-    shard = Shard.from_tensor_and_offsets(local, [offset] + [0] * (local.dim() - 1), rank)
-    return init_from_local_shards([shard], n, *local.shape[1:])
+    offsets = [0] * local.dim()
+    offsets[axis] = offset
+    size = list(local.shape)
+    size[axis] = n
+    shard = Shard.from_tensor_and_offsets(local, offsets, rank)
+    return init_from_local_shards([shard], *size)
 
 
 def _components(
@@ -203,14 +243,15 @@ def save(
     for key, obj in _components(model_batch, optimizer, scheduler, scaler, loader, states).items():
         tree[key] = obj.state_dict()
     tensors: dict[str, Tensor] = {}
-    structure = _flatten(tree, "t", tensors, "state")
-    shapes = [(name, tuple(t.shape)) for name, t in tensors.items()]
+    paths: dict[str, str] = {}
+    structure = _flatten(tree, "t", tensors, "state", paths)
+    shapes = [tuple(t.shape) for t in tensors.values()]
     everyone: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(everyone, (n_local, shapes))
-    sharded = {
-        name
-        for k, (name, shape) in enumerate(shapes)
-        if all(len(s[k][1]) >= 1 and s[k][1][0] == c for c, s in everyone)
+    counts = [c for c, _ in everyone]
+    axes = {
+        name: _model_axis(paths[name], [s[k] for _, s in everyone], counts)
+        for k, name in enumerate(tensors)
     }
     token: list[Any] = [secrets.token_hex(6) if ctx.is_main else None]
     dist.broadcast_object_list(token, src=0)
@@ -222,18 +263,22 @@ def save(
     crcs: dict[str, int] = {}
     with _sharded_tensors():
         for name, t in tensors.items():
-            if name in sharded:
+            axis = axes[name]
+            if axis is not None:
                 local = t.contiguous()
-                state[name] = _as_sharded(local, ctx.offset, n, ctx.rank)
-                state[f"sum/{name}"] = _as_sharded(_checksums(local), ctx.offset, n, ctx.rank)
-                specs[name] = [[n, *t.shape[1:]], str(t.dtype).removeprefix("torch."), True]
+                sums = _checksums(local.movedim(axis, 0))
+                state[name] = _as_sharded(local, ctx.offset, n, ctx.rank, axis)
+                state[f"sum/{name}"] = _as_sharded(sums, ctx.offset, n, ctx.rank, 0)
+                shape = list(t.shape)
+                shape[axis] = n
+                specs[name] = [shape, str(t.dtype).removeprefix("torch."), axis]
             else:
                 state[name] = t
                 if ctx.is_main:
                     from ._checkpoint_format import crc
 
                     crcs[name] = crc(t.to("cpu", copy=True).contiguous())
-                specs[name] = [list(t.shape), str(t.dtype).removeprefix("torch."), False]
+                specs[name] = [list(t.shape), str(t.dtype).removeprefix("torch."), None]
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
         del state
     if ctx.is_main:
@@ -354,17 +399,20 @@ def load(
     n_local, device = model_batch.num_models, model_batch.active.device
     dest: dict[str, Tensor] = {}
     sums: dict[str, Tensor] = {}
+    axes: dict[str, int] = {}
     state: dict[str, Any] = {}
     with _sharded_tensors():
-        for name, (shape, dtype, is_sharded) in meta["tensors"].items():
+        for name, (shape, dtype, axis) in meta["tensors"].items():
             dt = getattr(torch, dtype)
-            if is_sharded:
-                dest[name] = torch.empty(n_local, *shape[1:], dtype=dt, device=device)
+            if axis is not None:
+                axes[name] = axis
+                local_shape = list(shape)
+                local_shape[axis] = n_local
+                dest[name] = torch.empty(local_shape, dtype=dt, device=device)
                 sums[name] = torch.empty(n_local, dtype=torch.int64, device=device)
-                state[name] = _as_sharded(dest[name], ctx.offset, meta["num_models"], ctx.rank)
-                state[f"sum/{name}"] = _as_sharded(
-                    sums[name], ctx.offset, meta["num_models"], ctx.rank
-                )
+                n = meta["num_models"]
+                state[name] = _as_sharded(dest[name], ctx.offset, n, ctx.rank, axis)
+                state[f"sum/{name}"] = _as_sharded(sums[name], ctx.offset, n, ctx.rank, 0)
             else:
                 dest[name] = torch.empty(shape, dtype=dt, device=device)
                 state[name] = dest[name]
@@ -380,7 +428,7 @@ def load(
     problem = ""
     for name, t in dest.items():
         if name in sums:
-            bad = (_checksums(t) != sums[name]).nonzero().reshape(-1)
+            bad = (_checksums(t.movedim(axes[name], 0)) != sums[name]).nonzero().reshape(-1)
             if bad.numel():
                 gid = int(ctx.local_ids[int(bad[0])])
                 problem = f"model {gid}'s {name!r} fails its checksum"
