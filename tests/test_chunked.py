@@ -70,6 +70,23 @@ def test_chunked_equals_unchunked(per_model: bool, chunk_size: int) -> None:
     assert torch.equal(mb.loss_history(), torch.stack(ref_losses))
 
 
+def test_fresh_state_follows_each_models_hyperparameters() -> None:
+    # Adagrad's accumulator starts at each model's own initial_accumulator_value.
+    data = batches(False, 3)
+    cfgs = [{"lr": 0.01 * (i + 1), "initial_accumulator_value": 0.1 * i} for i in range(N)]
+    ref = ModelBatch.from_factory(make, N, seed=SEED)
+    ref_opt = OptimizerFactory(torch.optim.Adagrad).create_optimizer(ref, cfgs)
+    for x, y in data:
+        ref_opt.zero_grad()
+        ref.compute_loss(ref(x), y).backward()
+        ref_opt.step()
+    mb = ModelBatch.from_factory(make, N, seed=SEED)
+    trainer = ChunkedTrainer(mb, OptimizerFactory(torch.optim.Adagrad), cfgs, chunk_size=3)
+    trainer.train(data)
+    for name, t in ref.stacked_params().items():
+        assert torch.equal(mb.stacked_params()[name], t), name
+
+
 def test_retired_models_and_hparams_live_in_the_store() -> None:
     data = batches(False, 2)
     mb = ModelBatch.from_factory(make, N, seed=SEED)

@@ -298,10 +298,16 @@ class ChunkedTrainer:
                 "model the same optional flags (amsgrad, momentum, centered)."
             )
 
-    def _store_state(self) -> None:
-        """Give every model in the store a fresh optimizer state, shaped like the worker's."""
+    def _store_state(self) -> bool:
+        """Allocate the store's optimizer state, shaped like the worker's; whether it was new.
+
+        The values are written by `_fresh_state`, chunk by chunk: a fresh state
+        may depend on each model's hyperparameters (Adagrad's initial
+        accumulator value).
+        """
         w, wo, so = self._worker, self._worker_opt, self.optimizer
         assert w is not None
+        created = False
         for wg, sg in zip(wo.param_groups, so.param_groups):
             for wp, sp in zip(wg["params"], sg["params"]):
                 if so.state.get(sp):
@@ -309,16 +315,28 @@ class ChunkedTrainer:
                 fresh = {}
                 for k, v in wo.state[wp].items():
                     if isinstance(v, Tensor) and v.dim() and v.shape[0] == w.num_models:
-                        one = v[:1].to(sp.device)
                         v = torch.empty(
                             self.n,
                             *v.shape[1:],
                             dtype=v.dtype,
                             device=sp.device,
                             pin_memory=sp.is_pinned(),
-                        ).copy_(one.expand(self.n, *v.shape[1:]))
+                        )
                     fresh[k] = v
                 so.state[sp] = fresh
+                created = True
+        return created
+
+    def _fresh_state(self) -> None:
+        """Every model's fresh optimizer state, made by the worker from its own hyperparameters."""
+        mover, size, n = self._mover, self.chunk_size, self.n
+        assert mover is not None and size is not None and self._worker is not None
+        for start in range(0, n, size):
+            stop = min(n, start + size)
+            mover.load(start, stop)
+            self._worker_opt.reset_models(list(range(self._worker.num_models)))
+            mover.save(start, stop)
+        mover.finish()
 
     def _auto_size(self, batch: tuple[Any, Tensor]) -> int:
         """Models per chunk from a probe step's peak memory and the free GPU memory."""
@@ -403,8 +421,10 @@ class ChunkedTrainer:
         if self._worker is None or self._worker.num_models != self.chunk_size:
             self._build(self.chunk_size)
             self._probe(batches[0])
-            self._store_state()
+            created = self._store_state()
             self._mover = _Mover(self._pairs, self.device)
+            if created:
+                self._fresh_state()
         mover, size, n = self._mover, self.chunk_size, self.n
         assert self._worker is not None and mover is not None
         losses = torch.empty(len(batches), n, device=self.device)
