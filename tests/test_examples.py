@@ -26,6 +26,7 @@ EXAMPLES = {
         "best trial #",
     ),
     "ensemble_digits.py": (["--quick"], "Multi-seed study"),
+    "distributed_sweep.py": (["--models", "16", "--epochs", "2", "--halve-every", "1"], "val_acc"),
 }
 
 

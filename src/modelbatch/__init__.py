@@ -6,8 +6,9 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, ensemble, lifecycle, nn, optim, plot
+from . import amp, checkpoint, data, distributed, ensemble, lifecycle, nn, optim, plot
 from ._batch import ModelBatch
+from ._chunked import ChunkedTrainer
 from ._metrics import format_table, log_tensorboard, to_dataframe, write_csv
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
@@ -39,5 +40,7 @@ __all__ = [
     "ensemble",
     "ensemble_evaluate",
     "ensemble_predict",
+    "ChunkedTrainer",
+    "distributed",
 ]
 __version__ = "0.1.0"

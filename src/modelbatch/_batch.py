@@ -536,7 +536,9 @@ class ModelBatch(nn.Module):
         base: dict[str, Tensor | Sequence[Any]] = {"active": self.active}
         if self.latest_losses is not None:
             base["loss"] = self.latest_losses
-        return per_model_rows({**base, **columns}, self.num_models)
+        return per_model_rows(
+            {**base, **columns}, self.num_models, ids=getattr(self, "model_ids", None)
+        )
 
     def format_summary(
         self, sort_by: str | None = None, top: int | None = None, **columns: Any
@@ -665,3 +667,85 @@ class ModelBatch(nn.Module):
             self.optimizer.zero_grad(set_to_none=set_to_none)
         else:
             super().zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_factory(
+        cls,
+        make: Callable[[], nn.Module],
+        ids: int | Sequence[int] | Tensor,
+        *,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        loss_fn: LossFn | None = None,
+        init: str = "auto",
+        seeded_dropout: bool = True,
+        optimizer_cls: type[torch.optim.Optimizer] | None = None,
+        configs: Sequence[Mapping[str, Any]] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        chunk_elements: int = 1 << 26,
+        build_device: torch.device | str | None = None,
+    ) -> ModelBatch:
+        """Build the models `ids` (or `range(n)`) of `make()` stacked on `device`, seeded by id.
+
+        Model `id`'s weights, and its dropout masks, depend only on `(seed, id)`:
+        a sweep sharded over processes (`modelbatch.distributed`) or built in
+        pieces gives the same models as one built whole.
+
+        Args:
+            make: `() -> nn.Module`, the architecture (called once or twice
+                with `init="fast"`, once per model with `init="exact"`).
+            ids: the global model ids (distinct ints >= 0), or a count n.
+            seed: the run's seed.
+            device: where the stacked tensors live (default: where `make()` puts them).
+            loss_fn: as for `ModelBatch`.
+            init: `"fast"` draws every parameter of a known layer (Linear,
+                Conv, ConvTranspose, Bilinear, Embedding, RNNs) for all
+                models at once from torch's default init distribution, keyed
+                by `(seed, id)`; `"exact"` calls `make()` under
+                `torch.manual_seed(modelbatch.distributed.init_seeds(seed, ids)[k])`
+                per model; `"auto"` is fast unless `make()` has an init the
+                fast path does not know (then exact, with a warning).
+            seeded_dropout: run torch dropout layers as `modelbatch.nn.Seeded*`
+                twins, whose masks depend on `(seed, id, layer, step)` only.
+            optimizer_cls: if given, the batch owns this optimizer (vectorized),
+                with `configs[k]` (e.g. `{"lr": ...}`) for model `ids[k]`
+                merged over `optimizer_kwargs`.
+            chunk_elements: values drawn per piece, to bound temporary memory.
+            build_device: where the values are drawn (default `device`): a GPU
+                builds a CPU store fast, in pinned memory (see `ChunkedTrainer`).
+
+        Returns:
+            A ModelBatch with `model_ids` `[N]` (int64), which its `summary` shows.
+
+        Example:
+            >>> mb = ModelBatch.from_factory(lambda: nn.Linear(4, 3), range(10, 18), seed=1)
+            >>> mb.stacked_params()["weight"].shape
+            torch.Size([8, 3, 4])
+        """
+        from ._build import build_from_factory
+
+        mb = build_from_factory(
+            cls,
+            make,
+            ids,
+            seed=seed,
+            device=device,
+            init=init,
+            seeded_dropout=seeded_dropout,
+            chunk_elements=chunk_elements,
+            build_device=build_device,
+            loss_fn=loss_fn,
+        )
+        if optimizer_cls is not None:
+            from .optim import OptimizerFactory
+
+            factory = OptimizerFactory(optimizer_cls, dict(optimizer_kwargs or {}))
+            mb.optimizer = factory.create_optimizer(mb, None if configs is None else list(configs))
+        elif configs is not None or optimizer_kwargs is not None:
+            raise ValueError(
+                "ModelBatch.from_factory: configs and optimizer_kwargs need optimizer_cls; "
+                "pass optimizer_cls=torch.optim.Adam (say)."
+            )
+        return mb

@@ -44,15 +44,22 @@ def _column_values(name: str, values: Tensor | Sequence[Any], n: int) -> list[An
     return values
 
 
-def per_model_rows(columns: Mapping[str, Tensor | Sequence[Any]], n: int) -> list[dict[str, Any]]:
+def per_model_rows(
+    columns: Mapping[str, Tensor | Sequence[Any]], n: int, ids: Sequence[int] | Tensor | None = None
+) -> list[dict[str, Any]]:
     """Turn `[N]` columns into N dicts `{"model": i, column: value, ...}`.
+
+    `ids` names the models (their global ids); by default model i is `i`.
 
     Example:
         >>> per_model_rows({"loss": torch.tensor([0.5, 0.25])}, 2)
         [{'model': 0, 'loss': 0.5}, {'model': 1, 'loss': 0.25}]
     """
     values = {name: _column_values(name, col, n) for name, col in columns.items()}
-    return [{"model": i, **{name: vals[i] for name, vals in values.items()}} for i in range(n)]
+    names = list(range(n)) if ids is None else [int(i) for i in ids]
+    return [
+        {"model": names[i], **{name: vals[i] for name, vals in values.items()}} for i in range(n)
+    ]
 
 
 def aggregate(values: Tensor, active: Tensor, higher_is_better: bool = False) -> dict[str, Any]:

@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without optuna
         "`pip install modelbatch[optuna]` (or `pip install optuna`)."
     ) from exc
 
-__all__ = ["BatchedTrials", "optimize_batched"]
+__all__ = ["BatchedTrials", "optimize_batched", "shared_study"]
 
 
 @dataclass
@@ -298,3 +298,56 @@ class _BatchedStudy:
         for i, trial in enumerate(self.trials):
             if trial is not None:
                 self.finish(i, optuna.trial.TrialState.FAIL, None)
+
+
+def shared_study(
+    path: str | Any,
+    ctx: Any = None,
+    *,
+    study_name: str = "modelbatch",
+    **create_study_kwargs: Any,
+) -> optuna.Study:
+    """A study in an Optuna journal file that every process of a run shares.
+
+    For sweeps over several processes (`modelbatch.distributed`): rank 0
+    creates the study (or opens an existing one), the other ranks open it
+    after a barrier, and each rank then asks, trains and tells its own batch
+    of trials with `optimize_batched`; the journal file (on a file system
+    every rank sees) keeps them consistent, and the sampler of each rank sees
+    every rank's finished trials.
+
+    Args:
+        path: the journal file.
+        ctx: a `modelbatch.distributed.Context`, or None for one process.
+        study_name: the study's name in the journal.
+        **create_study_kwargs: `direction`, `sampler`, `pruner`... for
+            `optuna.create_study`.
+
+    Example:
+        >>> study = shared_study("sweep.journal", ctx, direction="minimize")
+        >>> mine = len(ctx.block(range(256)))           # this rank's share of 256 trials
+        >>> optimize_batched(study, ..., n_trials=mine, batch_size=64, ...)
+    """
+    from optuna.storages import JournalStorage
+
+    try:
+        from optuna.storages.journal import JournalFileBackend
+    except ImportError:  # pragma: no cover - Optuna < 4
+        from optuna.storages import JournalFileStorage as JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    is_main = ctx is None or ctx.rank == 0
+    if is_main:
+        study = optuna.create_study(
+            storage=storage, study_name=study_name, load_if_exists=True, **create_study_kwargs
+        )
+    if ctx is not None:
+        ctx.barrier()
+    if not is_main:
+        study = optuna.load_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=create_study_kwargs.get("sampler"),
+            pruner=create_study_kwargs.get("pruner"),
+        )
+    return study

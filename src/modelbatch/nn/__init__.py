@@ -17,6 +17,14 @@ from ._dropout import (
 )
 from ._errors import UnbatchableLayerError
 from ._rnn import GRU, LSTM, RNN
+from ._seeded import (
+    SeededAlphaDropout,
+    SeededDropout,
+    SeededDropout1d,
+    SeededDropout2d,
+    SeededDropout3d,
+    SeededFeatureAlphaDropout,
+)
 from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU
 
 __all__ = [
@@ -39,4 +47,10 @@ __all__ = [
     "RReLU",
     "UnbatchableLayerError",
     "prepare_models",
+    "SeededAlphaDropout",
+    "SeededDropout",
+    "SeededDropout1d",
+    "SeededDropout2d",
+    "SeededDropout3d",
+    "SeededFeatureAlphaDropout",
 ]

@@ -76,12 +76,16 @@ class _TensorDropout(nn.Module):
         channels = 1 if x.dim() == self.batched_dim - 1 else 2
         return tuple(x.shape[:channels]) + (1,) * (x.dim() - channels)
 
+    def _uniform(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """The mask's uniform draws in [0, 1); subclasses may draw them another way."""
+        return torch.rand(shape, device=device)
+
     def forward(self, x: Tensor) -> Tensor:
         """Shapes: `x` `[B, ...]` -> `[B, ...]`; identity in eval mode."""
         if not self.training:
             return x
         p = self.p
-        keep = (torch.rand(self._noise_shape(x), device=x.device) >= p).to(x.dtype)
+        keep = (self._uniform(self._noise_shape(x), x.device) >= p).to(x.dtype)
         if self.alpha:
             # torch's alpha dropout: kept x -> a*x + a*alpha*p, dropped -> a*alpha*(p - 1).
             a = torch.where(p < 1, ((_ALPHA * _ALPHA * p + 1) * (1 - p)).rsqrt(), 0.0)
