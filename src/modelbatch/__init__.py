@@ -6,12 +6,13 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, lifecycle, nn, optim
+from . import amp, checkpoint, data, lifecycle, mixed, nn, optim
 from ._batch import ModelBatch
 from ._metrics import format_table
 from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
 from .fast import EvalResult, FastStep, compile_step, evaluate
+from .mixed import MixedBatch, MixedOptimizer, MixedStep, compile_mixed_step
 from .optim import OptimizerFactory
 
 __all__ = [
@@ -31,5 +32,10 @@ __all__ = [
     "nn",
     "optim",
     "track",
+    "MixedBatch",
+    "MixedOptimizer",
+    "MixedStep",
+    "compile_mixed_step",
+    "mixed",
 ]
 __version__ = "0.1.0"

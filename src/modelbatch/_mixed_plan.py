@@ -276,6 +276,7 @@ class _Aligner:
             own = dict(_tensors(arch.rep))
             for n, t in mapping.items():
                 shapes[t] = tuple(max(x, y) for x, y in zip(shapes[t], own[n].shape))
+        _unify_chained_sizes(template.rep, shapes)
         gates: dict[str, list[tuple[int, int]]] = {}
         for path in sorted({p for m in masked for p in m}):
             ranges = [m[path] for m in masked if path in m and m[path][0] != m[path][1]]
@@ -300,6 +301,84 @@ class _Aligner:
         real = sum(a.numel * len(a.members) for a in archs)
         group.waste = 1.0 - real / total if total else 0.0
         return group
+
+
+def _handles(module: nn.Module, path: str) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    """Where a sized layer keeps its input and output size: `(tensor name, dim)` each."""
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        w = _join(path, "weight")
+        return (w, 1), (w, 0)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        t = "weight" if module.weight is not None else "running_mean"
+        if getattr(module, t, None) is None:
+            return None
+        handle = (_join(path, t), 0)
+        return handle, handle
+    return None
+
+
+def _leaves(module: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    if type(module) is nn.Sequential:
+        return [
+            leaf
+            for k, child in module._modules.items()
+            if child is not None
+            for leaf in _leaves(child, _join(path, k))
+        ]
+    return [(path, module)]
+
+
+def _unify_chained_sizes(template: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give each hidden size one padded value along every `nn.Sequential` chain, in place.
+
+    A layer that only some models have (a gated block) is padded from those
+    models alone; its input comes from the layer before it, padded from all
+    models. Sizes that feed one another (in the template: equal) are set to
+    the largest of them.
+    """
+    parent: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def root(h: tuple[str, int]) -> tuple[str, int]:
+        while parent.get(h, h) != h:
+            h = parent[h]
+        return h
+
+    own = dict(_tensors(template))
+    for path, seq in template.named_modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        previous: tuple[str, int] | None = None
+        for leaf_path, leaf in _leaves(seq, path):
+            handles = _handles(leaf, leaf_path)
+            if handles is None:
+                if any(True for _ in leaf.parameters()):
+                    previous = None  # an unknown layer with weights: the chain stops
+                continue
+            size_in, size_out = handles
+            if previous is not None:
+                same = own[previous[0]].shape[previous[1]] == own[size_in[0]].shape[size_in[1]]
+                if same:  # (a Flatten in between changes the size: no link)
+                    parent[root(size_in)] = root(previous)
+            previous = size_out
+    classes: dict[tuple[str, int], int] = {}
+    for h in list(parent):
+        for x in (h, parent[h]):
+            r = root(x)
+            classes[r] = max(classes.get(r, 0), shapes[x[0]][x[1]])
+    for h in list(parent):
+        for name, dim in (h, parent[h]):
+            size = classes[root((name, dim))]
+            shape = list(shapes[name])
+            shape[dim] = size
+            shapes[name] = tuple(shape)
+            # The layer's bias (and a BatchNorm's other tensors) share its output size.
+            if dim == 0:
+                prefix = name.rpartition(".")[0]
+                for other in shapes:
+                    if other.rpartition(".")[0] == prefix and shapes[other]:
+                        grown = list(shapes[other])
+                        grown[0] = max(grown[0], size)
+                        shapes[other] = tuple(grown)
 
 
 def _tensors(model: nn.Module) -> list:
