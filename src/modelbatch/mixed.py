@@ -375,6 +375,14 @@ class MixedBatch(nn.Module):
                 if group.kind == "stacked":
                     continue
                 mb = self._group(g)
+                a, kw = args, kwargs
+                if per_model:
+                    members = self.members(g)
+                    a, kw = tree_map(
+                        lambda t, m=members: t.index_select(0, m) if isinstance(t, Tensor) else t,
+                        (a, kw),
+                    )
+                out = mb(*a, per_model=per_model, **kw)
                 for arch in group.archs:
                     i = arch.members[0]
                     j = self._where[i][1]
@@ -384,19 +392,15 @@ class MixedBatch(nn.Module):
                             lambda t, i=i: t[i] if isinstance(t, Tensor) else t, (a, kw)
                         )
                     ref = self.model(i)(*a, **kw)
-                    if per_model:
-                        n = len(group.members)
-                        a, kw = tree_map(
-                            lambda t, n=n: (
-                                t.unsqueeze(0).expand(n, *t.shape) if isinstance(t, Tensor) else t
-                            ),
-                            (a, kw),
-                        )
-                    got = mb(*a, per_model=per_model, **kw)[j]
+                    got = out[j]
                     bad = not isinstance(ref, Tensor) or ref.shape != got.shape
-                    # Padding adds exact zeros to sums; only the summation order may change.
-                    if not bad and not torch.allclose(got, ref, rtol=1e-3, atol=1e-4):
-                        bad = True
+                    if not bad:
+                        # Padding adds exact zeros to sums: only the summation order changes
+                        # (more under TF32 on CUDA). A forward that reads the padding is off
+                        # by the size of the output.
+                        tol = 1e-2 if got.is_cuda else 1e-4
+                        err = (got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+                        bad = not bool(err <= tol)
                     if bad:
                         detail = (
                             f"shape {tuple(got.shape)} vs {tuple(ref.shape)}"
