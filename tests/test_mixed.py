@@ -121,8 +121,15 @@ def test_depth_masking_trains_each_model_as_alone() -> None:
     assert assert_padding_zero(mb, opt) > 0
 
 
-def test_width_and_depth_with_clipping_as_alone() -> None:
-    specs = [(4, 1), (10, 3), (7, 2), (10, 1), (5, 3), (10, 2)]
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [(4, 1), (10, 3), (7, 2), (10, 1), (5, 3), (10, 2)],
+        # The widest model is the shallowest: the gated blocks are padded to its width.
+        [(12, 1), (6, 3), (8, 2), (6, 3)],
+    ],
+)
+def test_width_and_depth_with_clipping_as_alone(specs: list[tuple[int, int]]) -> None:
     models = make(specs)
     mb = MixedBatch(models, max_waste=1.0)
     assert [g.kind for g in mb._plan] == ["padded + depth-masked"]
@@ -190,13 +197,14 @@ def test_conv_channels_padded_as_alone() -> None:
 
 
 def test_forward_in_user_order_equals_each_model() -> None:
-    models = make([(4, 1), (9, 2), (4, 1), (6, 3)])
+    models = make([(4, 1), (9, 2), (4, 1), (6, 3), (16, 1)])
     x = torch.randn(BATCH, IN)
-    mb = MixedBatch(models, max_waste=0.4)
-    out = mb(x)
-    assert out.shape == (4, BATCH, CLASSES)
-    for i, m in enumerate(models):
-        torch.testing.assert_close(out[i], m(x), rtol=1e-6, atol=1e-6)
+    for max_waste in (0.0, 0.4, 1.0):
+        mb = MixedBatch(models, max_waste=max_waste)
+        out = mb(x)
+        assert out.shape == (5, BATCH, CLASSES)
+        for i, m in enumerate(models):
+            torch.testing.assert_close(out[i], m(x), rtol=1e-6, atol=1e-6)
 
 
 def test_one_loss_vector_and_one_backward() -> None:

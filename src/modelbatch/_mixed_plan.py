@@ -276,7 +276,6 @@ class _Aligner:
             own = dict(_tensors(arch.rep))
             for n, t in mapping.items():
                 shapes[t] = tuple(max(x, y) for x, y in zip(shapes[t], own[n].shape))
-        _unify_chained_sizes(template.rep, shapes)
         gates: dict[str, list[tuple[int, int]]] = {}
         for path in sorted({p for m in masked for p in m}):
             ranges = [m[path] for m in masked if path in m and m[path][0] != m[path][1]]
@@ -288,6 +287,7 @@ class _Aligner:
             ]
             if segments:
                 gates[path] = segments
+        _unify_chained_sizes(template.rep, shapes, gates)
         padded = any(
             tuple(t.shape) != shapes[names_k[n]]
             for a, names_k in zip(archs, names)
@@ -328,13 +328,18 @@ def _leaves(module: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
     return [(path, module)]
 
 
-def _unify_chained_sizes(template: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+def _unify_chained_sizes(
+    template: nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+    gates: dict[str, list[tuple[int, int]]],
+) -> None:
     """Give each hidden size one padded value along every `nn.Sequential` chain, in place.
 
     A layer that only some models have (a gated block) is padded from those
     models alone; its input comes from the layer before it, padded from all
     models. Sizes that feed one another (in the template: equal) are set to
-    the largest of them.
+    the largest of them; so are the input and output sizes of a gated run
+    (the identity for the models that lack it).
     """
     parent: dict[tuple[str, int], tuple[str, int]] = {}
 
@@ -360,6 +365,19 @@ def _unify_chained_sizes(template: nn.Module, shapes: dict[str, tuple[int, ...]]
                 if same:  # (a Flatten in between changes the size: no link)
                     parent[root(size_in)] = root(previous)
             previous = size_out
+    for path, segments in gates.items():
+        children = list(template.get_submodule(path)._modules.items())
+        for start, end in segments:
+            handles = [
+                h
+                for k, child in children[start:end]
+                if child is not None
+                for leaf_path, leaf in _leaves(child, _join(path, k))
+                if (h := _handles(leaf, leaf_path)) is not None
+            ]
+            if handles:
+                parent.setdefault(handles[0][0], handles[0][0])
+                parent[root(handles[-1][1])] = root(handles[0][0])
     classes: dict[tuple[str, int], int] = {}
     for h in list(parent):
         for x in (h, parent[h]):
