@@ -368,16 +368,16 @@ def _unify_chained_sizes(
     for path, segments in gates.items():
         children = list(template.get_submodule(path)._modules.items())
         for start, end in segments:
-            handles = [
+            sized = [
                 h
                 for k, child in children[start:end]
                 if child is not None
                 for leaf_path, leaf in _leaves(child, _join(path, k))
                 if (h := _handles(leaf, leaf_path)) is not None
             ]
-            if handles:
-                parent.setdefault(handles[0][0], handles[0][0])
-                parent[root(handles[-1][1])] = root(handles[0][0])
+            if sized:
+                parent.setdefault(sized[0][0], sized[0][0])
+                parent[root(sized[-1][1])] = root(sized[0][0])
     classes: dict[tuple[str, int], int] = {}
     for h in list(parent):
         for x in (h, parent[h]):
