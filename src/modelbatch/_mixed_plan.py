@@ -379,12 +379,12 @@ def _unify_chained_sizes(
                 parent.setdefault(sized[0][0], sized[0][0])
                 parent[root(sized[-1][1])] = root(sized[0][0])
     classes: dict[tuple[str, int], int] = {}
-    for h in list(parent):
-        for x in (h, parent[h]):
+    for key in list(parent):
+        for x in (key, parent[key]):
             r = root(x)
             classes[r] = max(classes.get(r, 0), shapes[x[0]][x[1]])
-    for h in list(parent):
-        for name, dim in (h, parent[h]):
+    for key in list(parent):
+        for name, dim in (key, parent[key]):
             size = classes[root((name, dim))]
             shape = list(shapes[name])
             shape[dim] = size
