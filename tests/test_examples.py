@@ -25,6 +25,7 @@ EXAMPLES = {
         ["--trials", "8", "--batch", "4", "--steps", "10", "--report-every", "5"],
         "best trial #",
     ),
+    "arch_search.py": (["--quick"], "speedup vs loop"),
 }
 
 
