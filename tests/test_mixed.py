@@ -375,3 +375,23 @@ def test_graph_step_equals_eager_step_on_cuda() -> None:
     for a, b in zip(*results):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # fused update rounding
+
+
+def test_reset_models_and_skip_use_global_indices() -> None:
+    models = make([(4, 1), (9, 2), (4, 1)])
+    mb = MixedBatch(models, max_waste=0.0)
+    opt = MixedOptimizer(mb, torch.optim.Adam, [{"lr": 0.1}] * 3)
+    train_mixed(mb, opt, make_batches(3, 2))
+    opt.reset_models([2, 0], configs=[{"lr": 0.5}, {"lr": 0.7}])
+    assert opt.hparams["lr"].tolist() == pytest.approx([0.7, 0.1, 0.5])
+    g, j = mb.group_of(2)
+    for state in opt.optimizers[g].state.values():
+        assert bool((state["exp_avg"][j] == 0).all())
+    before = [mb.model(i).state_dict() for i in range(3)]
+    x, y = make_batches(3, 1)[0]
+    opt.zero_grad()
+    mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
+    opt.step(skip=torch.tensor([False, True, False]))
+    after = [mb.model(i).state_dict() for i in range(3)]
+    changed = [any(not torch.equal(before[i][k], after[i][k]) for k in before[i]) for i in range(3)]
+    assert changed == [True, False, True]

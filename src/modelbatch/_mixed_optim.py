@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._indices import model_indices
+
 __all__ = ["MixedOptimizer"]
 
 
@@ -121,8 +123,14 @@ class MixedOptimizer:
         configs: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         """Zero these models' optimizer state (and optionally set their configs, one per index)."""
-        idx = self.mixed._split("MixedOptimizer.reset_models", indices)
-        order = torch.as_tensor(indices).reshape(-1).tolist() if configs is not None else []
+        owner = "MixedOptimizer.reset_models"
+        idx = self.mixed._split(owner, indices)
+        order = model_indices(owner, indices, self.num_models, "cpu").tolist()
+        if configs is not None and len(configs) != len(order):
+            raise ValueError(
+                f"{owner}: got {len(configs)} configs for {len(order)} models; pass one "
+                "config per index."
+            )
         for g, (opt, local) in enumerate(zip(self.optimizers, idx)):
             chosen = local.nonzero().reshape(-1).cpu()
             if not len(chosen):
