@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--max-waste", type=float, default=0.5)
+    parser.add_argument("--max-waste", type=float, default=None, help="default: by device")
     parser.add_argument("--loop-models", type=int, default=None, help="models timed in the loop")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
