@@ -395,3 +395,17 @@ def test_reset_models_and_skip_use_global_indices() -> None:
     after = [mb.model(i).state_dict() for i in range(3)]
     changed = [any(not torch.equal(before[i][k], after[i][k]) for k in before[i]) for i in range(3)]
     assert changed == [True, False, True]
+
+
+def test_padding_is_zeroed_after_the_update_even_when_it_would_not_stay_zero() -> None:
+    # eps=0: Adam's update of a padded element is 0 / 0 = nan; only re-zeroing keeps it 0.
+    models = make([(4, 2), (9, 1), (6, 2)])
+    mb = MixedBatch(models, max_waste=1.0)
+    cfg = [{"lr": 1e-2, "eps": 0.0}] * 3
+    opt = MixedOptimizer(mb, torch.optim.Adam, cfg)
+    batches = make_batches(3, 5)
+    train_mixed(mb, opt, batches)
+    for entries in mb.padding_masks():
+        for p, pad in entries:
+            assert bool((p[pad] == 0).all())
+    assert_same_models(mb, train_one_by_one(models, torch.optim.Adam, cfg, batches))

@@ -153,7 +153,7 @@ class MixedBatch(nn.Module):
 
     _history: deque[Tensor]
     _order: Tensor
-    _export_store: dict[int, tuple[nn.Module, dict[str, str]]]
+    _export_store: dict[int, tuple[nn.Module, dict[str, str], dict[str, str]]]
 
     def __init__(
         self,
@@ -282,7 +282,7 @@ class MixedBatch(nn.Module):
             names = group.names[group.archs.index(a)]
             keys = {k: names[c] for k, c in state_key_map(rep).items()}
             # Kept outside the module tree: each architecture's own structure on `meta`.
-            self._export_store[a.index] = (meta_skeleton(rep), keys)
+            self._export_store[a.index] = (meta_skeleton(rep), keys, names)
 
     # ------------------------------------------------------------------ the plan
 
@@ -518,15 +518,22 @@ class MixedBatch(nn.Module):
         if not -self.num_models <= i < self.num_models:
             raise IndexError(f"MixedBatch.model: index {i} out of range for N={self.num_models}.")
         i = i % self.num_models
-        skeleton, _ = self._export_store[self._arch_of[i]]
+        skeleton, keys, names = self._export_store[self._arch_of[i]]
         module = materialize(skeleton, self._order.device)
         module.load_state_dict(self._model_state(i, module))
+        # Non-persistent buffers are not in the state dict; to_empty left them uninitialized.
+        g, j = self._where[i]
+        stacked = self._group(g).stacked_buffers()
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                if name not in keys and names.get(name) in stacked:
+                    buf.copy_(stacked[names[name]][j][_region(buf.shape)])
         module.train(self.training)
         return module
 
     def _model_state(self, i: int, module: nn.Module) -> dict[str, Tensor]:
         g, j = self._where[i]
-        _, keys = self._export_store[self._arch_of[i]]
+        _, keys, _ = self._export_store[self._arch_of[i]]
         mb = self._group(g)
         own = {**mb.stacked_params(), **mb.stacked_buffers()}
         shapes = {k: t.shape for k, t in module.state_dict(keep_vars=True).items()}
