@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per arm")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--max-waste", default="0,0.5,0.6,0.75,1", help="comma-separated")
+    parser.add_argument("--max-waste", default="0,0.5,0.75,1", help="comma-separated")
     parser.add_argument("--out", default="benchmarks/results/arch_search")
     args = parser.parse_args()
     device = torch.device(args.device)
