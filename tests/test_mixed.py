@@ -262,6 +262,12 @@ def test_different_output_sizes_are_refused_at_first_forward() -> None:
     mb = MixedBatch(models, max_waste=1.0)
     with pytest.raises(ValueError, match=r"shape \(16, 5\) vs \(16, 3\)"):
         mb(torch.randn(BATCH, IN))
+    separate = MixedBatch(models, max_waste=0.0)
+    with pytest.raises(
+        ValueError, match=r"MixedBatch.forward: model 1 \(Sequential\[8,5\]\) gives"
+    ):
+        separate(torch.randn(BATCH, IN))
+    assert [o.shape[-1] for o in separate.forward_groups(torch.randn(BATCH, IN))] == [3, 5]
 
 
 @pytest.mark.parametrize(

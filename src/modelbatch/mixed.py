@@ -345,13 +345,17 @@ class MixedBatch(nn.Module):
             have one shape (the same task), else use `forward_groups`.
         """
         outputs = self.forward_groups(*args, per_model=per_model, **kwargs)
-        shapes = {tuple(o.shape[1:]) if isinstance(o, Tensor) else None for o in outputs}
-        if len(shapes) != 1 or None in shapes:
-            raise ValueError(
-                f"MixedBatch.forward: the groups' outputs have different shapes "
-                f"{sorted(map(str, shapes))}; one [N, B, ...] output needs one output shape "
-                "per model. Call forward_groups for the per-group outputs."
-            )
+        shapes = [tuple(o.shape[1:]) if isinstance(o, Tensor) else None for o in outputs]
+        first = shapes[self._where[0][0]]
+        for g, shape in enumerate(shapes):
+            if shape is None or shape != first:
+                i = int(self.members(g)[0])
+                got = "a non-tensor output" if shape is None else f"output {shape} per model"
+                raise ValueError(
+                    f"MixedBatch.forward: model {i} ({self.labels()[i]}) gives {got}, model 0 "
+                    f"({self.labels()[0]}) output {first}; one [N, B, ...] output needs one "
+                    "output shape for every model. Call forward_groups for the per-group outputs."
+                )
         return torch.cat(outputs)[self._order]
 
     def forward_groups(self, *args: Any, per_model: bool = False, **kwargs: Any) -> list[Any]:
