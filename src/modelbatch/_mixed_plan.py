@@ -92,7 +92,9 @@ def _leaf_difference(a: nn.Module, b: nn.Module) -> str | None:
             if t.dtype != u.dtype or t.dim() != u.dim() or t.requires_grad != u.requires_grad:
                 return f"{name!r} {t.dtype} {tuple(t.shape)} vs {u.dtype} {tuple(u.shape)}"
             if t.shape != u.shape and not keys:
-                return f"{name!r} of shape {tuple(t.shape)} vs {tuple(u.shape)} in a layer "
+                return (
+                    f"{name!r} of shape {tuple(t.shape)} vs {tuple(u.shape)} (not a padded layer)"
+                )
     return None
 
 
