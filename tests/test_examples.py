@@ -27,6 +27,7 @@ EXAMPLES = {
     ),
     "ensemble_digits.py": (["--quick"], "Multi-seed study"),
     "distributed_sweep.py": (["--models", "16", "--epochs", "2", "--halve-every", "1"], "val_acc"),
+    "arch_search.py": (["--quick"], "speedup vs loop"),
 }
 
 

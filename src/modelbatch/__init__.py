@@ -6,7 +6,7 @@ subpackages: `modelbatch.optim` (vectorized optimizers, schedules, clipping),
 `modelbatch.lifecycle`, `modelbatch.fast` and `modelbatch.integrations`.
 """
 
-from . import amp, checkpoint, data, distributed, ensemble, lifecycle, nn, optim, plot
+from . import amp, checkpoint, data, distributed, ensemble, lifecycle, mixed, nn, optim, plot
 from ._batch import ModelBatch
 from ._chunked import ChunkedTrainer
 from ._metrics import format_table, log_tensorboard, to_dataframe, write_csv
@@ -14,6 +14,7 @@ from ._progress import ProgressBar, track
 from .amp import BatchGradScaler
 from .ensemble import ensemble_evaluate, ensemble_predict
 from .fast import EvalResult, FastStep, compile_step, evaluate
+from .mixed import MixedBatch, MixedOptimizer, MixedStep, compile_mixed_step
 from .optim import OptimizerFactory
 
 __all__ = [
@@ -42,5 +43,10 @@ __all__ = [
     "ensemble_predict",
     "ChunkedTrainer",
     "distributed",
+    "MixedBatch",
+    "MixedOptimizer",
+    "MixedStep",
+    "compile_mixed_step",
+    "mixed",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,231 @@
+"""The training step of a MixedBatch: every group in one call, one CUDA graph on CUDA.
+
+The recipe is `modelbatch.fast`'s: eager warm-up steps on a side stream
+(they create the optimizer state), then capture of the whole step with no
+gradients allocated (so backward writes, not adds, the graph's own grad
+tensors), then replays with the inputs copied into static tensors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ._layout import GradLayout
+from ._mixed_optim import MixedOptimizer
+from .fast import _as_args, _signature
+
+__all__ = ["MixedStep", "compile_mixed_step"]
+
+LossFn = Callable[..., Tensor]
+
+
+class MixedStep:
+    """A training step over every group of a MixedBatch; built by `compile_mixed_step`.
+
+    Attributes:
+        mode: `"graph"` or `"eager"`, what the step runs.
+        reason: why the step runs eagerly, or None.
+        num_graphs: how many input shapes have a captured graph.
+    """
+
+    def __init__(
+        self,
+        mixed: Any,
+        optimizer: MixedOptimizer,
+        loss_fn: LossFn | None = None,
+        *,
+        max_norm: float | Tensor | None = None,
+        per_model: bool = False,
+        mode: str = "auto",
+        warmup: int = 2,
+        max_graphs: int = 4,
+        relayout: bool = True,
+    ) -> None:
+        from .mixed import MixedBatch
+        from .optim import BatchOptimizer
+
+        if not isinstance(mixed, MixedBatch):
+            raise TypeError(
+                f"compile_mixed_step: expected a MixedBatch, got {type(mixed).__name__}; for "
+                "one architecture use modelbatch.compile_step."
+            )
+        if not isinstance(optimizer, MixedOptimizer) or optimizer.mixed is not mixed:
+            raise TypeError(
+                "compile_mixed_step: expected the MixedOptimizer of this MixedBatch, got "
+                f"{type(optimizer).__name__}; build it with MixedOptimizer(mixed, cls, configs)."
+            )
+        if mode not in ("auto", "graph", "eager"):
+            raise ValueError(
+                f"compile_mixed_step: mode must be 'auto', 'graph' or 'eager', got {mode!r}."
+            )
+        if warmup < 1:
+            raise ValueError(f"compile_mixed_step: warmup must be >= 1, got {warmup}.")
+        self.mixed = mixed
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.per_model = per_model
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        device = mixed._order.device
+        if max_norm is not None:
+            max_norm = torch.as_tensor(max_norm, dtype=torch.float32).to(device)
+            if max_norm.dim() == 0:
+                max_norm = max_norm.expand(mixed.num_models).clone()
+            if tuple(max_norm.shape) != (mixed.num_models,):
+                raise ValueError(
+                    f"compile_mixed_step: max_norm must be a float or [N={mixed.num_models}], "
+                    f"got shape {tuple(max_norm.shape)}."
+                )
+        self.max_norm = max_norm
+        self._params = [p for p in mixed.parameters() if p.requires_grad]
+        self._graphs: dict[tuple, tuple[Any, Any, Tensor, list]] = {}
+        self._seen: dict[tuple, int] = {}
+        self._grads_of: tuple | None = None
+        self.reason: str | None = None
+        if mode == "eager":
+            self.reason = "mode='eager' was asked for"
+        elif device.type != "cuda":
+            self.reason = f"CUDA graphs need a CUDA device and the models are on {device}"
+        elif not all(isinstance(o, BatchOptimizer) for o in optimizer.optimizers):
+            self.reason = "only modelbatch's vectorized optimizers are captured"
+        self.mode = "eager" if self.reason is not None else "graph"
+        # Parameters take their gradients' layout after the first backward (see _layout).
+        self._layout = GradLayout(self._params) if relayout else None
+        if self.mode == "eager" and mode == "graph":
+            raise RuntimeError(f"compile_mixed_step: mode='graph' is impossible: {self.reason}.")
+        if self.mode == "eager" and mode == "auto":
+            warnings.warn(
+                f"compile_mixed_step: running the eager step, because {self.reason}.", stacklevel=3
+            )
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def _body(self, inputs: Any, targets: Tensor) -> Tensor:
+        """Forward of every group, `[N]` losses, one backward, masking, clipping, update."""
+        mixed = self.mixed
+        outputs = mixed(*_as_args(inputs), per_model=self.per_model)
+        losses = mixed.per_model_losses(
+            outputs, targets, self.loss_fn, per_model=self.per_model or None
+        )
+        losses = mixed.mask_retired(losses.float())
+        losses.sum().backward()
+        if self._layout is not None:
+            self._layout.apply()
+        mixed.mask_padding_grads()
+        if self.max_norm is not None:
+            mixed.clip_grad_norm_(self.max_norm)
+        self.optimizer.step()
+        mixed.zero_padding()
+        return losses.detach()
+
+    def _eager(self, inputs: Any, targets: Tensor) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._grads_of = None
+        return self._body(inputs, targets)
+
+    def _warm(self, inputs: Any, targets: Tensor) -> Tensor:
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            losses = self._eager(inputs, targets)
+        current.wait_stream(side)
+        losses.record_stream(current)
+        return losses
+
+    def _capture(self, inputs: Any, targets: Tensor) -> tuple[Any, Any, Tensor, list]:
+        static = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (inputs, targets))
+        for p in self._params:
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = self._body(*static)
+        return graph, static, losses, [p.grad for p in self._params]
+
+    def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
+        """One training step of every active model; per-model losses `[N]` (user order, on device)."""
+        if self.mode == "eager":
+            losses = self._eager(inputs, targets)
+            self.mixed.record_losses(losses)
+            return losses
+        key = _signature((inputs, targets))
+        entry = self._graphs.get(key)
+        if entry is None:
+            seen = self._seen.get(key, 0)
+            if seen < self.warmup or len(self._graphs) >= self.max_graphs:
+                self._seen[key] = seen + 1
+                losses = self._warm(inputs, targets)
+                self.mixed.record_losses(losses)
+                return losses
+            entry = self._graphs[key] = self._capture(inputs, targets)
+        graph, (static_in, static_tgt), static_losses, grads = entry
+        for dst, src in zip(tree_flatten(static_in)[0], tree_flatten(inputs)[0]):
+            if isinstance(dst, Tensor):
+                dst.copy_(src, non_blocking=True)
+        static_tgt.copy_(targets, non_blocking=True)
+        graph.replay()
+        if self._grads_of != key:
+            for p, g in zip(self._params, grads):
+                p.grad = g
+            self._grads_of = key
+        losses = static_losses.clone()
+        self.mixed.record_losses(losses)
+        return losses
+
+
+def compile_mixed_step(
+    mixed: Any,
+    optimizer: MixedOptimizer,
+    loss_fn: LossFn | None = None,
+    *,
+    max_norm: float | Tensor | None = None,
+    per_model: bool = False,
+    mode: str = "auto",
+    warmup: int = 2,
+    max_graphs: int = 4,
+    relayout: bool = True,
+) -> MixedStep:
+    """The training step of a MixedBatch, `step(x, y) -> losses [N]`, one CUDA graph on CUDA.
+
+    One call runs every group's forward, the per-model losses as one `[N]`
+    vector in the user's model order (retired models give 0), one backward,
+    the padding masks on the gradients, per-model clipping, every group's
+    optimizer update and the re-zeroing of padding. On CUDA the whole step
+    is captured once per input shape and replayed (as `modelbatch.compile_step`
+    does for one ModelBatch); elsewhere it runs eagerly and warns once.
+
+    Args:
+        mixed: the MixedBatch.
+        optimizer: its `MixedOptimizer`.
+        loss_fn: per-model loss; defaults to the batch's.
+        max_norm: clip each model's gradient norm to this (a float or `[N]`).
+        per_model: inputs and targets carry the model axis `[N, B, ...]`.
+        mode: `"auto"`, `"graph"` (raise if impossible) or `"eager"`.
+        warmup: eager steps per input shape before capture.
+        max_graphs: most input shapes captured.
+        relayout: as for `compile_step` (parameters in their gradients' layout).
+
+    Example:
+        >>> step = compile_mixed_step(mb, MixedOptimizer(mb, torch.optim.Adam))
+        >>> step(torch.randn(16, 4), torch.randint(0, 3, (16,))).shape
+        torch.Size([N])
+    """
+    return MixedStep(
+        mixed,
+        optimizer,
+        loss_fn,
+        max_norm=max_norm,
+        per_model=per_model,
+        mode=mode,
+        warmup=warmup,
+        max_graphs=max_graphs,
+        relayout=relayout,
+    )
