@@ -13,6 +13,7 @@ Substitutions (torch type -> `modelbatch.nn` twin, same parameter names):
 | `nn.GRUCell`, `nn.RNNCell`, `nn.Bilinear` | always | vmap would loop over the models |
 | `nn.BatchNorm1d/2d/3d` | `momentum=None` and tracking stats | reads a tensor as a float |
 | `nn.RReLU` | always | no vmap batching rule |
+| `nn.Conv1d/2d/3d` | `groups=1`, `padding_mode="zeros"` | vmap runs N groups; the twin picks a faster lowering |
 | `nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, `FeatureAlphaDropout` | `per_model_dropout=True` | p must be a per-model tensor |
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ._cells import GRUCell, LSTMCell, RNNCell
+from ._conv import TORCH_TWINS as CONV_TWINS
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
 from ._rnn import GRU, LSTM, RNN
 from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU, _CumulativeBatchNorm
@@ -65,6 +67,8 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
     kind = type(module)
     if kind in _ALWAYS:
         return lambda m, _: _ALWAYS[kind].from_torch(m)
+    if kind in CONV_TWINS and module.groups == 1 and module.padding_mode == "zeros":
+        return lambda m, _: CONV_TWINS[kind].from_torch(m)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
         if not module.track_running_stats or isinstance(module, _CumulativeBatchNorm):
             # modelbatch's own twin already runs under vmap.
@@ -158,6 +162,7 @@ def prepare_models(
         f"{name or 'model'} ({type(models[0].get_submodule(name)).__name__})"
         for name in plan
         if type(models[0].get_submodule(name)) not in DROPOUT_TWINS
+        and type(models[0].get_submodule(name)) not in CONV_TWINS
     ]
     if automatic:
         logger.info(
