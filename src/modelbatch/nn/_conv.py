@@ -211,11 +211,15 @@ def _time_candidate(
     name: str, x: Tensor, shared: bool, w: Tensor, b: Tensor | None, spec: Spec
 ) -> float:
     """Median ms of forward + backward of one lowering on fresh tensors of the same shapes."""
-    xs = torch.randn(x.shape, dtype=x.dtype, device=x.device).requires_grad_(x.requires_grad)
-    ws = torch.randn(w.shape, dtype=w.dtype, device=w.device).requires_grad_()
-    bs = None if b is None else torch.randn(b.shape, dtype=b.dtype, device=b.device)
-    if bs is not None:
-        bs.requires_grad_()
+    # A generator of its own: timing must not move the global stream (dropout masks).
+    gen = torch.Generator(x.device).manual_seed(0)
+
+    def fresh(t: Tensor, grad: bool) -> Tensor:
+        out = torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=gen)
+        return out.requires_grad_(grad)
+
+    xs, ws = fresh(x, x.requires_grad), fresh(w, True)
+    bs = None if b is None else fresh(b, True)
     inputs = [t for t in (xs, ws, bs) if t is not None and t.requires_grad]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
