@@ -357,6 +357,11 @@ class _BatchedConv(torch.autograd.Function):
         if not shared:
             x = x.movedim(x_dim, 0)
         name = choose(x, shared, w, b, spec)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # As torch's own vmap rule: on the CPU a batched convolution is not autocast
+            # (and the CPU's batched batch_norm refuses a bfloat16 input with float stats).
+            with torch.autocast("cpu", enabled=False):
+                return _run(name, x, shared, w, b, spec)
         return _run(name, x, shared, w, b, spec)
 
 
