@@ -11,7 +11,7 @@ Substitutions (torch type -> `modelbatch.nn` twin, same parameter names):
 | --- | --- | --- |
 | `nn.LSTM`, `nn.GRU`, `nn.RNN`, `nn.LSTMCell` | always | no vmap batching rule |
 | `nn.GRUCell`, `nn.RNNCell`, `nn.Bilinear` | always | vmap would loop over the models |
-| `nn.BatchNorm1d/2d/3d` | `momentum=None` and tracking stats | reads a tensor as a float |
+| `nn.BatchNorm1d/2d/3d` | always | `momentum=None` reads a tensor as a float; vmap applies the affine as extra passes |
 | `nn.RReLU` | always | no vmap batching rule |
 | `nn.Conv1d/2d/3d` | `groups=1`, `padding_mode="zeros"` | vmap runs N groups; the twin picks a faster lowering |
 | `nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, `FeatureAlphaDropout` | `per_model_dropout=True` | p must be a per-model tensor |
@@ -69,6 +69,8 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
         return lambda m, _: _ALWAYS[kind].from_torch(m)
     if kind in CONV_TWINS and module.groups == 1 and module.padding_mode == "zeros":
         return lambda m, _: CONV_TWINS[kind].from_torch(m)
+    if kind in _BATCHNORM:
+        return lambda m, _: _BATCHNORM[kind].from_torch(m)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
         if not module.track_running_stats or isinstance(module, _CumulativeBatchNorm):
             # modelbatch's own twin already runs under vmap.
@@ -163,6 +165,10 @@ def prepare_models(
         for name in plan
         if type(models[0].get_submodule(name)) not in DROPOUT_TWINS
         and type(models[0].get_submodule(name)) not in CONV_TWINS
+        and not (
+            type(models[0].get_submodule(name)) in _BATCHNORM
+            and models[0].get_submodule(name).momentum is not None
+        )
     ]
     if automatic:
         logger.info(

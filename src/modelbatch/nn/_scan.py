@@ -106,7 +106,7 @@ def _fused(fn: Callable, like: Tensor) -> Callable:
     if like.device.type not in _COMPILE_DEVICES or torch.compiler.is_compiling():
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+        _compiled[fn] = torch.compile(fn, fullgraph=True)
     compiled = _compiled[fn]
     if compiled is None:
         return fn
@@ -262,6 +262,8 @@ class _BatchedScan(torch.autograd.Function):
             return t.movedim(dim, 0) if dim is not None else t.expand(n, *t.shape)
 
         xg, h0, c0, w_hh, b_hh = (stacked(t, d) for t, d in zip(tensors, in_dims[2:]))
+        # One memory layout for the state at every step: one compiled cell, not two.
+        h0, c0 = h0.contiguous(), c0.contiguous()  # type: ignore[union-attr]
         out = _Scan.apply(mode, reverse, xg, h0, c0, w_hh, b_hh)
         return out, (0, 0, 0)
 
