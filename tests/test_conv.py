@@ -188,3 +188,72 @@ def test_measured_choice_is_the_fastest_and_cached(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(_conv, "_cache", {})
     mb(x)
     assert "grouped" in _conv.chosen_lowerings().values()
+
+
+# ---------------------------------------------------------------------- pooling
+
+
+POOLS = [
+    (nn.MaxPool1d(3, stride=2, padding=1, dilation=2), 1),
+    (nn.MaxPool2d(2), 2),
+    (nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), 2),
+    (nn.MaxPool3d(2), 3),
+    (nn.AvgPool1d(2), 1),
+    (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), 2),
+    (nn.AvgPool3d(2, ceil_mode=True), 3),
+    (nn.AdaptiveAvgPool1d(3), 1),
+    (nn.AdaptiveAvgPool2d(1), 2),
+    (nn.AdaptiveAvgPool3d((2, 1, 2)), 3),
+]
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.funcs: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("pool", "nd"), POOLS, ids=[repr(p) for p, _ in POOLS])
+@pytest.mark.parametrize("per_model", [False, True], ids=["shared", "per_model"])
+def test_pooling_after_conv_equals_one_by_one_without_copies(
+    pool: nn.Module, nd: int, per_model: bool
+) -> None:
+    torch.manual_seed(nd)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
+    models = [nn.Sequential(conv(2, 3, 1), nn.ReLU(), copy.deepcopy(pool)) for _ in range(N)]
+    mb = ModelBatch(models)
+    x = torch.randn(N, 4, 2, *SPATIAL[nd]) if per_model else torch.randn(4, 2, *SPATIAL[nd])
+    with _Ops() as ops, conv_lowering("dense" if not per_model else "grouped"):
+        out = mb(x, per_model=per_model)
+    copies = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
+    # [B, N, C, ...] all the way: only the grouped conv reorders a per-model input [N, B, ...].
+    assert len([f for f in ops.funcs if f in copies]) == int(per_model)
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    grads = {name: p.grad for name, p in mb.stacked_params().items()}
+    for i, model in enumerate(models):
+        own = model(x[i] if per_model else x)
+        assert rel_err(out[i], own) <= FORWARD_RTOL, f"model {i} forward"
+        (own * weight[i]).sum().backward()
+        for name, p in model.named_parameters():
+            assert rel_err(grads[name][i], p.grad) <= GRAD_RTOL, f"model {i} grad {name}"
+
+
+def test_pooling_unbatched_input_and_indices() -> None:
+    torch.manual_seed(0)
+    models = [
+        nn.Sequential(nn.Conv2d(2, 3, 1), nn.MaxPool2d(2, return_indices=True)) for _ in range(N)
+    ]
+    mb = ModelBatch(models)
+    assert type(mb.skeleton[1]).__module__ == "modelbatch.nn._pool"
+    assert type(mb.model(0)[1]) is nn.MaxPool2d
+    for x in (torch.randn(2, 6, 6), torch.randn(3, 2, 6, 6)):  # [C, H, W] and [B, C, H, W]
+        out, idx = mb(x)
+        for i, model in enumerate(models):
+            own, own_idx = model(x)
+            assert rel_err(out[i], own) <= FORWARD_RTOL
+            assert torch.equal(idx[i], own_idx)
