@@ -257,3 +257,19 @@ def test_pooling_unbatched_input_and_indices() -> None:
             own, own_idx = model(x)
             assert rel_err(out[i], own) <= FORWARD_RTOL
             assert torch.equal(idx[i], own_idx)
+
+
+def test_timing_inside_the_vmap_rule_picks_a_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real timing (CUDA's path) run on the CPU: forward and backward of every candidate."""
+    monkeypatch.setattr(_conv, "_MEASURED_DEVICES", ("cpu",))
+    monkeypatch.setattr(_conv, "_cache", {})
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Conv2d(3, 4, 3)) for _ in range(N)]
+    mb = ModelBatch(models)
+    x = torch.randn(2, 2, 7, 7)
+    out = mb(x)
+    out.sum().backward()
+    choices = _conv.chosen_lowerings()
+    assert len(choices) == 2 and set(choices.values()) <= set(_conv.LOWERINGS)
+    for i, model in enumerate(models):
+        assert rel_err(out[i], model(x)) <= FORWARD_RTOL

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -221,17 +222,19 @@ def _time_candidate(
     xs, ws = fresh(x, x.requires_grad), fresh(w, True)
     bs = None if b is None else fresh(b, True)
     inputs = [t for t in (xs, ws, bs) if t is not None and t.requires_grad]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cuda = x.device.type == "cuda"
     samples = []
     with torch.enable_grad():
         for i in range(4):
-            start.record()
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            start = time.perf_counter()
             out, _ = _run(name, xs, shared, ws, bs, spec)
             torch.autograd.grad(out, inputs, out.detach())
-            end.record()
-            end.synchronize()
-            if i:
-                samples.append(start.elapsed_time(end))
+            if cuda:
+                torch.cuda.synchronize(x.device)
+            if i:  # the first run warms up (cuDNN's algorithm choice, allocations)
+                samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 
 
