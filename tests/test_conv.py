@@ -17,7 +17,7 @@ from modelbatch.optim import OptimizerFactory
 N = 3
 FORWARD_RTOL = 1e-6
 GRAD_RTOL = 1e-5
-LOWERINGS = ["auto", "dense", "grouped", "grouped_cl", "bmm", "bmm_cl"]
+LOWERINGS = ["auto", "dense", "dense_cl", "grouped", "grouped_cl", "bmm", "bmm_cl"]
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
@@ -163,7 +163,8 @@ def test_conv_lowering_rejects_unknown_names() -> None:
 
 def test_measured_choice_is_the_fastest_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     """The timing path (CUDA only) with fake timings: fastest wins beyond the margin, then cached."""
-    times = {"grouped": 10.0, "grouped_cl": 9.8, "bmm": 4.0, "bmm_cl": 5.0}
+    times = {"dense": 3.0, "dense_cl": 2.0, "grouped": 10.0, "grouped_cl": 9.8, "bmm": 4.0}
+    times["bmm_cl"] = 5.0
     calls: list[str] = []
 
     def fake_time(name: str, *args: object) -> float:
@@ -178,8 +179,8 @@ def test_measured_choice_is_the_fastest_and_cached(monkeypatch: pytest.MonkeyPat
     mb = ModelBatch(models)
     x = torch.randn(2, 2, 7, 7)
     out = mb(x)
-    assert sorted(calls) == sorted(times)  # the first layer (shared input) is always dense
-    assert sorted(_conv.chosen_lowerings().values()) == ["bmm", "dense"]
+    assert sorted(calls) == sorted(times)  # dense forms for the shared input, the rest after
+    assert sorted(_conv.chosen_lowerings().values()) == ["bmm", "dense_cl"]
     assert rel_err(out[2], models[2](x)) <= FORWARD_RTOL
     mb(x)
     assert len(calls) == len(times)  # the second call reads the cache

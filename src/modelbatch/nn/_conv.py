@@ -9,6 +9,7 @@ stacked weight `[N, C_out, C_in, *k]` and the input, and picks:
 | lowering | input | what runs |
 | --- | --- | --- |
 | `"dense"` | shared `[B, C_in, *S]` | ONE dense convolution with `N * C_out` output channels |
+| `"dense_cl"` | shared | the same in channels-last memory format (2d, 3d) |
 | `"grouped"` | per model | grouped convolution, N groups (what vmap does) |
 | `"grouped_cl"` | per model | the same in channels-last memory format (2d, 3d) |
 | `"bmm"` | per model | patches `[N, C_in*K, B*L]` (implicit GEMM) and one `bmm` |
@@ -42,7 +43,7 @@ from ._twins import _Twin
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "conv_lowering"]
 
-LOWERINGS = ("dense", "grouped", "grouped_cl", "bmm", "bmm_cl")
+LOWERINGS = ("dense", "dense_cl", "grouped", "grouped_cl", "bmm", "bmm_cl")
 # Tie-break order: a candidate must beat the ones before it by this much to be picked,
 # so that timing noise does not flip the choice from one process to the next.
 _MARGIN = 0.05
@@ -58,9 +59,9 @@ def conv_lowering(name: str) -> Iterator[None]:
     """Force how batched convolutions run inside the block (default: `"auto"`).
 
     Args:
-        name: `"auto"`, `"dense"`, `"grouped"`, `"grouped_cl"`, `"bmm"` or
-            `"bmm_cl"`. `"dense"` needs a shared input; with a per-model
-            input it runs as `"grouped"`.
+        name: `"auto"`, `"dense"`, `"dense_cl"`, `"grouped"`, `"grouped_cl"`,
+            `"bmm"` or `"bmm_cl"`. The dense forms need a shared input; with a
+            per-model input they run as `"grouped"`.
 
     Example:
         >>> from modelbatch import ModelBatch
@@ -102,14 +103,24 @@ def _conv_nd(nd: int) -> Callable[..., Tensor]:
     return (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
 
 
-def _dense(x: Tensor, w: Tensor, b: Tensor | None, spec: Spec) -> tuple[Tensor, int]:
+def _channels_last(t: Tensor) -> Tensor:
+    fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
+def _dense(
+    x: Tensor, w: Tensor, b: Tensor | None, spec: Spec, channels_last: bool = False
+) -> tuple[Tensor, int]:
     """Shared x `[B, C_in, *S]`: one convolution with `N * C_out` channels -> `[B, N, C_out, *L]`."""
     stride, pads, dil = spec
     n, nd = w.shape[0], w.dim() - 3
     flat, padding = _pad_args(pads)
     if flat:
         x, padding = F.pad(x, flat), (0,) * nd
-    out = _conv_nd(nd)(x, w.flatten(0, 1), None if b is None else b.flatten(), stride, padding, dil)
+    wd = w.flatten(0, 1)
+    if channels_last:
+        x, wd = _channels_last(x), _channels_last(wd)
+    out = _conv_nd(nd)(x, wd, None if b is None else b.flatten(), stride, padding, dil)
     return out.unflatten(1, (n, -1)), 1
 
 
@@ -122,8 +133,7 @@ def _grouped(
     xg = x.transpose(0, 1).flatten(1, 2)
     wg = w.flatten(0, 1)
     if channels_last:
-        fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
-        xg, wg = xg.contiguous(memory_format=fmt), wg.contiguous(memory_format=fmt)
+        xg, wg = _channels_last(xg), _channels_last(wg)
     flat, padding = _pad_args(pads)
     if flat:
         xg, padding = F.pad(xg, flat), (0,) * nd
@@ -175,8 +185,8 @@ def _bmm(
 
 
 def _run(name: str, x: Tensor, shared: bool, w: Tensor, b: Tensor | None, spec: Spec) -> Any:
-    if name == "dense" and shared:
-        return _dense(x, w, b, spec)
+    if name in ("dense", "dense_cl") and shared:
+        return _dense(x, w, b, spec, channels_last=name == "dense_cl" and w.dim() > 4)
     if shared:
         x = x.expand(w.shape[0], *x.shape)
     if name == "bmm":
@@ -198,7 +208,7 @@ def _effective_dtype(t: Tensor) -> torch.dtype:
 
 def _candidates(shared: bool, nd: int) -> tuple[str, ...]:
     if shared:
-        return ("dense",)
+        return ("dense", "dense_cl") if nd > 1 else ("dense",)
     return ("grouped", "grouped_cl", "bmm", "bmm_cl") if nd > 1 else ("grouped", "bmm", "bmm_cl")
 
 
