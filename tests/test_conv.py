@@ -274,3 +274,18 @@ def test_timing_inside_the_vmap_rule_picks_a_candidate(monkeypatch: pytest.Monke
     assert len(choices) == 2 and set(choices.values()) <= set(_conv.LOWERINGS)
     for i, model in enumerate(models):
         assert rel_err(out[i], model(x)) <= FORWARD_RTOL
+
+
+def test_torch_compile_traces_torchs_own_forms() -> None:
+    """Under torch.compile the twins step aside (inductor fuses torch's forms itself)."""
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        )
+
+    mb = ModelBatch([make() for _ in range(N)])
+    x = torch.randn(5, 1, 10, 10)
+    compiled = torch.compile(lambda x: mb(x))(x)
+    assert rel_err(compiled, mb(x)) <= FORWARD_RTOL

@@ -328,3 +328,13 @@ def test_compiled_cells_equal_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None
         (own * weight).sum().backward()
         for name, p in model.named_parameters():
             assert rel_err(grads[name][i], p.grad) <= GRAD_RTOL, f"model {i} {name}"
+
+
+def test_torch_compile_traces_the_step_loop() -> None:
+    torch.manual_seed(0)
+    models = [SeqModel(nn.GRU, 1, False, False, {}) for _ in range(3)]
+    mb = ModelBatch(models)
+    x = torch.randn(3, B, F_IN)
+    out, _ = torch.compile(lambda x: mb(x))(x)
+    for i, model in enumerate(models):
+        assert rel_err(out[i], model(x)[0]) <= FORWARD_RTOL

@@ -387,6 +387,7 @@ class _Conv(_Twin, nn.modules.conv._ConvNd):
         if (
             self.padding_mode != "zeros"
             or self.groups != 1
+            or torch.compiler.is_compiling()  # inductor fuses torch's own form itself
             or not is_batchedtensor(weight)
             or input.dim() not in (len(self.kernel_size) + 1, len(self.kernel_size) + 2)
         ):

@@ -83,7 +83,11 @@ class _Pool(_Twin):
         return self.torch_cls.forward(self, input)
 
     def forward(self, input: Tensor) -> Any:
-        if not is_batchedtensor(input) or input.dim() not in (self.dims + 1, self.dims + 2):
+        if (
+            torch.compiler.is_compiling()
+            or not is_batchedtensor(input)
+            or input.dim() not in (self.dims + 1, self.dims + 2)
+        ):
             return self._pool(input)
         return _FoldedPool.apply(input, self._pool, input.dim() == self.dims + 2)
 

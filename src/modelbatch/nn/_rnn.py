@@ -245,18 +245,30 @@ class _RNNBase(nn.Module):
         fold_hh = self.mode != "GRU"  # GRU keeps b_hn inside the reset product
         bias = b_ih + b_hh if (b_ih is not None and b_hh is not None and fold_hh) else b_ih
         w_hr = p.get(f"weight_hr{suffix}")
-        if w_hr is None:
+        if w_hr is None and not torch.compiler.is_compiling():
             xg = F.linear(x, w_ih, bias)
             return scan(self.mode, reverse, xg, h, c, w_hh, None if fold_hh else b_hh)
-        # LSTM with a projection: the step by step loop of autograd ops.
+        # LSTM with a projection, or traced by torch.compile (which fuses the steps
+        # itself): the step by step loop of autograd ops.
         x_steps = F.linear(x, w_ih, bias).unbind(0)
         if reverse:
             x_steps = x_steps[::-1]
-        w_hh_t, w_hr_t = w_hh.t(), w_hr.t()
+        w_hh_t = w_hh.t()
         outputs: list[Tensor] = []
-        for x_t in x_steps:
-            h, c = _lstm_cell(x_t, h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]
-            outputs.append(h)
+        if self.mode == "LSTM":
+            w_hr_t = None if w_hr is None else w_hr.t()
+            for x_t in x_steps:
+                h, c = _lstm_cell(x_t, h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]
+                outputs.append(h)
+        elif self.mode == "GRU":
+            for x_t in x_steps:
+                h = _gru_cell(x_t, h, w_hh_t, b_hh)
+                outputs.append(h)
+        else:
+            act = torch.tanh if self.mode == "RNN_TANH" else torch.relu
+            for x_t in x_steps:
+                h = act(torch.addmm(x_t, h, w_hh_t))
+                outputs.append(h)
         if reverse:
             outputs.reverse()
         return torch.stack(outputs), h, c

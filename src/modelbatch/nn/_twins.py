@@ -131,7 +131,8 @@ class _CumulativeBatchNorm(_Twin, nn.modules.batchnorm._BatchNorm):
     def _forward(self, input: Tensor) -> Tensor:
         """torch's forward, with the batched kernel under vmap."""
         tensors = (self.running_mean, self.running_var, self.weight, self.bias)
-        if not (is_batchedtensor(input) and _all_batched(*tensors)) or input.dim() < 2:
+        batched = is_batchedtensor(input) and _all_batched(*tensors)
+        if not batched or input.dim() < 2 or torch.compiler.is_compiling():
             return super().forward(input)
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
