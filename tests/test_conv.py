@@ -209,12 +209,17 @@ POOLS = [
 
 
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten operators dispatched inside the block (and convolution_backward's args)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.funcs: list = []
+        self.args: list = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.funcs.append(func)
+        if func is torch.ops.aten.convolution_backward.default:
+            self.args.append(args)
         return func(*args, **(kwargs or {}))
 
 
@@ -289,3 +294,15 @@ def test_torch_compile_traces_torchs_own_forms() -> None:
     x = torch.randn(5, 1, 10, 10)
     compiled = torch.compile(lambda x: mb(x))(x)
     assert rel_err(compiled, mb(x)) <= FORWARD_RTOL
+
+
+def test_shared_input_weight_gradient_is_one_dense_convolution() -> None:
+    torch.manual_seed(0)
+    mb = ModelBatch([nn.Sequential(nn.Conv2d(3, 4, 3)) for _ in range(N)])
+    out = mb(torch.randn(2, 3, 6, 6))
+    with _Ops() as ops:
+        out.square().sum().backward()
+    calls = [f for f in ops.funcs if f is torch.ops.aten.convolution_backward.default]
+    assert len(calls) == 1
+    assert len(ops.args[0]) and ops.args[0][9] == 1  # groups=1: one dense weight-gradient
+    assert ops.args[0][2].shape[0] == N * 4  # N x C_out output channels
