@@ -338,3 +338,41 @@ def test_torch_compile_traces_the_step_loop() -> None:
     out, _ = torch.compile(lambda x: mb(x))(x)
     for i, model in enumerate(models):
         assert rel_err(out[i], model(x)[0]) <= FORWARD_RTOL
+
+
+class LastStep(SeqModel):
+    """Logits of the last step only: `[B, 2]`."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)[0][:, -1]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_training_with_adam_equals_torch_one_by_one(kind: str) -> None:
+    """Bidirectional two-layer models, per-model lr, 5 Adam steps against torch's layers."""
+    import copy
+
+    import torch.nn.functional as F
+    from _reference import max_rel_diff
+
+    from modelbatch.optim import OptimizerFactory
+
+    torch_cls, _, kwargs = KINDS[kind]
+    n = 3
+    torch.manual_seed(4)
+    models = [LastStep(torch_cls, 2, True, True, kwargs) for _ in range(n)]
+    ref = [copy.deepcopy(m) for m in models]
+    lrs = [1e-3, 3e-3, 1e-2]
+    mb = ModelBatch(models)
+    opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, [{"lr": lr} for lr in lrs])
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(ref, lrs)]
+    for _ in range(5):
+        x, y = torch.randn(B, T, F_IN), torch.randint(0, 2, (B,))
+        opt.zero_grad()
+        mb.compute_loss(mb(x), y).backward()
+        opt.step()
+        for m, o in zip(ref, ref_opts):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    assert max_rel_diff(mb, ref) <= GRAD_RTOL
