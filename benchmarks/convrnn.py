@@ -222,7 +222,7 @@ def arm_compile_step(job: dict[str, Any], n: int, precision: str) -> dict[str, A
     result = timed(_cycle(step, batches), _sync_torch(device), job["timing"])
     result["optimizer"] = opt_name
     result["conv_lowerings"] = sorted(
-        f"{key[2]}->{key[3]}: {name}" for key, name in _conv.chosen_lowerings().items()
+        f"x {key[2]} w {key[4]}: {name}" for key, name in _conv.chosen_lowerings().items()
     )
     if job.get("profile_dir") and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile

@@ -226,8 +226,9 @@ def _time_candidate(
     gen = torch.Generator(x.device).manual_seed(0)
 
     def fresh(t: Tensor, grad: bool) -> Tensor:
-        out = torch.randn(t.shape, dtype=t.dtype, device=t.device, generator=gen)
-        return out.requires_grad_(grad)
+        # The same memory layout as the real input: it decides whether a candidate copies.
+        out = torch.empty_like(t, memory_format=torch.preserve_format)
+        return out.normal_(generator=gen).requires_grad_(grad)
 
     xs, ws = fresh(x, x.requires_grad), fresh(w, True)
     bs = None if b is None else fresh(b, True)
@@ -266,6 +267,7 @@ def choose(x: Tensor, shared: bool, w: Tensor, b: Tensor | None, spec: Spec) -> 
         str(x.device),
         shared,
         tuple(x.shape),
+        tuple(x.stride()),
         tuple(w.shape),
         b is not None,
         spec,
