@@ -40,23 +40,21 @@ def _lstm_fwd(xg: Tensor, hg: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor
 
 
 def _lstm_bwd(
-    dy: Tensor, dh: Tensor, dc: Tensor, act: Tensor, c_prev: Tensor, c: Tensor
-) -> tuple[Tensor, Tensor]:
-    """-> (d pre-activation gates `[N, B, 4H]`, dc_prev)."""
+    dy: Tensor, dh: Tensor, dc: Tensor, act: Tensor, c_prev: Tensor, c: Tensor, dgates: Tensor
+) -> Tensor:
+    """Writes d pre-activation gates `[N, B, 4H]` into `dgates`; -> dc_prev."""
     i, f, g, o = act.chunk(4, dim=-1)
     dh = dy + dh
     tc = torch.tanh(c)
     dc = dc + dh * o * (1 - tc * tc)
-    dgates = torch.cat(
-        [
-            dc * g * i * (1 - i),
-            dc * c_prev * f * (1 - f),
-            dc * i * (1 - g * g),
-            dh * tc * o * (1 - o),
-        ],
-        dim=-1,
-    )
-    return dgates, dc * f
+    gates = [
+        dc * g * i * (1 - i),
+        dc * c_prev * f * (1 - f),
+        dc * i * (1 - g * g),
+        dh * tc * o * (1 - o),
+    ]
+    dgates.copy_(torch.cat(gates, dim=-1))
+    return dc * f
 
 
 def _gru_fwd(xg: Tensor, hg: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,32 +67,34 @@ def _gru_fwd(xg: Tensor, hg: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _gru_bwd(
-    dy: Tensor, dh: Tensor, act: Tensor, hg: Tensor, h: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (d xg `[N, B, 3H]`, d hg `[N, B, 3H]`, the direct term of dh_prev)."""
+    dy: Tensor, dh: Tensor, act: Tensor, hg: Tensor, h: Tensor, dxg: Tensor, dhg: Tensor
+) -> Tensor:
+    """Writes d xg and d hg (`[N, B, 3H]`) into `dxg`, `dhg`; -> the direct term of dh_prev."""
     r, z, n = act.chunk(3, dim=-1)
     hn = hg.chunk(3, dim=-1)[2]
     dh = dy + dh
     dn = dh * (1 - z) * (1 - n * n)
     dz = dh * (h - n) * z * (1 - z)
     dr = dn * hn * r * (1 - r)
-    return torch.cat([dr, dz, dn], dim=-1), torch.cat([dr, dz, dn * r], dim=-1), dh * z
+    dxg.copy_(torch.cat([dr, dz, dn], dim=-1))
+    dhg.copy_(torch.cat([dr, dz, dn * r], dim=-1))
+    return dh * z
 
 
 def _tanh_fwd(xg: Tensor, hg: Tensor) -> Tensor:
     return torch.tanh(xg + hg)
 
 
-def _tanh_bwd(dy: Tensor, dh: Tensor, h: Tensor) -> Tensor:
-    return (dy + dh) * (1 - h * h)
+def _tanh_bwd(dy: Tensor, dh: Tensor, h: Tensor, dpre: Tensor) -> None:
+    dpre.copy_((dy + dh) * (1 - h * h))
 
 
 def _relu_fwd(xg: Tensor, hg: Tensor) -> Tensor:
     return torch.relu(xg + hg)
 
 
-def _relu_bwd(dy: Tensor, dh: Tensor, h: Tensor) -> Tensor:
-    return torch.where(h > 0, dy + dh, torch.zeros_like(h))
+def _relu_bwd(dy: Tensor, dh: Tensor, h: Tensor, dpre: Tensor) -> None:
+    dpre.copy_(torch.where(h > 0, dy + dh, torch.zeros_like(h)))
 
 
 _compiled: dict[Callable, Callable | None] = {}
@@ -191,45 +191,47 @@ class _Scan(torch.autograd.Function):
         h0, c0, w_hh, ys = ctx.saved_tensors
         mode, steps, acts, extra = ctx.mode, ctx.steps, ctx.acts, ctx.extra
         device_type, enabled, dtype = ctx.autocast
+        xg_dtype, h_dtype, c_dtype, w_dtype = ctx.dtypes
         hs = [ys[:, t] for t in steps]  # h after each processed step
 
         def h_prev(k: int) -> Tensor:
             return h0 if k == 0 else hs[k - 1]
 
-        dxgs: list[Tensor] = []  # in reverse processing order
-        dhgs: list[Tensor] = []
+        # The cell functions write each step's gate gradients into slices of these
+        # buffers `[N, T, B, G]` (in time order): no stack of T tensors afterwards.
+        n, length, batch, gates = ys.shape[0], ys.shape[1], ys.shape[2], w_hh.shape[1]
+        dxg = ys.new_empty(n, length, batch, gates, dtype=xg_dtype)
+        dhg = dxg  # the W_hh GEMM's gradient: the same as xg's but for GRU
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             if mode == "LSTM":
                 lstm = _fused(_lstm_bwd, ys)
                 for k in range(len(steps) - 1, -1, -1):
+                    t = steps[k]
                     c_prev = c0 if k == 0 else extra[k - 1]
-                    dg, dc = lstm(dys[:, steps[k]], dh, dc, acts[k], c_prev, extra[k])
-                    dh = torch.bmm(dg, w_hh)
-                    dxgs.append(dg)
+                    dc = lstm(dys[:, t], dh, dc, acts[k], c_prev, extra[k], dxg[:, t])
+                    dh = torch.bmm(dxg[:, t], w_hh)
             elif mode == "GRU":
+                dhg = ys.new_empty(n, length, batch, gates, dtype=dtype if enabled else w_dtype)
                 gru = _fused(_gru_bwd, ys)
                 for k in range(len(steps) - 1, -1, -1):
-                    dxg, dhg, direct = gru(dys[:, steps[k]], dh, acts[k], extra[k], h_prev(k))
-                    dh = torch.baddbmm(direct, dhg, w_hh)
-                    dxgs.append(dxg)
-                    dhgs.append(dhg)
+                    t = steps[k]
+                    direct = gru(dys[:, t], dh, acts[k], extra[k], h_prev(k), dxg[:, t], dhg[:, t])
+                    dh = torch.baddbmm(direct, dhg[:, t], w_hh)
             else:
                 simple = _fused(_tanh_bwd if mode == "RNN_TANH" else _relu_bwd, ys)
                 for k in range(len(steps) - 1, -1, -1):
-                    dg = simple(dys[:, steps[k]], dh, hs[k])
-                    dh = torch.bmm(dg, w_hh)
-                    dxgs.append(dg)
-            # Back to processing order; every step's W_hh gradient is one GEMM.
-            dxgs.reverse()
-            dhgs.reverse()
-            dgates = torch.stack(dhgs if mode == "GRU" else dxgs, dim=1).flatten(1, 2)
-            inputs = torch.stack([h_prev(k) for k in range(len(steps))], dim=1).flatten(1, 2)
-            dw = torch.bmm(dgates.transpose(1, 2), inputs)
-            db = dgates.sum(1) if ctx.has_bias else None
-        xg_dtype, h_dtype, c_dtype, w_dtype = ctx.dtypes
-        if ctx.reverse:  # time order is the reverse of processing order
-            dxgs.reverse()
-        dxg = torch.stack(dxgs, dim=1).to(xg_dtype)
+                    t = steps[k]
+                    simple(dys[:, t], dh, hs[k], dxg[:, t])
+                    dh = torch.bmm(dxg[:, t], w_hh)
+            # Every step's W_hh gradient in one GEMM: sum_t dhg_t^T h_{t-1}, where h_{t-1}
+            # is a slice of the outputs (h0 for the first step processed).
+            first = length - 1 if ctx.reverse else 0
+            dw = torch.bmm(dhg[:, first].transpose(1, 2), h0)
+            if length > 1:
+                rest, prev = (dhg[:, :-1], ys[:, 1:]) if ctx.reverse else (dhg[:, 1:], ys[:, :-1])
+                a = rest.flatten(1, 2).transpose(1, 2)  # [N, G, (T-1) * B]
+                dw = torch.baddbmm(dw, a, prev.flatten(1, 2))
+            db = dhg.sum((1, 2)) if ctx.has_bias else None
         dc0 = dc.to(c_dtype) if mode == "LSTM" else None
         db = None if db is None else db.to(w_dtype)
         return None, None, dxg, dh.to(h_dtype), dc0, dw.to(w_dtype), db
