@@ -74,3 +74,93 @@ def make_batches(
         )
         for _ in range(count)
     ]
+
+
+# ---------------------------------------------------------------------- conv and recurrent models
+
+
+def lenet5_mnist() -> nn.Module:
+    """LeNet-5 for 1x28x28 inputs: conv 6 (5x5, padding 2) and 16 (5x5), fc 120/84/10."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, 10),
+    )
+
+
+class GlobalMax(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(-2, -1))
+
+
+def cnn3() -> nn.Module:
+    """3x32x32: 3x3 conv 32/64/128 (padding 1), each + ReLU + 2x2 max-pool; global max; fc 10."""
+    layers: list[nn.Module] = []
+    for a, b in ((3, 32), (32, 64), (64, 128)):
+        layers += [nn.Conv2d(a, b, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, GlobalMax(), nn.Linear(128, 10))
+
+
+class GRUClassifier(nn.Module):
+    """GRU over a sequence [B, 40, 1] (hidden 64), fc 10 on the last state."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h = self.gru(x)
+        return self.fc(h[-1])
+
+
+class ResBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the shortcut (1x1 conv + BN where the shape changes), ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.short: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.short = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+def resnet_bn() -> nn.Module:
+    """3x32x32: stem conv 16 + BN + ReLU, blocks (16, stride 1) and (32, stride 2), avg, fc 10."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        ResBlock(16, 16, 1),
+        ResBlock(16, 32, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+# name -> (constructor, input shape per example)
+CONV_RNN_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "lenet5": (lenet5_mnist, (1, 28, 28)),
+    "cnn": (cnn3, (3, 32, 32)),
+    "gru": (GRUClassifier, (40, 1)),
+    "resnet_bn": (resnet_bn, (3, 32, 32)),
+}

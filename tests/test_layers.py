@@ -7,6 +7,7 @@ of a summed loss.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -630,3 +631,92 @@ def test_models_built_from_the_cumulative_batchnorm_twin_stack() -> None:
         torch.testing.assert_close(
             mb.stacked_buffers()["1.running_mean"][i], m[1].running_mean, rtol=1e-6, atol=1e-7
         )
+
+
+# ---------------------------------------------------------------------- BatchNorm's batched kernel
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten operators dispatched inside the block, with their arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+BN_CONFIGS = [
+    # (dims, train, affine, track, momentum, per_model)
+    (1, True, True, True, 0.1, False),
+    (1, False, True, True, 0.1, True),
+    (1, True, False, True, 0.3, True),
+    (2, True, True, False, 0.1, False),
+    (2, False, True, True, 0.2, False),
+    (2, True, True, True, 0.2, True),
+    (3, True, True, True, 0.1, False),
+]
+
+
+@pytest.mark.parametrize(("dims", "train", "affine", "track", "momentum", "per_model"), BN_CONFIGS)
+def test_batchnorm_kernel_over_models_equals_one_by_one(
+    dims: int, train: bool, affine: bool, track: bool, momentum: float, per_model: bool
+) -> None:
+    torch.manual_seed(dims)
+    bn_cls = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+    # No bias before the norm: in training its exact gradient is 0, rounding noise in both runs.
+    first = (
+        nn.Linear(5, 4, bias=False)
+        if dims == 1
+        else (nn.Conv2d, nn.Conv3d)[dims - 2](3, 4, 3, padding=1, bias=False)
+    )
+
+    def make() -> nn.Module:
+        bn = bn_cls(4, affine=affine, track_running_stats=track, momentum=momentum)
+        model = nn.Sequential(copy.deepcopy(first), bn, nn.Tanh())
+        for p in model.parameters():  # weight and bias away from 1 and 0, per model
+            nn.init.normal_(p)
+        if track:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+        return model.train(train)
+
+    models = [make() for _ in range(N)]
+    reference = [copy.deepcopy(m) for m in models]
+    mb = ModelBatch(models)
+    shape = (6, 5) if dims == 1 else (6, 3, *(5,) * dims)
+    x = torch.randn(N, *shape) if per_model else torch.randn(*shape)
+    with _Ops() as ops:
+        out = mb(x, per_model=per_model)
+    norms = [args for func, args in ops.calls if func is torch.ops.aten.native_batch_norm.default]
+    # One kernel for the N models, their affine inside it (torch's rule passes ones and zeros).
+    assert len(norms) == 1
+    if affine:  # the stacked weight itself, not a tensor of ones
+        assert norms[0][1].data_ptr() == mb.stacked_params()["1.weight"].data_ptr()
+    weight = torch.randn_like(out)
+    (out * weight).sum().backward()
+    grads = {name: p.grad for name, p in mb.stacked_params().items()}
+    buffers = mb.stacked_buffers()
+    for i, model in enumerate(reference):
+        own = model(x[i] if per_model else x)
+        assert rel_err(out[i], own) <= FORWARD_RTOL, f"model {i} forward"
+        (own * weight[i]).sum().backward()
+        for name, p in model.named_parameters():
+            assert rel_err(grads[name][i], p.grad) <= GRAD_RTOL, f"model {i} grad {name}"
+        for name, b in model.named_buffers():
+            if b.is_floating_point():
+                assert rel_err(buffers[name][i], b) <= FORWARD_RTOL, f"model {i} {name}"
+            else:
+                assert torch.equal(buffers[name][i], b), f"model {i} {name}"
+
+
+def test_conv_then_batchnorm_copies_nothing() -> None:
+    """The dense convolution's output [B, N, C, H, W] is the layout BatchNorm's kernel reads."""
+    torch.manual_seed(0)
+    mb = ModelBatch([nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)) for _ in range(N)])
+    copies = (torch.ops.aten.clone.default, torch.ops.aten.copy_.default)
+    with _Ops() as ops:
+        mb(torch.randn(2, 3, 6, 6))
+    assert not [func for func, _ in ops.calls if func in copies]

@@ -233,3 +233,146 @@ def test_bad_arguments_are_refused_clearly() -> None:
         mbnn.LSTM(F_IN, H)(torch.randn(T, B, F_IN + 1))
     with pytest.raises(ValueError, match="nonlinearity"):
         mbnn.RNN(F_IN, H, nonlinearity="gelu")
+
+
+# ---------------------------------------------------------------------- the scan
+
+
+class CountGemms(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the batched GEMMs (bmm, baddbmm) dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
+def test_one_gemm_per_step_and_one_weight_gradient_gemm(kind: str) -> None:
+    torch_cls, _, kwargs = KINDS[kind]
+    torch.manual_seed(0)
+    mb = ModelBatch([SeqModel(torch_cls, 1, False, False, kwargs) for _ in range(3)])
+    counts = []
+    for steps in (T, 2 * T):
+        with CountGemms() as forward:
+            out, _ = mb(torch.randn(steps, B, F_IN))
+        with CountGemms() as backward:
+            out.square().sum().backward()
+        counts.append((forward.count, backward.count))
+    # Each further step costs one GEMM forward (h W_hh^T) and one backward (dgates W_hh):
+    # W_hh's gradient is one GEMM over all steps, whatever their number.
+    assert counts[1][0] - counts[0][0] == T
+    assert counts[1][1] - counts[0][1] == T
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
+def test_initial_state_gradients_per_model_and_last_state_only(kind: str) -> None:
+    """Per-model h0 (and c0) with gradients under vmap; a loss on h_n alone (no output grad)."""
+    torch_cls, _, kwargs = KINDS[kind]
+    n, layers = 3, 2
+    torch.manual_seed(2)
+    models = [SeqModel(torch_cls, layers, True, False, kwargs) for _ in range(n)]
+    mb = ModelBatch(models)
+    x = torch.randn(n, T, B, F_IN)
+    state = [
+        s.requires_grad_()
+        for s in tree_leaves(initial_state(kind, torch_cls, layers, True, kwargs, n))
+    ]
+    _, h_n = mb(x, *state, per_model=True)
+    weights = [torch.randn(o.shape[1:]) for o in tree_leaves(h_n)]
+    sum((o * w).sum() for o, w in zip(tree_leaves(h_n), weights)).backward()
+    grads = {name: p.grad for name, p in mb.stacked_params().items()}
+    for i, model in enumerate(models):
+        own_state = [s[i].detach().clone().requires_grad_() for s in state]
+        _, own = model(x[i], *own_state)
+        sum((o * w).sum() for o, w in zip(tree_leaves(own), weights)).backward()
+        for a, b in zip(state, own_state):
+            assert rel_err(a.grad[i], b.grad) <= GRAD_RTOL
+        for name, p in model.rnn.named_parameters():
+            assert rel_err(grads[f"rnn.{name}"][i], p.grad) <= GRAD_RTOL, f"model {i} {name}"
+
+
+def test_shared_weights_with_batched_inputs_under_vmap() -> None:
+    """torch.vmap over data only (weights unbatched) also runs through the scan's rule."""
+    torch.manual_seed(0)
+    gru = nn.GRU(F_IN, H)
+    twin = mbnn.GRU.from_torch(gru)
+    x = torch.randn(4, T, B, F_IN)
+    out = torch.vmap(lambda xi: twin(xi)[0])(x)
+    ref = torch.stack([gru(xi)[0] for xi in x])
+    assert rel_err(out, ref) <= FORWARD_RTOL
+
+
+def test_compiled_cells_equal_plain_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch.compile'd cell functions (CUDA's path), here compiled for the CPU."""
+    from modelbatch.nn import _scan
+
+    monkeypatch.setattr(_scan, "_COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(_scan, "_compiled", {})
+    torch.manual_seed(0)
+    models = [SeqModel(nn.GRU, 1, True, False, {}) for _ in range(3)]
+    mb = ModelBatch(models)
+    x = torch.randn(T, B, F_IN)
+    out, _ = mb(x)
+    weight = torch.randn(out.shape[1:])
+    (out * weight).sum().backward()
+    assert all(c is not None for c in _scan._compiled.values()) and len(_scan._compiled) == 2
+    grads = {name: p.grad for name, p in mb.stacked_params().items()}
+    for i, model in enumerate(models):
+        own, _ = model(x)
+        assert rel_err(out[i], own) <= FORWARD_RTOL
+        (own * weight).sum().backward()
+        for name, p in model.named_parameters():
+            assert rel_err(grads[name][i], p.grad) <= GRAD_RTOL, f"model {i} {name}"
+
+
+def test_torch_compile_traces_the_step_loop() -> None:
+    torch.manual_seed(0)
+    models = [SeqModel(nn.GRU, 1, False, False, {}) for _ in range(3)]
+    mb = ModelBatch(models)
+    x = torch.randn(3, B, F_IN)
+    out, _ = torch.compile(lambda x: mb(x))(x)
+    for i, model in enumerate(models):
+        assert rel_err(out[i], model(x)[0]) <= FORWARD_RTOL
+
+
+class LastStep(SeqModel):
+    """Logits of the last step only: `[B, 2]`."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)[0][:, -1]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_training_with_adam_equals_torch_one_by_one(kind: str) -> None:
+    """Bidirectional two-layer models, per-model lr, 5 Adam steps against torch's layers."""
+    import copy
+
+    import torch.nn.functional as F
+    from _reference import max_rel_diff
+
+    from modelbatch.optim import OptimizerFactory
+
+    torch_cls, _, kwargs = KINDS[kind]
+    n = 3
+    torch.manual_seed(4)
+    models = [LastStep(torch_cls, 2, True, True, kwargs) for _ in range(n)]
+    ref = [copy.deepcopy(m) for m in models]
+    lrs = [1e-3, 3e-3, 1e-2]
+    mb = ModelBatch(models)
+    opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, [{"lr": lr} for lr in lrs])
+    ref_opts = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(ref, lrs)]
+    for _ in range(5):
+        x, y = torch.randn(B, T, F_IN), torch.randint(0, 2, (B,))
+        opt.zero_grad()
+        mb.compute_loss(mb(x), y).backward()
+        opt.step()
+        for m, o in zip(ref, ref_opts):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    assert max_rel_diff(mb, ref) <= GRAD_RTOL

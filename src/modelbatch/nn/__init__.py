@@ -6,6 +6,7 @@ own, like the torch layers they mirror.
 """
 
 from ._cells import GRUCell, LSTMCell, RNNCell
+from ._conv import Conv1d, Conv2d, Conv3d, conv_lowering
 from ._convert import prepare_models
 from ._dropout import (
     AlphaDropout,
@@ -33,6 +34,9 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "Bilinear",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
     "Dropout",
     "Dropout1d",
     "Dropout2d",
@@ -46,6 +50,7 @@ __all__ = [
     "RNNCell",
     "RReLU",
     "UnbatchableLayerError",
+    "conv_lowering",
     "prepare_models",
     "SeededAlphaDropout",
     "SeededDropout",

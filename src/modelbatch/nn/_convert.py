@@ -11,8 +11,10 @@ Substitutions (torch type -> `modelbatch.nn` twin, same parameter names):
 | --- | --- | --- |
 | `nn.LSTM`, `nn.GRU`, `nn.RNN`, `nn.LSTMCell` | always | no vmap batching rule |
 | `nn.GRUCell`, `nn.RNNCell`, `nn.Bilinear` | always | vmap would loop over the models |
-| `nn.BatchNorm1d/2d/3d` | `momentum=None` and tracking stats | reads a tensor as a float |
+| `nn.BatchNorm1d/2d/3d` | always | `momentum=None` reads a tensor as a float; vmap applies the affine as extra passes |
 | `nn.RReLU` | always | no vmap batching rule |
+| `nn.Conv1d/2d/3d` | `groups=1`, `padding_mode="zeros"` | vmap runs N groups; the twin picks a faster lowering |
+| `nn.MaxPool*d`, `AvgPool*d`, `AdaptiveAvgPool*d` | always | vmap's rule copies a `[B, N, C, ...]` input |
 | `nn.Dropout`, `Dropout1d/2d/3d`, `AlphaDropout`, `FeatureAlphaDropout` | `per_model_dropout=True` | p must be a per-model tensor |
 """
 
@@ -28,7 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from ._cells import GRUCell, LSTMCell, RNNCell
+from ._conv import TORCH_TWINS as CONV_TWINS
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
+from ._pool import TORCH_TWINS as POOL_TWINS
 from ._rnn import GRU, LSTM, RNN
 from ._twins import BatchNorm1d, BatchNorm2d, BatchNorm3d, Bilinear, RReLU, _CumulativeBatchNorm
 
@@ -65,6 +69,12 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
     kind = type(module)
     if kind in _ALWAYS:
         return lambda m, _: _ALWAYS[kind].from_torch(m)
+    if kind in CONV_TWINS and module.groups == 1 and module.padding_mode == "zeros":
+        return lambda m, _: CONV_TWINS[kind].from_torch(m)
+    if kind in _BATCHNORM:
+        return lambda m, _: _BATCHNORM[kind].from_torch(m)
+    if kind in POOL_TWINS:
+        return lambda m, _: POOL_TWINS[kind].from_torch(m)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
         if not module.track_running_stats or isinstance(module, _CumulativeBatchNorm):
             # modelbatch's own twin already runs under vmap.
@@ -158,6 +168,12 @@ def prepare_models(
         f"{name or 'model'} ({type(models[0].get_submodule(name)).__name__})"
         for name in plan
         if type(models[0].get_submodule(name)) not in DROPOUT_TWINS
+        and type(models[0].get_submodule(name)) not in CONV_TWINS
+        and type(models[0].get_submodule(name)) not in POOL_TWINS
+        and not (
+            type(models[0].get_submodule(name)) in _BATCHNORM
+            and models[0].get_submodule(name).momentum is not None
+        )
     ]
     if automatic:
         logger.info(

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ._scan import scan
+
 __all__ = ["GRU", "LSTM", "RNN"]
 
 _TORCH_TYPES: dict[str, type[nn.Module]] = {
@@ -242,15 +244,18 @@ class _RNNBase(nn.Module):
         # The input projection of every step is one matmul outside the loop.
         fold_hh = self.mode != "GRU"  # GRU keeps b_hn inside the reset product
         bias = b_ih + b_hh if (b_ih is not None and b_hh is not None and fold_hh) else b_ih
-        # unbind, not x_t: the backward of T selects would build T full-size
-        # zero tensors; unbind's backward is one stack.
+        w_hr = p.get(f"weight_hr{suffix}")
+        if w_hr is None and not torch.compiler.is_compiling():
+            xg = F.linear(x, w_ih, bias)
+            return scan(self.mode, reverse, xg, h, c, w_hh, None if fold_hh else b_hh)
+        # LSTM with a projection, or traced by torch.compile (which fuses the steps
+        # itself): the step by step loop of autograd ops.
         x_steps = F.linear(x, w_ih, bias).unbind(0)
         if reverse:
             x_steps = x_steps[::-1]
         w_hh_t = w_hh.t()
         outputs: list[Tensor] = []
         if self.mode == "LSTM":
-            w_hr = p.get(f"weight_hr{suffix}")
             w_hr_t = None if w_hr is None else w_hr.t()
             for x_t in x_steps:
                 h, c = _lstm_cell(x_t, h, c, w_hh_t, w_hr_t)  # type: ignore[arg-type]

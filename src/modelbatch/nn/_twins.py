@@ -14,11 +14,12 @@ With an exponential `momentum` the BatchNorm twins are torch's own forward.
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import is_batchedtensor
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Bilinear", "RReLU"]
 
@@ -42,10 +43,79 @@ class _Twin(nn.Module):
         return _twin(module, cls)
 
 
+class _BatchedBatchNorm(torch.autograd.Function):
+    """`F.batch_norm` whose vmap rule runs N models' BatchNorm as ONE with N x C channels.
+
+    torch's own rule calls the kernel without weight and bias (ones and zeros
+    of N x C channels) and applies each model's affine afterwards as a
+    separate multiply and add, with four more full-size passes in the
+    backward. Here the stacked weight, bias and running statistics are the
+    kernel's own: one kernel forward, one backward. An input that arrives as
+    `[B, N, C, ...]` (the dense and grouped convolutions' output) needs no
+    copy at all.
+    """
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x: Tensor, *args: Any) -> Tensor:  # type: ignore[override]
+        return F.batch_norm(x, *args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
+        raise RuntimeError("modelbatch.nn: _BatchedBatchNorm is differentiated under vmap only.")
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple,
+        x: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        training: bool,
+        momentum: float,
+        eps: float,
+    ) -> Any:
+        n = info.batch_size
+        xb = x.movedim(in_dims[0], 1).flatten(1, 2)  # [B, N * C, *S]
+        stats: list[Tensor | None] = []
+        copies: list[tuple[Tensor, Tensor]] = []
+        for t, dim in zip((running_mean, running_var), in_dims[1:3]):
+            if t is None:
+                stats.append(None)
+                continue
+            stacked = t.movedim(dim, 0)
+            if stacked.is_contiguous():  # a view: the kernel updates the buffer itself
+                stats.append(stacked.view(-1))
+            else:
+                flat = stacked.reshape(-1).clone()
+                copies.append((stacked, flat))
+                stats.append(flat)
+        affine = [
+            None if t is None else t.movedim(d, 0).reshape(-1)
+            for t, d in zip((weight, bias), in_dims[3:5])
+        ]
+        out = F.batch_norm(xb, stats[0], stats[1], affine[0], affine[1], training, momentum, eps)
+        with torch.no_grad():
+            for stacked, flat in copies:
+                stacked.copy_(flat.view_as(stacked))
+        return out.unflatten(1, (n, -1)), 1
+
+
+def _all_batched(*tensors: Tensor | None) -> bool:
+    return all(t is None or is_batchedtensor(t) for t in tensors)
+
+
 class _CumulativeBatchNorm(_Twin, nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         if self.momentum is not None or not (self.training and self.track_running_stats):
-            return super().forward(input)
+            return self._forward(input)
         self._check_input_dim(input)
         assert self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
@@ -57,6 +127,30 @@ class _CumulativeBatchNorm(_Twin, nn.modules.batchnorm._BatchNorm):
             self.running_mean.mul_(1 - factor).add_(factor * mean)
             self.running_var.mul_(1 - factor).add_(factor * var)
         return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+    def _forward(self, input: Tensor) -> Tensor:
+        """torch's forward, with the batched kernel under vmap."""
+        tensors = (self.running_mean, self.running_var, self.weight, self.bias)
+        batched = is_batchedtensor(input) and _all_batched(*tensors)
+        if not batched or input.dim() < 2 or torch.compiler.is_compiling():
+            return super().forward(input)
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracking = self.training and self.track_running_stats
+        if tracking and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return _BatchedBatchNorm.apply(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
 
 
 class BatchNorm1d(_CumulativeBatchNorm, nn.BatchNorm1d):
