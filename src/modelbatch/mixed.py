@@ -22,7 +22,6 @@ call, captured as one CUDA graph by `compile_mixed_step`.
 from __future__ import annotations
 
 import copy
-
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
