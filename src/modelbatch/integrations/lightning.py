@@ -16,7 +16,7 @@ versions:
   goes to the logger (a `per_model.csv` in its `log_dir`, or `log_table`
   where the logger has one).
 
-Requires `pip install modelbatch[lightning]`.
+Requires `pip install "torch-modelbatch[lightning]"`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - exercised only without lightning
     except ImportError as exc:
         raise ImportError(
             "modelbatch.integrations.lightning: PyTorch Lightning is not installed; "
-            "install it with `pip install modelbatch[lightning]` (or `pip install lightning`)."
+            'install it with `pip install "torch-modelbatch[lightning]"` (or `pip install lightning`).'
         ) from exc
 
 __all__ = ["BatchLightningModule", "batch_precision_plugin"]
