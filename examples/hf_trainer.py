@@ -7,10 +7,11 @@ hyperparameters, per-model gradient clipping and Trainer's linear lr schedule
 worst model; the full per-model table goes to `<output_dir>/per_model_log.csv`.
 Finishes in well under a minute on two CPU cores.
 
-    pip install modelbatch[hf] scikit-learn
+    pip install -e ".[hf,examples]"    # from a checkout of this repository
     python examples/hf_trainer.py
 """
 
+# needs: accelerate (Trainer's; tests/test_examples.py skips this example without it)
 from __future__ import annotations
 
 import argparse
