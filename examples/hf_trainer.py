@@ -9,10 +9,11 @@ With matplotlib installed it saves `hf_sweep.png`: the training loss of each lr
 (the band spans its four weight decays) and each model's eval loss against its
 lr and weight decay. Finishes in well under a minute on two CPU cores.
 
-    pip install modelbatch[hf] scikit-learn
+    pip install -e ".[hf,examples]"    # from a checkout of this repository
     python examples/hf_trainer.py
 """
 
+# needs: accelerate (Trainer's; tests/test_examples.py skips this example without it)
 from __future__ import annotations
 
 import argparse

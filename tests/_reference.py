@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,10 @@ from modelbatch import ModelBatch
 from modelbatch.optim import BatchSGD
 
 IN, HIDDEN, CLASSES, BATCH = 6, 8, 3, 16
+Opt = TypeVar("Opt", bound=torch.optim.Optimizer)
 
 
-def make_models(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[nn.Module]:
+def make_models(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[nn.Sequential]:
     """N small MLPs (Linear-Tanh-Linear), each with its own random init."""
     torch.manual_seed(seed)
     return [
@@ -68,9 +69,9 @@ def train_one_by_one(
 
 def train_batched(
     mb: ModelBatch,
-    opt: torch.optim.Optimizer,
+    opt: Opt,
     batches: Sequence[tuple[Tensor, Tensor]],
-    before_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+    before_step: Callable[[int, Opt], None] | None = None,
     accumulate: int = 1,
 ) -> None:
     """Train a ModelBatch on the same per-model batches with one optimizer."""
@@ -81,6 +82,18 @@ def train_batched(
         for xs, ys in zip(x.chunk(accumulate, dim=1), y.chunk(accumulate, dim=1)):
             mb.compute_loss(mb(xs, per_model=True), ys, per_model=True).backward()
         opt.step()
+
+
+def grad(t: Tensor) -> Tensor:
+    """`t.grad`, asserted present (a backward that skipped `t` fails here)."""
+    assert t.grad is not None, "expected a gradient, got None"
+    return t.grad
+
+
+def latest_losses(mb: ModelBatch) -> Tensor:
+    """`mb.latest_losses` `[N]`, asserted present (compute_loss has run)."""
+    assert mb.latest_losses is not None, "expected losses, compute_loss has not run"
+    return mb.latest_losses
 
 
 def max_rel_diff(mb: ModelBatch, models: Sequence[nn.Module]) -> float:

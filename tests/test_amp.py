@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import CountOps, make_sgd, max_rel_diff
+from _reference import CountOps, grad, make_sgd, max_rel_diff
 from torch import nn
 
 from modelbatch import ModelBatch
@@ -71,7 +71,7 @@ def test_each_model_follows_torch_gradscaler_on_that_model_alone(growth, backoff
         opt.zero_grad()
         scaler.scale(mb.compute_loss(mb(x), y)).backward()
         for k, value in INJECT.get(step, []):
-            first.grad[k, 0, 0] = value
+            grad(first)[k, 0, 0] = value
         scaler.unscale_(opt)
         clip_grad_norm_(mb, torch.tensor(max_norms))
         scaler.step(opt)
@@ -81,7 +81,7 @@ def test_each_model_follows_torch_gradscaler_on_that_model_alone(growth, backoff
             s.scale(F.cross_entropy(m(x), y)).backward()
             for k, value in INJECT.get(step, []):
                 if k == i:
-                    next(m.parameters()).grad[0, 0] = value
+                    grad(next(m.parameters()))[0, 0] = value
             s.unscale_(o)
             nn.utils.clip_grad_norm_(m.parameters(), max_norms[i])
             s.step(o)
@@ -177,8 +177,14 @@ def test_overflow_under_cuda_fp16_autocast_skips_only_that_model() -> None:
 # ---------------------------------------------------------------- scaling semantics
 
 
+def _found_inf(scaler: BatchGradScaler, opt: torch.optim.Optimizer) -> torch.Tensor:
+    flags = scaler.found_inf(opt)
+    assert flags is not None, "expected found_inf flags: unscale_ has not run for opt"
+    return flags
+
+
 def _grads(mb: ModelBatch) -> list[torch.Tensor]:
-    return [p.grad.clone() for p in mb.parameters()]
+    return [grad(p).clone() for p in mb.parameters()]
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "accumulate"])
@@ -207,7 +213,7 @@ def test_compute_loss_gradients_are_scaled_per_model(reduction: str) -> None:
     scaler.unscale_(opt)
     for g_plain, g_scaled in zip(_grads(plain), _grads(scaled)):
         assert torch.equal(g_scaled, g_plain)
-    assert torch.equal(scaler.found_inf(opt), torch.zeros(N))
+    assert torch.equal(_found_inf(scaler, opt), torch.zeros(N))
 
 
 def test_scale_of_per_model_losses_and_of_foreign_scalars() -> None:
@@ -252,7 +258,7 @@ def test_user_skip_is_combined_with_found_inf() -> None:
     scaler = BatchGradScaler(mb)
     before = [p.detach().clone() for p in mb.parameters()]
     scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
-    next(iter(mb.parameters())).grad[1, 0, 0] = float("nan")
+    grad(next(iter(mb.parameters())))[1, 0, 0] = float("nan")
     scaler.step(opt, skip=torch.tensor([False, False, False, True]))
     after = list(mb.parameters())
     for b, a in zip(before, after):
@@ -294,7 +300,7 @@ def test_state_dict_round_trip_in_place() -> None:
         opt.zero_grad()
         scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
         if step == 1:
-            next(iter(mb.parameters())).grad[2, 0, 0] = float("inf")
+            grad(next(iter(mb.parameters())))[2, 0, 0] = float("inf")
         scaler.step(opt)
         scaler.update()
     state = scaler.state_dict()
@@ -337,7 +343,7 @@ def test_reset_models_restores_only_their_scale() -> None:
         opt.zero_grad()
         scaler.scale(mb.compute_loss(mb(torch.randn(8, 6)), torch.randint(0, 3, (8,)))).backward()
         if step == 2:
-            next(iter(mb.parameters())).grad[3, 0, 0] = float("nan")
+            grad(next(iter(mb.parameters())))[3, 0, 0] = float("nan")
         scaler.step(opt)
         scaler.update()
     before = scaler.get_scale()
@@ -364,11 +370,11 @@ def test_found_inf_flags_exactly_the_models_with_a_non_finite_gradient(dtype) ->
     bad = torch.rand(n, generator=gen) < 0.5
     values = [float("nan"), float("inf"), float("-inf")]
     for i in bad.nonzero().reshape(-1).tolist():
-        grads = [p.grad for p in mb.parameters()]
+        grads = [grad(p) for p in mb.parameters()]
         g = grads[int(torch.randint(0, len(grads), (), generator=gen))][i].reshape(-1)
         g[int(torch.randint(0, g.numel(), (), generator=gen))] = values[i % 3]
     scaler.unscale_(opt)
-    assert torch.equal(scaler.found_inf(opt) > 0, bad)
+    assert torch.equal(_found_inf(scaler, opt) > 0, bad)
 
 
 @pytest.mark.gpu
@@ -409,7 +415,7 @@ def test_model_batch_step_runs_the_scaler_recipe() -> None:
             mb.zero_grad()
             mb.compute_loss(mb(x), y).backward()
             if step == 2:
-                mb.stacked_params()["weight"].grad[1, 0, 0] = float("inf")
+                grad(mb.stacked_params()["weight"])[1, 0, 0] = float("inf")
             if use_mb_step:
                 mb.step()
             else:

@@ -97,6 +97,7 @@ def make_run(seed: int, family: str):
     """A run with an optimizer, a schedule, a data loader and (for some) a grad scaler."""
     mb = make_batch(seed)
     scaler = None
+    sched: torch.optim.lr_scheduler.LRScheduler
     if family in TORCH_OPTIMIZERS:
         opt = TORCH_OPTIMIZERS[family](mb.parameters())
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
@@ -108,7 +109,7 @@ def make_run(seed: int, family: str):
         sched = mb_optim.BatchStepLR(opt, step_size=[2, 3, 4, 5], gamma=[0.5, 0.6, 0.7, 0.8])
         if family in ("BatchAdam", "BatchSGD"):
             scaler = BatchGradScaler(
-                mb, init_scale=[2.0**8, 2.0**10, 2.0**12, 2.0**14], growth_interval=2
+                mb, init_scale=torch.tensor([2.0**8, 2.0**10, 2.0**12, 2.0**14]), growth_interval=2
             )
     loader = PerModelLoader(*make_data(), num_models=N, batch_size=16, sampling="bootstrap")
     return mb, opt, sched, scaler, loader
@@ -159,7 +160,7 @@ def test_resume_is_bitwise_the_same_as_never_stopping(tmp_path, family):
     mb2, opt2, sched2, scaler2, loader2 = make_run(123, family)
     torch.manual_seed(999)  # the checkpoint's RNG state must win
     ckpt = load(path, mb2, optimizer=opt2, scheduler=sched2, loader=loader2)
-    assert ckpt.step == 5 and ckpt.configs[3] == {"i": 3}
+    assert ckpt.step == 5 and ckpt.configs is not None and ckpt.configs[3] == {"i": 3}
     assert mb2.active.tolist() == [True, True, False, True]
     train(mb2, opt2, sched2, scaler2, forever(loader2), 4)
     assert_same(expected, weights(mb2))
@@ -204,7 +205,7 @@ def test_failed_rename_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path,
     save(path, mb)
     before = weights(mb)
     with torch.no_grad():
-        mb.stacked.fc1.weight.add_(1.0)
+        mb.stacked_params()["fc1.weight"].add_(1.0)
 
     def crash(*args, **kwargs):
         raise OSError("disk gone")
@@ -263,7 +264,7 @@ def test_writer_killed_midway_leaves_the_previous_checkpoint(tmp_path, where):
     assert len(left) == 3 and left[0].startswith(".c.safetensors.") and left[0].endswith(".tmp")
     assert left[1:] == ["c.safetensors", "c.safetensors.lock"]
     with torch.no_grad():
-        mb.stacked.weight.zero_()
+        mb.stacked_params()["weight"].zero_()
     load(path, mb)
     assert_same(before, weights(mb))
     # The next save of the same path removes both.
@@ -550,7 +551,7 @@ def test_the_batchs_own_optimizer_and_scaler_are_saved_and_restored_by_default(t
         )
 
     mb = build(0)
-    BatchGradScaler(mb, init_scale=[2.0**4, 2.0**5, 2.0**6, 2.0**7])
+    BatchGradScaler(mb, init_scale=torch.tensor([2.0**4, 2.0**5, 2.0**6, 2.0**7]))
     x, y = torch.randn(16, D), torch.randint(0, C, (16,))
     for _ in range(2):
         mb.zero_grad()
@@ -561,6 +562,8 @@ def test_the_batchs_own_optimizer_and_scaler_are_saved_and_restored_by_default(t
     mb2 = build(1)
     BatchGradScaler(mb2)
     load(path, mb2)
+    assert isinstance(mb.optimizer, mb_optim.BatchOptimizer)
+    assert isinstance(mb2.optimizer, mb_optim.BatchOptimizer)
     assert torch.equal(mb2.optimizer.hparams["lr"], mb.optimizer.hparams["lr"])
     assert torch.equal(mb2.optimizer.param_groups[0]["step"], mb.optimizer.param_groups[0]["step"])
     assert torch.equal(mb2.grad_scaler.get_scale(), mb.grad_scaler.get_scale())

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import CountOps
+from _reference import CountOps, grad
 from torch import nn
 
 from modelbatch import ModelBatch
@@ -56,7 +56,7 @@ def _assert_grads_match(mb: ModelBatch, separate: list[nn.Module], tol: float = 
     stacked = mb.stacked_params()
     for i, m in enumerate(separate):
         for name, p in m.named_parameters():
-            assert _max_rel(stacked[name].grad[i], p.grad) <= tol, (i, name)
+            assert _max_rel(grad(stacked[name])[i], grad(p)) <= tol, (i, name)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
@@ -70,6 +70,7 @@ def test_clip_grad_norm_matches_torch_per_model(norm_type: float, per_model_max:
         ]
     )
     # Limits below and above the norms so some models clip and some do not.
+    max_norm: torch.Tensor | float
     if per_model_max:
         max_norm = expected * torch.tensor([0.1, 0.5, 0.9, 1.5, 3.0])
     else:
@@ -78,7 +79,7 @@ def test_clip_grad_norm_matches_torch_per_model(norm_type: float, per_model_max:
     assert norms.shape == (N,)
     assert _max_rel(norms, expected) <= 1e-6
     for i, m in enumerate(separate):
-        limit = float(max_norm[i]) if per_model_max else max_norm
+        limit = float(max_norm[i]) if isinstance(max_norm, torch.Tensor) else max_norm
         torch.nn.utils.clip_grad_norm_(m.parameters(), limit, norm_type=norm_type)
     _assert_grads_match(mb, separate)
     assert (
@@ -107,11 +108,13 @@ def test_clip_grad_norm_on_iterable_of_stacked_tensors() -> None:
 @pytest.mark.parametrize("per_model_value", [True, False])
 def test_clip_grad_value_matches_torch_per_model(per_model_value: bool) -> None:
     mb, separate = _batched_and_separate()
-    values = torch.tensor([0.01, 0.05, 0.1, 0.2, 10.0]) if per_model_value else 0.05
-    before = [p.grad.clone() for p in mb.parameters()]
+    values: torch.Tensor | float = (
+        torch.tensor([0.01, 0.05, 0.1, 0.2, 10.0]) if per_model_value else 0.05
+    )
+    before = [grad(p).clone() for p in mb.parameters()]
     clip_grad_value_(mb, values)
     for i, m in enumerate(separate):
-        limit = float(values[i]) if per_model_value else values
+        limit = float(values[i]) if isinstance(values, torch.Tensor) else values
         torch.nn.utils.clip_grad_value_(m.parameters(), limit)
         # Exact on the very same gradient values: torch on model i's slices.
         slices = [nn.Parameter(torch.zeros_like(g[i])) for g in before]
@@ -119,7 +122,7 @@ def test_clip_grad_value_matches_torch_per_model(per_model_value: bool) -> None:
             s.grad = g[i].clone()
         torch.nn.utils.clip_grad_value_(slices, limit)
         for s, p in zip(slices, mb.parameters()):
-            assert torch.equal(p.grad[i], s.grad)
+            assert torch.equal(grad(p)[i], grad(s))
     _assert_grads_match(mb, separate)
 
 

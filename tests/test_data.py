@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -119,6 +121,7 @@ def test_kfold_with_several_configs_per_fold(data):
     loader = PerModelLoader(
         *data, num_models=6, batch_size=10, sampling="kfold", num_folds=3, seed=[1, 2, 3, 4, 5, 6]
     )
+    assert loader.model_folds is not None
     assert loader.model_folds.tolist() == [0, 1, 2, 0, 1, 2]
     idx, mask = loader.held_out()
     assert torch.equal(idx[0][mask[0]], idx[3][mask[3]])
@@ -156,7 +159,13 @@ def test_map_style_dataset_is_collated_once(data):
 
 def test_sampler_drives_torch_dataloader_with_the_same_batches(data):
     x, y = data
-    kwargs = {"num_models": 3, "batch_size": 8, "sampling": "kfold", "num_folds": 3, "seed": 4}
+    kwargs: dict[str, Any] = {
+        "num_models": 3,
+        "batch_size": 8,
+        "sampling": "kfold",
+        "num_folds": 3,
+        "seed": 4,
+    }
     sampler = PerModelSampler(L, **kwargs)
     loader = PerModelLoader(x, y, **kwargs)
     batches = list(DataLoader(TensorDataset(x, y), batch_sampler=sampler))
@@ -224,7 +233,7 @@ def test_training_on_per_model_batches_matches_each_model_trained_alone(data, sa
         ref.load_state_dict(m.state_dict())
     mb = ModelBatch(models)
     opt = BatchSGD(list(mb.parameters()), [{"lr": lr} for lr in lrs], model_batch=mb)
-    extra = {"num_folds": 3} if sampling == "kfold" else {}
+    extra: dict[str, Any] = {"num_folds": 3} if sampling == "kfold" else {}
     loader = PerModelLoader(x, y, num_models=n, batch_size=16, sampling=sampling, seed=9, **extra)
     orders = [loader.order(e) for e in range(2)]
     for _ in range(2):

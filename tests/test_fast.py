@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -52,7 +53,9 @@ def test_eager_fallback_matches_separate_models(per_model: bool, clip: bool) -> 
     models = make_models()
     refs = copy.deepcopy(models)
     mb = ModelBatch(models)
-    configs = [{"lr": 0.01 * (i + 1), "weight_decay": 0.05 * i} for i in range(N)]
+    configs: list[dict[str, Any]] = [
+        {"lr": 0.01 * (i + 1), "weight_decay": 0.05 * i} for i in range(N)
+    ]
     opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, configs)
     max_norms = [0.05, 0.2, 1.0, 5.0]
     step = quiet_step(mb, opt, per_model=per_model, max_norm=max_norms if clip else None)
@@ -80,7 +83,7 @@ def test_cpu_fallback_says_why_once() -> None:
     mb = ModelBatch(make_models())
     with pytest.warns(UserWarning, match=r"compile_step: running the eager step.*CUDA"):
         step = compile_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
-    assert step.mode == "eager" and "CUDA" in step.reason
+    assert step.mode == "eager" and step.reason is not None and "CUDA" in step.reason
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
@@ -92,9 +95,10 @@ def test_losses_stay_on_device_and_are_recorded() -> None:
     step = quiet_step(mb, torch.optim.SGD(mb.parameters(), lr=0.1))
     first = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
     second = step(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    expected = torch.stack([first, second])
     assert first.shape == (N,) and first.dtype == torch.float32 and not first.requires_grad
     assert mb.latest_losses is second
-    torch.testing.assert_close(mb.loss_history(), torch.stack([first, second]), rtol=0, atol=0)
+    torch.testing.assert_close(mb.loss_history(), expected, rtol=0, atol=0)
 
 
 def test_retired_model_is_untouched_and_others_train() -> None:
@@ -164,6 +168,7 @@ def test_evaluate_matches_each_model(per_model: bool) -> None:
     ]
     result = evaluate(mb, loader, per_model=per_model)
     assert isinstance(result, EvalResult) and mb.training
+    assert result.accuracy is not None
     for i in range(N):
         ref = mb.model(i).eval()
         with torch.no_grad():

@@ -9,7 +9,9 @@ from __future__ import annotations
 import copy
 import csv
 import math
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,13 +76,13 @@ class RecordingTrainer(BatchTrainer):
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
-def make_models(seed: int = 0, n: int = N) -> list[nn.Module]:
+def make_models(seed: int = 0, n: int = N) -> list[MLP]:
     torch.manual_seed(seed)
     return [MLP() for _ in range(n)]
 
 
 def make_args(out, **overrides) -> TrainingArguments:
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(out),
         max_steps=STEPS,
         per_device_train_batch_size=8,
@@ -129,7 +131,7 @@ def torch_reference(
 ):
     """N models trained one by one with torch.optim on the recorded batches."""
     models = [copy.deepcopy(m) for m in models]
-    opts = []
+    opts: list[torch.optim.Optimizer] = []
     for m, c in zip(models, configs):
         groups = hf_param_groups(m, c["weight_decay"])
         if optimizer == "adamw":
@@ -355,12 +357,13 @@ def test_eval_predictions_are_batch_first_and_per_model(tmp_path):
     trainer = train(tmp_path, make_models(seed=7), max_steps=3)
     data = Blobs(n=10, seed=1)  # 10 samples in eval batches of 4: an uneven last batch
     out = trainer.predict(data)
-    assert out.predictions.shape == (10, N, 3)
+    predictions = out.predictions
+    assert isinstance(predictions, np.ndarray) and predictions.shape == (10, N, 3)
     mb = trainer.model_batch
     losses = []
     for i in range(N):
         logits = export_model(trainer, i)(data.x)
-        assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(torch.as_tensor(predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
         losses.append(float(F.cross_entropy(logits, data.y).detach()))
     best = min(range(N), key=lambda i: losses[i])
     assert out.metrics["test_best_model"] == best
@@ -385,7 +388,9 @@ def test_overflow_in_one_model_skips_only_that_model(tmp_path):
         models = make_models(seed=8)
         if blow_up:
             with torch.no_grad():
-                models[k].net[2].weight.mul_(1e36)  # its scaled gradients overflow to inf
+                models[k].get_parameter("net.2.weight").mul_(
+                    1e36
+                )  # its scaled gradients overflow to inf
         mb = ModelBatch(models)
         start = mb.get_model_states()[k]
         scaler = amp.BatchGradScaler(mb, init_scale=2.0**16)
@@ -431,7 +436,7 @@ def test_fp16_global_scaler_is_replaced_by_the_per_model_one(tmp_path, monkeypat
     k = 3
     models = make_models(seed=10)
     with torch.no_grad():
-        models[k].net[2].weight.fill_(float("inf"))
+        models[k].get_parameter("net.2.weight").fill_(float("inf"))
     mb = ModelBatch(models)
     start = mb.get_model_states()
     trainer = BatchTrainer(
@@ -458,7 +463,7 @@ def test_resume_restores_the_per_model_scaler(tmp_path):
         models = make_models(seed=seed)
         with torch.no_grad():
             # Non-finite at every scale: model k skips every step, in both runs alike.
-            models[k].net[2].weight.fill_(float("inf"))
+            models[k].get_parameter("net.2.weight").fill_(float("inf"))
         mb = ModelBatch(models)
         # growth_interval=2: the others' scales grow while model k's backs off, so the
         # scaler state differs per model by the checkpoint.
@@ -493,7 +498,7 @@ def test_tiny_bert_sequence_classification(tmp_path):
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         attn_implementation="eager",
-    )
+    )  # type: ignore[call-arg]  # taken by PretrainedConfig, absent from BertConfig's signature
     n, steps = 3, 4
     models = []
     for seed in range(n):
@@ -539,14 +544,15 @@ def test_tiny_bert_sequence_classification(tmp_path):
 
     data = Sentences(6, 1)
     out = trainer.predict(data)
-    assert out.predictions.shape == (6, n, 3)
+    predictions = out.predictions
+    assert isinstance(predictions, np.ndarray) and predictions.shape == (6, n, 3)
     for i in range(n):
         exported = export_model(trainer, i)
         assert isinstance(exported, BertForSequenceClassification)
         logits = exported(input_ids=data.ids, attention_mask=data.mask).logits
         expected = ref[i](input_ids=data.ids, attention_mask=data.mask).logits
         assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-7)
-        assert torch.allclose(torch.as_tensor(out.predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(torch.as_tensor(predictions[:, i]), logits, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------- errors
@@ -556,7 +562,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(
         TypeError, match=r"BatchTrainer: expected model to be a modelbatch\.ModelBatch"
     ):
-        BatchTrainer(MLP(), make_args(tmp_path))
+        BatchTrainer(MLP(), make_args(tmp_path))  # type: ignore[arg-type]  # the wrong type is the point
     mb = ModelBatch(make_models())
     with pytest.raises(ValueError, match="BatchTrainer: configs has 2 entries"):
         BatchTrainer(mb, make_args(tmp_path), configs=CONFIGS[:2])
@@ -576,9 +582,9 @@ def test_dataset_columns_follow_the_users_forward(tmp_path):
     # MLP.forward(x), not ModelBatch.forward(*args, **kwargs).
     trainer = BatchTrainer(ModelBatch(make_models()), make_args(tmp_path), configs=CONFIGS)
     trainer._set_signature_columns_if_needed()
-    assert "x" in trainer._signature_columns
-    assert "labels" in trainer._signature_columns
-    assert "kwargs" not in trainer._signature_columns
+    columns = trainer._signature_columns
+    assert columns is not None
+    assert "x" in columns and "labels" in columns and "kwargs" not in columns
 
 
 # ---------------------------------------------------------------------- the stock Trainer

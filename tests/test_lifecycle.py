@@ -360,6 +360,7 @@ def test_replace_model_keeps_the_schedule_arguments_it_does_not_change() -> None
     torch.manual_seed(0)
     mb = ModelBatch([nn.Linear(3, 2) for _ in range(3)])
     opt = OptimizerFactory(torch.optim.SGD).create_optimizer(mb, [{"lr": 0.1}] * 3)
+    assert isinstance(opt, mb_optim.BatchOptimizer)
     sched = BatchLRScheduler(
         opt, torch.optim.lr_scheduler.StepLR, [{"step_size": 2, "gamma": 0.5}] * 3
     )

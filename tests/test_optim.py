@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
 from _reference import (
+    grad,
     make_batches,
     make_models,
     max_rel_diff,
@@ -17,6 +20,7 @@ from _reference import (
 )
 from torch import nn
 from torch.optim import SGD, Adagrad, Adam, AdamW, RMSprop
+from torch.optim.lr_scheduler import LRScheduler
 
 from modelbatch import ModelBatch
 from modelbatch.optim import BatchAdam, BatchOptimizer, OptimizerFactory
@@ -164,7 +168,11 @@ ALL_CASES = [
 ]
 
 
-def _build(cls, configs, seed=0):
+def _build(
+    cls: type[torch.optim.Optimizer], configs: Sequence[Mapping[str, Any]], seed: int = 0
+) -> tuple[ModelBatch, Any]:
+    # Any: a BatchOptimizer, or a torch optimizer masked by the factory (both have
+    # hparams, reset_models and step(skip=...)).
     mb = ModelBatch(make_models(N, seed))
     return mb, OptimizerFactory(cls).create_optimizer(mb, configs)
 
@@ -230,7 +238,7 @@ def test_hparams_changed_mid_training_take_effect():
 @pytest.mark.parametrize(("cls", "configs"), VECTORIZED_CASES)
 def test_torch_lr_scheduler_scales_every_models_lr(cls, configs, factor):
     models, batches = make_models(N), make_batches(N, 15)
-    ref_scheds = []
+    ref_scheds: list[torch.optim.lr_scheduler.LRScheduler] = []
 
     def ref_hook(t, opts):
         if t == 0:
@@ -275,6 +283,7 @@ def test_model_batch_builds_through_the_factory():
         optimizer_cls=SGD,
         optimizer_kwargs={"momentum": 0.9, "nesterov": True},
     )
+    assert isinstance(mb.optimizer, BatchOptimizer)
     assert torch.equal(mb.optimizer.hparams["lr"], torch.tensor(lrs, dtype=torch.float64))
     for x, y in batches:
         mb.zero_grad()
@@ -334,14 +343,14 @@ def test_held_model_is_bitwise_frozen_even_with_nan_grads(cls, configs, how):
 
     mb, opt = _build(cls, configs)
     held_at = 0 if how == "retire" and cls in (torch.optim.Rprop, Adagrad) else 4
-    frozen = {}
+    frozen: dict[str, torch.Tensor] = {}
     for t, (x, y) in enumerate(batches):
         opt.zero_grad()
         mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
         skip = None
         if t >= held_at:
             for p in mb.parameters():
-                p.grad[k] = float("nan")
+                grad(p)[k] = float("nan")
             if how == "retire":
                 mb.retire(k)
             else:
@@ -539,7 +548,9 @@ def test_step_hooks_run_once():
 
 
 def test_param_groups_share_per_model_hparams_and_scale_by_their_own_factor():
-    configs = [{"lr": 1e-2 * (i + 1), "betas": (0.9 - 0.1 * i, 0.999)} for i in range(N)]
+    configs: list[dict[str, Any]] = [
+        {"lr": 1e-2 * (i + 1), "betas": (0.9 - 0.1 * i, 0.999)} for i in range(N)
+    ]
     models, batches = make_models(N), make_batches(N, 10)
     reference = [copy.deepcopy(m) for m in models]
     ref_opts = [
@@ -553,10 +564,10 @@ def test_param_groups_share_per_model_hparams_and_scale_by_their_own_factor():
         for m, cfg in zip(reference, configs)
     ]
     for x, y in batches:
-        for i, (m, opt) in enumerate(zip(reference, ref_opts)):
-            opt.zero_grad()
+        for i, (m, ref_opt) in enumerate(zip(reference, ref_opts)):
+            ref_opt.zero_grad()
             torch.nn.functional.cross_entropy(m(x[i]), y[i]).backward()
-            opt.step()
+            ref_opt.step()
     mb = ModelBatch(models)
     params = mb.stacked_params()
     groups = [
@@ -578,7 +589,12 @@ def test_tensor_lr_factor_works_like_a_float():
         mb, opt = _build(Adam, configs)
         opt.param_groups[0]["lr"] = factor
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5**t)
-        train_batched(mb, opt, batches, lambda t, o, s=sched: s.step() if t > 0 else None)
+
+        def step_after_first(t: int, o: torch.optim.Optimizer, s: LRScheduler = sched) -> None:
+            if t > 0:
+                s.step()
+
+        train_batched(mb, opt, batches, step_after_first)
         runs.append(snapshot(mb, opt))
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
     for key in runs[0]:
@@ -670,7 +686,7 @@ def test_cuda_kernels_match_torch_and_the_torch_path(cls, configs, monkeypatch):
                 held = snapshot(mb, opt)
             if t >= 8:
                 for p in mb.parameters():
-                    p.grad[3] = float("nan")
+                    grad(p)[3] = float("nan")
             opt.step()
         after = snapshot(mb, opt)
         assert held is not None

@@ -21,6 +21,7 @@ from modelbatch.optim import (
     BatchExponentialLR,
     BatchLRScheduler,
     BatchMultiStepLR,
+    BatchOptimizer,
     BatchStepLR,
     BatchWarmupCosineLR,
     clip_grad_norm_,
@@ -395,6 +396,7 @@ def test_multistep_reset_models_with_new_milestones() -> None:
     restored.load_state_dict(sched.state_dict())
     sched.step()
     restored.step()
+    assert isinstance(restored.optimizer, BatchOptimizer)
     assert torch.equal(restored.optimizer.hparams["lr"], opt.hparams["lr"])
 
 

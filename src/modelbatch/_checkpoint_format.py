@@ -86,7 +86,7 @@ def safetensors_module() -> Any:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "modelbatch.checkpoint needs safetensors; install it with "
-            "`pip install modelbatch[checkpoint]` or `pip install safetensors`."
+            '`pip install "torch-modelbatch[checkpoint]"` or `pip install safetensors`.'
         ) from e
     return st
 

@@ -22,7 +22,7 @@ every per-model guarantee of the library inside Trainer's loop:
   `export_model` / `load_model_state` give back model i as an ordinary module or
   state dict.
 
-Importing this module imports `transformers` (install with `pip install modelbatch[hf]`).
+Importing this module imports `transformers` (install with `pip install "torch-modelbatch[hf]"`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         "modelbatch.integrations.huggingface needs transformers and accelerate; install them "
-        "with `pip install modelbatch[hf]`."
+        'with `pip install "torch-modelbatch[hf]"` (or `pip install transformers accelerate`).'
     ) from error
 
 __all__ = [

@@ -17,7 +17,7 @@ versions:
   scalar series per model under `per_model/` for TensorBoard, and a
   `per_model.csv` in its `log_dir`.
 
-Requires `pip install modelbatch[lightning]`.
+Requires `pip install "torch-modelbatch[lightning]"`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised only without lightning
     except ImportError as exc:
         raise ImportError(
             "modelbatch.integrations.lightning: PyTorch Lightning is not installed; "
-            "install it with `pip install modelbatch[lightning]` (or `pip install lightning`)."
+            'install it with `pip install "torch-modelbatch[lightning]"` (or `pip install lightning`).'
         ) from exc
 
 __all__ = ["BatchLightningModule", "batch_precision_plugin"]

@@ -9,7 +9,7 @@ in place with a newly asked trial (weights re-initialized, optimizer state and
 hyperparameters reset for that slot only) or, with `refill=False`, retired
 until the whole batch is done.
 
-Requires `pip install modelbatch[optuna]` (CMA-ES also needs `cmaes`).
+Requires `pip install "torch-modelbatch[optuna]"` (CMA-ES also needs `cmaes`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without optuna
     raise ImportError(
         "modelbatch.integrations.optuna: Optuna is not installed; install it with "
-        "`pip install modelbatch[optuna]` (or `pip install optuna`)."
+        '`pip install "torch-modelbatch[optuna]"` (or `pip install optuna`).'
     ) from exc
 
 __all__ = ["BatchedTrials", "optimize_batched", "shared_study"]
