@@ -71,25 +71,25 @@ class UpdateRule:
     options: tuple[str, ...] = ()
 
 
-def _lerp(start, end, weight):  # type: ignore[no-untyped-def]
+def _lerp(start, end, weight):
     return ops.lerp(start, end, weight)
 
 
-def _lerp_formula(start, end, weight):  # type: ignore[no-untyped-def]
+def _lerp_formula(start, end, weight):
     # torch.lerp's formula, stable at both ends: `_lerp` where ops has no lerp (Triton).
     return ops.where(
         weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight)
     )
 
 
-def _pow(base, exponent):  # type: ignore[no-untyped-def]
+def _pow(base, exponent):
     # base ** exponent for base >= 0 and a positive integer-valued exponent, in float64.
     return ops.where(
         base > 0.0, ops.exp(exponent * ops.log(ops.where(base > 0.0, base, 1.0))), 0.0 * base
     )
 
 
-def _round32(x):  # type: ignore[no-untyped-def]
+def _round32(x):
     # torch keeps some scalar state (NAdam's mu_product, ASGD's eta and mu) as float32 tensors.
     return x.to(ops.float32).to(ops.float64)
 
@@ -97,7 +97,7 @@ def _round32(x):  # type: ignore[no-untyped-def]
 # ---------------------------------------------------------------------- Adam, AdamW
 
 
-def _adam_coefficients(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):  # type: ignore[no-untyped-def]
+def _adam_coefficients(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled):
     bias1 = 1.0 - _pow(beta1, step)
     bias2_sqrt = ops.sqrt(1.0 - _pow(beta2, step))
     sign = 1.0 - 2.0 * maximize
@@ -108,7 +108,7 @@ def _adam_coefficients(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maxim
 
 def _adam_update(
     p, g, m, v, vmax, step_size, bias2_sqrt, eps, wd, w1, beta2, w2, sign, amsgrad, decay, HAS_MAX
-):  # type: ignore[no-untyped-def]
+):
     g = g * sign
     p = p * decay
     g = g + p * wd
@@ -148,7 +148,7 @@ ADAM = UpdateRule(
 # ---------------------------------------------------------------------- SGD
 
 
-def _sgd_coefficients(step, lr, momentum, dampening, weight_decay, nesterov, maximize):  # type: ignore[no-untyped-def]
+def _sgd_coefficients(step, lr, momentum, dampening, weight_decay, nesterov, maximize):
     # Torch starts the momentum buffer as a copy of the first gradient.
     first = ops.where(step == 1.0, 1.0, 0.0)
     sign = 1.0 - 2.0 * maximize
@@ -158,7 +158,7 @@ def _sgd_coefficients(step, lr, momentum, dampening, weight_decay, nesterov, max
     return (lr, weight_decay, sign, has_momentum, keep, take, nesterov * has_momentum, momentum)
 
 
-def _sgd_update(p, g, buf, lr, wd, sign, has_momentum, keep, take, nesterov, momentum, HAS_BUF):  # type: ignore[no-untyped-def]
+def _sgd_update(p, g, buf, lr, wd, sign, has_momentum, keep, take, nesterov, momentum, HAS_BUF):
     g = g * sign
     g = g + p * wd
     if HAS_BUF:
@@ -191,7 +191,7 @@ SGD = UpdateRule(
 # ---------------------------------------------------------------------- RMSprop
 
 
-def _rmsprop_coefficients(step, lr, alpha, eps, weight_decay, momentum, centered, maximize):  # type: ignore[no-untyped-def]
+def _rmsprop_coefficients(step, lr, alpha, eps, weight_decay, momentum, centered, maximize):
     sign = 1.0 - 2.0 * maximize
     return (lr, alpha, 1.0 - alpha, eps, weight_decay, momentum, centered, sign)
 
@@ -212,7 +212,7 @@ def _rmsprop_update(
     sign,
     HAS_CENTERED,
     HAS_BUF,
-):  # type: ignore[no-untyped-def]
+):
     g = g * sign
     g = g + p * wd
     square_avg = square_avg * alpha + w * g * g
@@ -254,12 +254,12 @@ RMSPROP = UpdateRule(
 # ---------------------------------------------------------------------- Adagrad
 
 
-def _adagrad_coefficients(step, lr, lr_decay, weight_decay, eps, maximize):  # type: ignore[no-untyped-def]
+def _adagrad_coefficients(step, lr, lr_decay, weight_decay, eps, maximize):
     clr = lr / (1.0 + (step - 1.0) * lr_decay)
     return (clr, weight_decay, eps, 1.0 - 2.0 * maximize)
 
 
-def _adagrad_update(p, g, total, clr, wd, eps, sign):  # type: ignore[no-untyped-def]
+def _adagrad_update(p, g, total, clr, wd, eps, sign):
     g = g * sign
     g = g + p * wd
     total = total + g * g
@@ -288,12 +288,12 @@ ADAGRAD = UpdateRule(
 # ---------------------------------------------------------------------- Adamax
 
 
-def _adamax_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize):  # type: ignore[no-untyped-def]
+def _adamax_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize):
     clr = lr / (1.0 - _pow(beta1, step))
     return (clr, 1.0 - beta1, beta2, eps, weight_decay, 1.0 - 2.0 * maximize)
 
 
-def _adamax_update(p, g, m, u, clr, w1, beta2, eps, wd, sign):  # type: ignore[no-untyped-def]
+def _adamax_update(p, g, m, u, clr, w1, beta2, eps, wd, sign):
     g = g * sign
     g = g + p * wd
     m = _lerp(m, g, w1)
@@ -324,7 +324,7 @@ ADAMAX = UpdateRule(
 
 def _nadam_coefficients(
     step, mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay, maximize, decoupled
-):  # type: ignore[no-untyped-def]
+):
     bias2 = 1.0 - _pow(beta2, step)
     mu = beta1 * (1.0 - 0.5 * _pow((24.0 + 0.0 * step) / 25.0, step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * _pow((24.0 + 0.0 * step) / 25.0, (step + 1.0) * momentum_decay))
@@ -340,7 +340,7 @@ def _nadam_coefficients(
     return (grad_rate, avg_rate, bias2, eps, wd, decay, w1, beta2, w2, sign, mu_product)
 
 
-def _nadam_update(p, g, m, v, grad_rate, avg_rate, bias2, eps, wd, decay, w1, beta2, w2, sign):  # type: ignore[no-untyped-def]
+def _nadam_update(p, g, m, v, grad_rate, avg_rate, bias2, eps, wd, decay, w1, beta2, w2, sign):
     g = g * sign
     p = p * decay
     g = g + p * wd
@@ -375,7 +375,7 @@ NADAM = UpdateRule(
 # ---------------------------------------------------------------------- RAdam
 
 
-def _radam_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize, decoupled):  # type: ignore[no-untyped-def]
+def _radam_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize, decoupled):
     beta2_t = _pow(beta2, step)
     bias1 = 1.0 - _pow(beta1, step)
     bias2 = 1.0 - beta2_t
@@ -410,7 +410,7 @@ def _radam_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize, dec
 
 def _radam_update(
     p, g, m, v, lr, bias1, bias2_sqrt, rect, rectified, eps, wd, decay, w1, beta2, w2, sign
-):  # type: ignore[no-untyped-def]
+):
     g = g * sign
     p = p * decay
     g = g + p * wd
@@ -445,11 +445,11 @@ RADAM = UpdateRule(
 # ---------------------------------------------------------------------- Adadelta
 
 
-def _adadelta_coefficients(step, lr, rho, eps, weight_decay, maximize):  # type: ignore[no-untyped-def]
+def _adadelta_coefficients(step, lr, rho, eps, weight_decay, maximize):
     return (lr, rho, 1.0 - rho, eps, weight_decay, 1.0 - 2.0 * maximize)
 
 
-def _adadelta_update(p, g, square_avg, acc_delta, lr, rho, w, eps, wd, sign):  # type: ignore[no-untyped-def]
+def _adadelta_update(p, g, square_avg, acc_delta, lr, rho, w, eps, wd, sign):
     g = g * sign
     g = g + p * wd
     square_avg = square_avg * rho + w * g * g
@@ -479,7 +479,7 @@ ADADELTA = UpdateRule(
 # ---------------------------------------------------------------------- ASGD
 
 
-def _asgd_coefficients(step, eta, mu, lr, lambd, alpha, t0, weight_decay, maximize):  # type: ignore[no-untyped-def]
+def _asgd_coefficients(step, eta, mu, lr, lambd, alpha, t0, weight_decay, maximize):
     # This step uses the eta and mu of the previous one, then both advance.
     # Like torch's lazily created state, a parameter's first step uses the lr of that step.
     eta = _round32(ops.where(step == 1.0, lr, eta))
@@ -491,7 +491,7 @@ def _asgd_coefficients(step, eta, mu, lr, lambd, alpha, t0, weight_decay, maximi
     return (decay, eta, mu, weight_decay, sign, new_eta, new_mu)
 
 
-def _asgd_update(p, g, ax, decay, eta, mu, wd, sign):  # type: ignore[no-untyped-def]
+def _asgd_update(p, g, ax, decay, eta, mu, wd, sign):
     g = g * sign
     g = g + p * wd
     p = p * decay
@@ -521,11 +521,11 @@ ASGD = UpdateRule(
 # ---------------------------------------------------------------------- Rprop
 
 
-def _rprop_coefficients(step, etaminus, etaplus, step_size_min, step_size_max, maximize):  # type: ignore[no-untyped-def]
+def _rprop_coefficients(step, etaminus, etaplus, step_size_min, step_size_max, maximize):
     return (etaminus, etaplus, step_size_min, step_size_max, 1.0 - 2.0 * maximize)
 
 
-def _rprop_update(p, g, prev, step_size, etaminus, etaplus, lo, hi, sign):  # type: ignore[no-untyped-def]
+def _rprop_update(p, g, prev, step_size, etaminus, etaplus, lo, hi, sign):
     g = g * sign
     product = g * prev
     factor = ops.where(product > 0.0, etaplus, ops.where(product < 0.0, etaminus, 1.0))
