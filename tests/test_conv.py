@@ -257,7 +257,9 @@ def test_pooling_unbatched_input_and_indices() -> None:
     mb = ModelBatch(models)
     assert type(mb.skeleton[1]).__module__ == "modelbatch.nn._pool"
     assert type(mb.model(0)[1]) is nn.MaxPool2d
-    for x in (torch.randn(2, 6, 6), torch.randn(3, 2, 6, 6)):  # [C, H, W] and [B, C, H, W]
+    # [C, H, W] and [B, C, H, W] (B != N: a shared batch of exactly N examples would need
+    # per_model=False after an unbatched call, see tests/test_inputs.py)
+    for x in (torch.randn(2, 6, 6), torch.randn(4, 2, 6, 6)):
         out, idx = mb(x)
         for i, model in enumerate(models):
             own, own_idx = model(x)
