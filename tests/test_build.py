@@ -12,9 +12,10 @@ from torch import nn
 from modelbatch import ModelBatch
 from modelbatch._build import model_seeds
 from modelbatch.nn import SeededDropout
+from modelbatch.optim import BatchOptimizer
 
 
-def mlp() -> nn.Module:
+def mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5))
 
 
@@ -28,7 +29,7 @@ def cnn() -> nn.Module:
     )
 
 
-def dropout_mlp() -> nn.Module:
+def dropout_mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(20, 32), nn.Dropout(0.5), nn.ReLU(), nn.Linear(32, 5))
 
 
@@ -40,6 +41,7 @@ def test_a_model_depends_only_on_seed_and_id() -> None:
             assert torch.equal(t[k], whole.stacked_params()[name][i]), (name, i)
     other = ModelBatch.from_factory(mlp, 12, seed=6)
     assert not torch.equal(other.stacked_params()["0.weight"], whole.stacked_params()["0.weight"])
+    assert isinstance(part.model_ids, torch.Tensor)
     assert part.model_ids.tolist() == [7, 3, 11]
 
 
@@ -77,9 +79,11 @@ def test_exact_init_is_make_under_the_models_seed() -> None:
             assert torch.equal(mb.model(k).state_dict()[key], value), key
 
 
-def custom_init() -> nn.Module:
+def custom_init() -> nn.Sequential:
     model = mlp()
-    nn.init.normal_(model[0].weight, std=0.5)
+    first = model[0]
+    assert isinstance(first, nn.Linear)
+    nn.init.normal_(first.weight, std=0.5)
     return model
 
 
@@ -102,6 +106,7 @@ def test_seeded_dropout_masks_depend_only_on_seed_id_and_step() -> None:
     x = torch.randn(6, 20)
     whole = ModelBatch.from_factory(dropout_mlp, 8, seed=3)
     part = ModelBatch.from_factory(dropout_mlp, [5, 2], seed=3)
+    assert isinstance(whole.skeleton, nn.Sequential)
     assert isinstance(whole.skeleton[1], SeededDropout)
     for _ in range(3):
         torch.rand(7)  # the global generator does not matter
@@ -123,6 +128,7 @@ def test_seeded_dropout_masks_depend_only_on_seed_id_and_step() -> None:
     whole.eval()
     assert torch.equal(whole(x)[0], whole(x)[0])
     exported = whole.model(3)
+    assert isinstance(exported, nn.Sequential)
     assert type(exported[1]) is nn.Dropout and exported[1].p == 0.5
 
 
@@ -135,7 +141,7 @@ def test_summary_names_global_ids_and_optimizer_configs() -> None:
         configs=[{"lr": 0.1 * (i // 10)} for i in ids],
     )
     assert [row["model"] for row in mb.summary()] == ids
-    assert mb.optimizer is not None
+    assert isinstance(mb.optimizer, BatchOptimizer)
     assert mb.optimizer.hparams["lr"].tolist() == pytest.approx([0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="need optimizer_cls"):
         ModelBatch.from_factory(mlp, 2, configs=[{}, {}])

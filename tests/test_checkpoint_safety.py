@@ -105,10 +105,10 @@ def test_a_reader_racing_a_writer_sees_one_whole_file_every_time(tmp_path):
             seen.append(values[0])
     finally:
         stop.touch()
-        out, err = writer.communicate(timeout=120)
+        stdout, err = writer.communicate(timeout=120)
     assert writer.returncode == 0, err.decode()
     # The race really ran: the file was replaced many times while it was read.
-    assert int(out) >= 20 and len(set(seen)) == 2
+    assert int(stdout) >= 20 and len(set(seen)) == 2
 
 
 # ---------------------------------------------------------------------- damaged and crafted files
@@ -351,7 +351,7 @@ def test_load_refuses_component_state_it_would_cast_or_broadcast(
     def build(seed):
         mb = make_batch(seed)
         opt = BatchAdam(list(mb.parameters()), [{"lr": 0.01 * (i + 1)} for i in range(N)])
-        return mb, opt, BatchGradScaler(mb, init_scale=[2.0**k for k in range(N)])
+        return mb, opt, BatchGradScaler(mb, init_scale=torch.tensor([2.0**k for k in range(N)]))
 
     mb, opt, _ = build(0)
     path_ = tmp_path / "c.safetensors"

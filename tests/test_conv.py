@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import max_rel_diff
+from _reference import grad, max_rel_diff
 from torch import Tensor, nn
 
 from modelbatch import ModelBatch
@@ -27,7 +28,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 
 def net(nd: int) -> nn.Module:
     """Two convolutions of `nd` dims: stride, dilation, 'same' (asymmetric), no bias."""
-    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
+    conv: Callable[..., nn.Module] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[nd - 1]
     k = (3, 2, 3)[:nd]
     return nn.Sequential(
         conv(2, 4, 3, stride=2, padding=1),
@@ -48,19 +49,20 @@ def test_every_lowering_equals_models_one_by_one(lowering: str, nd: int, per_mod
     torch.manual_seed(nd)
     models = [net(nd) for _ in range(N)]
     mb = ModelBatch(models)
+    assert isinstance(mb.skeleton, nn.Sequential)
     assert type(mb.skeleton[0]) is (Conv1d, Conv2d, Conv3d)[nd - 1]
     x = torch.randn(N, 4, 2, *SPATIAL[nd]) if per_model else torch.randn(4, 2, *SPATIAL[nd])
     with conv_lowering(lowering):
         out = mb(x, per_model=per_model)
     weight = torch.randn_like(out)  # a different gradient for every output element
     (out * weight).sum().backward()
-    grads = {name: p.grad for name, p in mb.stacked_params().items()}
+    grads = {name: grad(p) for name, p in mb.stacked_params().items()}
     for i, model in enumerate(models):
         own = model(x[i] if per_model else x)
         assert rel_err(out[i], own) <= FORWARD_RTOL, f"model {i} forward"
         (own * weight[i]).sum().backward()
         for name, p in model.named_parameters():
-            assert rel_err(grads[name][i], p.grad) <= GRAD_RTOL, f"model {i} grad {name}"
+            assert rel_err(grads[name][i], grad(p)) <= GRAD_RTOL, f"model {i} grad {name}"
 
 
 @pytest.mark.parametrize("lowering", ["dense", "grouped", "bmm"])
@@ -124,9 +126,11 @@ def test_export_gives_torch_classes_and_fallbacks_are_not_substituted() -> None:
 
     models = [make() for _ in range(N)]
     mb = ModelBatch(models)
+    assert isinstance(mb.skeleton, nn.Sequential)
     kinds = [type(m) for m in mb.skeleton]
     assert kinds == [Conv2d, nn.Conv2d, nn.Conv2d]
     exported = mb.model(1)
+    assert isinstance(exported, nn.Sequential)
     assert [type(m) for m in exported] == [nn.Conv2d] * 3
     x = torch.randn(2, 2, 6, 6)
     assert rel_err(mb(x)[1], models[1](x)) <= FORWARD_RTOL
@@ -240,13 +244,13 @@ def test_pooling_after_conv_equals_one_by_one_without_copies(
     assert len([f for f in ops.funcs if f in copies]) == int(per_model)
     weight = torch.randn_like(out)
     (out * weight).sum().backward()
-    grads = {name: p.grad for name, p in mb.stacked_params().items()}
+    grads = {name: grad(p) for name, p in mb.stacked_params().items()}
     for i, model in enumerate(models):
         own = model(x[i] if per_model else x)
         assert rel_err(out[i], own) <= FORWARD_RTOL, f"model {i} forward"
         (own * weight[i]).sum().backward()
         for name, p in model.named_parameters():
-            assert rel_err(grads[name][i], p.grad) <= GRAD_RTOL, f"model {i} grad {name}"
+            assert rel_err(grads[name][i], grad(p)) <= GRAD_RTOL, f"model {i} grad {name}"
 
 
 def test_pooling_unbatched_input_and_indices() -> None:
@@ -255,8 +259,11 @@ def test_pooling_unbatched_input_and_indices() -> None:
         nn.Sequential(nn.Conv2d(2, 3, 1), nn.MaxPool2d(2, return_indices=True)) for _ in range(N)
     ]
     mb = ModelBatch(models)
+    assert isinstance(mb.skeleton, nn.Sequential)
     assert type(mb.skeleton[1]).__module__ == "modelbatch.nn._pool"
-    assert type(mb.model(0)[1]) is nn.MaxPool2d
+    exported = mb.model(0)
+    assert isinstance(exported, nn.Sequential)
+    assert type(exported[1]) is nn.MaxPool2d
     # [C, H, W] and [B, C, H, W] (B != N: a shared batch of exactly N examples would need
     # per_model=False after an unbatched call, see tests/test_inputs.py)
     for x in (torch.randn(2, 6, 6), torch.randn(4, 2, 6, 6)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -84,7 +86,10 @@ def test_odd_and_even_permutations_are_equally_likely():
     n = 20_000
     order = PerModelSampler(6, num_models=n, batch_size=2, seed=5).order(0)
     # The parity of a permutation of 6: count the inversions.
-    inversions = sum((order[:, i] > order[:, j]).long() for i in range(6) for j in range(i + 1, 6))
+    inversions = sum(
+        ((order[:, i] > order[:, j]).long() for i in range(6) for j in range(i + 1, 6)),
+        torch.zeros(n, dtype=torch.long),
+    )
     odd = int((inversions % 2).sum())
     assert abs(odd - n / 2) < 6 * (n / 4) ** 0.5
     # Each of the 720 permutations of 6 appears about equally often.
@@ -134,7 +139,12 @@ def test_an_epoch_never_builds_every_models_whole_order():
 
 def test_resuming_mid_epoch_continues_the_same_orders():
     x = torch.randn(53, 3)
-    for sampling, extra in (("shuffle", {}), ("bootstrap", {}), ("kfold", {"num_folds": 4})):
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("shuffle", {}),
+        ("bootstrap", {}),
+        ("kfold", {"num_folds": 4}),
+    ]
+    for sampling, extra in cases:
         a = PerModelLoader(x, num_models=5, batch_size=6, sampling=sampling, seed=3, **extra)
         list(a)  # the first epoch
         it = iter(a)

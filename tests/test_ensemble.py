@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -36,7 +37,15 @@ from modelbatch.ensemble import (
 )
 from modelbatch.optim import OptimizerFactory
 
-FP32 = {"rtol": 1e-6, "atol": 1e-7}  # fp32 forward on CPU, probabilities in [0, 1]
+
+class Tolerance(TypedDict):
+    """`rtol`/`atol` keywords of `torch.testing.assert_close`."""
+
+    rtol: float
+    atol: float
+
+
+FP32: Tolerance = {"rtol": 1e-6, "atol": 1e-7}  # fp32 forward on CPU, probabilities in [0, 1]
 
 
 class BNNet(nn.Module):
@@ -267,11 +276,11 @@ def numpy_metrics(log_probs: torch.Tensor, targets: torch.Tensor, n_bins: int, n
         if mask.any():
             gaps.append(abs(hit[mask].mean() - conf[mask].astype(np.float64).mean()))
             props.append(mask.sum() / b)
-    gaps, props = np.array(gaps), np.array(props)
+    gap, prop = np.array(gaps), np.array(props)
     ece = {
-        "l1": (gaps * props).sum(),
-        "l2": math.sqrt((gaps**2 * props).sum()),
-        "max": gaps.max(),
+        "l1": (gap * prop).sum(),
+        "l2": math.sqrt((gap**2 * prop).sum()),
+        "max": gap.max(),
     }[norm]
     return {
         "accuracy": hit.mean(),
@@ -403,6 +412,7 @@ def numpy_greedy(probs: np.ndarray, y: np.ndarray, steps: int, metric: str, init
             s = score((total + probs[j]) / (len(picks) + 1))
             if best_s is None or better(s, best_s):
                 best_j, best_s = j, s
+        assert best_j is not None and best_s is not None
         total = total + probs[best_j]
         picks.append(best_j)
         curve.append(best_s)
@@ -577,7 +587,7 @@ def test_errors_name_the_function_and_the_fix() -> None:
     with pytest.raises(ValueError, match=r"^ensemble_predict: combine must be one of"):
         ensemble_predict(mb, x, combine="mean")
     with pytest.raises(TypeError, match=r"^member_outputs: expected a ModelBatch"):
-        member_outputs(nn.Linear(2, 2), x)
+        member_outputs(nn.Linear(2, 2), x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"^greedy_selection: metric must be one of"):
         greedy_selection(torch.randn(3, 4, 2), torch.zeros(4, dtype=torch.long), metric="f1")
     with pytest.raises(ValueError, match=r"^seed_statistics: 'by' has 2 entries"):
@@ -598,6 +608,7 @@ def test_cuda_prediction_and_metrics_equal_cpu() -> None:
     report = ensemble_evaluate(mb, [(x, y)], members=[5, 1, 2], weights=[1, 2, 3])
     mb.cuda()
     got = ensemble_predict(mb, x.cuda(), members=[5, 1, 2], weights=[1, 2, 3])
+    assert isinstance(got, torch.Tensor)  # classification: one tensor, not (mean, variance)
     # CUDA matmuls sum in another order than CPU ones: fp32 agreement to ~1e-5.
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
     gpu_report = ensemble_evaluate(mb, [(x, y)], members=[5, 1, 2], weights=[1, 2, 3])

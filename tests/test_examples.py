@@ -50,9 +50,12 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
         ["--trials", "8", "--batch", "4", "--steps", "10", "--report-every", "5"],
         ["best trial #"],
     ),
-    "ensemble_digits.py": (["--quick"], "Multi-seed study"),
-    "distributed_sweep.py": (["--models", "16", "--epochs", "2", "--halve-every", "1"], "val_acc"),
-    "arch_search.py": (["--quick"], "speedup vs loop"),
+    "ensemble_digits.py": (["--quick"], ["Multi-seed study"]),
+    "distributed_sweep.py": (
+        ["--models", "16", "--epochs", "2", "--halve-every", "1"],
+        ["val_acc"],
+    ),
+    "arch_search.py": (["--quick"], ["speedup vs loop"]),
 }
 
 

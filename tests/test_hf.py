@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import csv
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -109,7 +109,7 @@ def hf_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """The stock Trainer's two groups: no weight decay for biases and LayerNorm weights."""
     from transformers import Trainer
 
-    decay = set(Trainer.get_decay_parameter_names(None, model))  # self is unused
+    decay = set(Trainer.get_decay_parameter_names(cast(Trainer, None), model))  # self is unused
     named = list(model.named_parameters())
     return [
         {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
@@ -612,8 +612,10 @@ def test_each_model_equals_the_stock_trainer_on_that_model(tmp_path):
     models = [NormMLP() for _ in configs]
     with torch.no_grad():  # LayerNorm starts at (1, 0): move it, so decaying it would show
         for m in models:
-            m.net[1].weight.add_(torch.randn(16) * 0.3)
-            m.net[1].bias.add_(torch.randn(16) * 0.3)
+            norm = m.net[1]
+            assert isinstance(norm, nn.LayerNorm)
+            norm.weight.add_(torch.randn(16) * 0.3)
+            norm.bias.add_(torch.randn(16) * 0.3)
     args = dict(max_steps=STEPS, eval_strategy="no")
     batch = BatchTrainer(
         ModelBatch([copy.deepcopy(m) for m in models]),
@@ -624,6 +626,7 @@ def test_each_model_equals_the_stock_trainer_on_that_model(tmp_path):
     batch.train()
     # Two groups, as the stock Trainer builds them; the second never decays.
     opt = batch.optimizer
+    assert opt is not None
     assert len(opt.param_groups) == 2
     assert float(opt.param_groups[1]["hparams"]["weight_decay"].abs().max()) == 0.0
     for i, (m, c) in enumerate(zip(models, configs)):

@@ -286,7 +286,7 @@ def test_bad_models() -> None:
     with pytest.raises(ValueError, match="MixedBatch: expected at least one model"):
         MixedBatch([])
     with pytest.raises(TypeError, match="MixedBatch: expected a sequence of models"):
-        MixedBatch(Tower(4))
+        MixedBatch(Tower(4))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="MixedOptimizer: got 1 configs for N=2"):
         MixedOptimizer(MixedBatch(make([(4, 1), (8, 1)])), torch.optim.Adam, [{}])
 

@@ -634,8 +634,10 @@ def test_parameters_without_gradient_keep_state_and_step_count_like_torch(cls, c
         reference.append(m)
     mb = ModelBatch(copy.deepcopy(models))
     opt = OptimizerFactory(cls).create_optimizer(mb, configs)
+    skeleton = mb.skeleton
+    assert isinstance(skeleton, _TwoHeads)
     for (x, y), head in zip(batches, heads):
-        mb.skeleton.head = head
+        skeleton.head = head
         opt.zero_grad(set_to_none=True)
         mb.compute_loss(mb(x, per_model=True), y, per_model=True).backward()
         opt.step()

@@ -40,7 +40,7 @@ def test_loss_curves_one_line_per_group_with_the_spread_of_its_seeds() -> None:
     # One band per group of two or more, spanning min..max of its members.
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 2
-    top = bands[0].get_paths()[0].vertices[:, 1].max()
+    top = np.asarray(bands[0].get_paths()[0].vertices)[:, 1].max()
     assert top == pytest.approx(float(history[:, :3].max()), rel=1e-6)
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         line.get_label() for line in lines
@@ -87,12 +87,12 @@ def test_metric_vs_hparams_one_panel_per_swept_value_log_axis_for_lr() -> None:
     assert axes[0].get_ylabel() == "val loss"
     for ax, name in zip(axes, ["lr", "weight_decay", "momentum"]):
         points, star = [c for c in ax.collections if isinstance(c, PathCollection)]
-        offsets = points.get_offsets()
+        offsets = np.asarray(points.get_offsets())
         assert offsets.shape == (8, 2)
         np.testing.assert_allclose(offsets[:, 0], [c[name] for c in configs])
         np.testing.assert_allclose(offsets[:, 1], loss.numpy())
         # The best (lowest) model is starred: model 6.
-        np.testing.assert_allclose(star.get_offsets()[0], [configs[6][name], 0.2])
+        np.testing.assert_allclose(np.asarray(star.get_offsets())[0], [configs[6][name], 0.2])
 
 
 def test_metric_vs_hparams_from_an_optimizer_and_forced_scales() -> None:
@@ -103,7 +103,7 @@ def test_metric_vs_hparams_from_an_optimizer_and_forced_scales() -> None:
     (ax,) = fig.axes
     assert ax.get_xlabel() == "lr" and ax.get_xscale() == "linear"
     star = [c for c in ax.collections if isinstance(c, PathCollection)][1]
-    np.testing.assert_allclose(star.get_offsets()[0], [0.2, 0.7])
+    np.testing.assert_allclose(np.asarray(star.get_offsets())[0], [0.2, 0.7])
     with pytest.raises(ValueError, match=r"plot\.metric_vs_hparams: no hyperparameter varies"):
         mbp.metric_vs_hparams(acc, {"lr": [0.1] * 4})
 
@@ -139,7 +139,7 @@ def test_bracket_draws_each_trial_from_start_to_stop() -> None:
     ax = mbp.bracket(log, end=30, rungs=[10, 20])
     segments = {}
     for c in ax.collections:
-        if isinstance(c, LineCollection) and c.get_label().split(" (")[0] in (
+        if isinstance(c, LineCollection) and str(c.get_label()).split(" (")[0] in (
             "retired",
             "replaced",
             "trained to the end",

@@ -453,12 +453,13 @@ def test_vectorized_last_epoch_resumes_per_model_as_torch(kind: str) -> None:
     last = [3, 0, 11, -1, 7]
     opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
     cls = type(ours_fn(make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)))
-    kwargs = {
+    kwargs_of: dict[str, dict[str, Any]] = {
         "step": {"step_size": STEP_SIZE, "gamma": GAMMA},
         "multistep": {"milestones": MILESTONES, "gamma": GAMMA},
         "exponential": {"gamma": GAMMA},
         "cosine": {"T_max": T_MAX, "eta_min": ETA_MIN},
-    }[kind]
+    }
+    kwargs = kwargs_of[kind]
     sched = cls(opt, last_epoch=last, **kwargs)
     # torch's resume: a scheduler built with last_epoch=k on an optimizer that holds
     # initial_lr and the rate a fresh run had after k + 1 steps (torch's last_epoch k+1).
@@ -469,7 +470,7 @@ def test_vectorized_last_epoch_resumes_per_model_as_torch(kind: str) -> None:
             _step_quietly(fresh)
         opt_i = _torch_single(fresh.optimizer.param_groups[0]["lr"])
         opt_i.param_groups[0]["initial_lr"] = LRS[i]
-        singles.append(theirs_fn.__call__(opt_i, i) if k == -1 else None)
+        singles.append(theirs_fn(opt_i, i) if k == -1 else None)
         if k != -1:
             import inspect as _inspect
 
@@ -585,14 +586,18 @@ def test_sequential_and_chained_schedulers_per_model() -> None:
         seq.step(3)
 
 
+def every_third_step(g: float) -> Callable[[int], float]:
+    """`g ** (t % 3)`: one model's multiplicative factor at epoch t."""
+    return lambda t: g ** (t % 3)
+
+
 def test_multiplicative_with_a_function_per_model() -> None:
     opt = make_sgd([nn.Parameter(torch.randn(N, 3))], LRS)
     sched = BatchLRScheduler(
-        opt, tls.MultiplicativeLR, [{"lr_lambda": (lambda t, g=g: g ** (t % 3))} for g in GAMMA]
+        opt, tls.MultiplicativeLR, [{"lr_lambda": every_third_step(g)} for g in GAMMA]
     )
     singles = [
-        tls.MultiplicativeLR(_torch_single(LRS[i]), lambda t, g=GAMMA[i]: g ** (t % 3))
-        for i in range(N)
+        tls.MultiplicativeLR(_torch_single(LRS[i]), every_third_step(GAMMA[i])) for i in range(N)
     ]
     for step in range(12):
         _assert_lr_close(opt.hparams["lr"], _torch_lrs(singles), step)
@@ -649,6 +654,7 @@ def test_warm_restarts_step_with_a_fractional_epoch_per_model() -> None:
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
 def test_cycled_momentum_reaches_the_optimizer(opt_kind: str) -> None:
     params = nn.Parameter(torch.randn(N, 3))
+    opt: BatchOptimizer
     if opt_kind == "sgd":
         from modelbatch.optim import BatchSGD
 
@@ -697,7 +703,7 @@ def test_generic_scheduler_refuses_clearly() -> None:
 
     opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
     with pytest.raises(TypeError, match="BatchLRScheduler: scheduler_cls must be a torch"):
-        BatchLRScheduler(opt, lambda o: tls.StepLR(o, 2))
+        BatchLRScheduler(opt, lambda o: tls.StepLR(o, 2))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="BatchLRScheduler: BatchStepLR is already per model"):
         BatchLRScheduler(opt, BatchStepLR, step_size=2)
     built = tls.StepLR(_torch_single(0.1), 2)
