@@ -171,7 +171,7 @@ def to_dataframe(rows: Iterable[Mapping[str, Any]]) -> Any:
     except ImportError as error:
         raise ImportError(
             "to_dataframe: pandas is not installed; install it with "
-            "`pip install modelbatch[pandas]`, or use format_table / write_csv."
+            "`pip install torch-modelbatch[pandas]`, or use format_table / write_csv."
         ) from error
     return pd.DataFrame.from_records(list(rows))
 

@@ -436,15 +436,16 @@ class MixedBatch(nn.Module):
     # ------------------------------------------------------------------ losses and metrics
 
     # The per-model loss and metric code of ModelBatch, reused as is: it reads only
-    # num_models, loss_fn, active, grad_scaler and the history.
-    _targets_per_model = ModelBatch._targets_per_model
-    per_model_losses = ModelBatch.per_model_losses
-    compute_loss = ModelBatch.compute_loss
-    mask_retired = ModelBatch.mask_retired
-    record_losses = ModelBatch.record_losses
-    loss_history = ModelBatch.loss_history
-    clear_history = ModelBatch.clear_history
-    accuracy = ModelBatch.accuracy
+    # num_models, loss_fn, active, grad_scaler and the history. Typed Any: their `self` is
+    # annotated ModelBatch.
+    _targets_per_model: Any = ModelBatch._targets_per_model
+    per_model_losses: Any = ModelBatch.per_model_losses
+    compute_loss: Any = ModelBatch.compute_loss
+    mask_retired: Any = ModelBatch.mask_retired
+    record_losses: Any = ModelBatch.record_losses
+    loss_history: Any = ModelBatch.loss_history
+    clear_history: Any = ModelBatch.clear_history
+    accuracy: Any = ModelBatch.accuracy
 
     def summary(self, **columns: Tensor | Sequence[Any]) -> list[dict[str, Any]]:
         """One row per model: index, architecture, group, active, latest loss and given columns."""

@@ -1,6 +1,6 @@
 """Pictures of a sweep: loss curves, final metric against each hyperparameter, a search's bracket.
 
-matplotlib is optional (`pip install modelbatch[plot]`) and imported only
+matplotlib is optional (`pip install torch-modelbatch[plot]`) and imported only
 when a function here is called. Each function draws into the axes it is
 given (or a new figure) and returns them, so a picture can be adjusted and
 saved as usual (`fig.savefig("sweep.png")`).
