@@ -1,6 +1,6 @@
 """Markdown tables from `benchmarks/speed.py` results (the tables of docs/benchmarks.md).
 
-    python benchmarks/speed_report.py benchmarks/results/speed_*.json
+python benchmarks/speed_report.py benchmarks/results/speed_*.json
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def report(records: list[dict[str, Any]]) -> str:
         vs_jax = f"{med[4] / med[5]:.2f}" if med[4] and med[5] else "-"
         vs_recipe = f"{med[3] / med[1]:.2f}" if med[3] and med[1] else "-"
         cells = [_cell(v) for v in row]
-        lines.append(f"| {model} | {prec} | {n} | " + " | ".join(cells) + f" | {vs_jax} | {vs_recipe} |")
+        lines.append(
+            f"| {model} | {prec} | {n} | " + " | ".join(cells) + f" | {vs_jax} | {vs_recipe} |"
+        )
     lines += [
         "",
         "| model | prec | N | kernels / step | copy/cast | GEMM | optimizer | other | "
@@ -67,7 +69,8 @@ def report(records: list[dict[str, Any]]) -> str:
 def main() -> None:
     records: list[dict[str, Any]] = []
     for path in sys.argv[1:]:
-        records += json.load(open(path))["results"]
+        with open(path) as f:
+            records += json.load(f)["results"]
     print(report(records))
 
 
