@@ -620,14 +620,12 @@ class ModelBatch(nn.Module):
 
     def _build_optimizer(
         self,
-        optimizer_cls: type[torch.optim.Optimizer] | None,
+        optimizer_cls: type[torch.optim.Optimizer],
         lr_list: Sequence[float] | None,
         optimizer_kwargs: Mapping[str, Any] | None,
     ) -> torch.optim.Optimizer:
         from .optim import OptimizerFactory
 
-        if optimizer_cls is None:
-            optimizer_cls = torch.optim.Adam
         kwargs = dict(optimizer_kwargs or {})
         configs = None
         if lr_list is not None:
