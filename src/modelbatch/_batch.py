@@ -210,7 +210,7 @@ class ModelBatch(nn.Module):
         self._substitute: dict[str, Tensor] | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._layout: GradLayout | None = None
-        if optimizer_cls is not None or lr_list is not None:
+        if optimizer_cls is not None:  # lr_list or optimizer_kwargs alone are refused above
             self.optimizer = self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
             self._layout = GradLayout(list(self.parameters()))
 
