@@ -444,6 +444,8 @@ class ModelBatch(nn.Module):
                 f"targets.to({outputs.dtype}) (targets.float() under autocast), or class "
                 "indices as targets.long()."
             )
+        if _is_plain_cross_entropy(fn, outputs, targets, split):
+            return _cross_entropy_per_model(outputs, targets, split)
         try:
             losses = torch.vmap(fn, in_dims=(0, 0 if split else None), randomness="different")(
                 outputs, targets
@@ -747,3 +749,29 @@ class ModelBatch(nn.Module):
                 "pass optimizer_cls=torch.optim.Adam (say)."
             )
         return mb
+
+
+def _is_plain_cross_entropy(fn: Any, outputs: Tensor, targets: Tensor, split: bool) -> bool:
+    """The default loss on class indices `[B]` / `[N, B]` for outputs `[N, B, C]`."""
+    expected = tuple(outputs.shape[:2]) if split else tuple(outputs.shape[1:2])
+    return (
+        fn is F.cross_entropy
+        and outputs.dim() == 3
+        and outputs.is_floating_point()
+        and targets.dtype in (torch.int64, torch.int32)
+        and tuple(targets.shape) == expected
+    )
+
+
+def _cross_entropy_per_model(outputs: Tensor, targets: Tensor, split: bool) -> Tensor:
+    """`F.cross_entropy` of each model, `[N]`, as one call over `[N * B, C]`.
+
+    Under vmap cross-entropy's `nll_loss` has no batching rule and is decomposed
+    op by op; over the flattened batch it is torch's own two kernels. Same math:
+    the mean over each model's targets that are not `ignore_index` (-100).
+    """
+    n, b = outputs.shape[:2]
+    flat = targets.reshape(-1) if split else targets.repeat(n)
+    losses = F.cross_entropy(outputs.reshape(n * b, -1), flat.long(), reduction="none")
+    counted = (flat != -100).view(n, b).sum(dim=1)
+    return losses.view(n, b).sum(dim=1) / counted
