@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.func import functional_call
-from torch.utils._pytree import tree_map
 
 from ._batch import ModelBatch
 from ._calibration import NORMS, ClassificationSums
@@ -36,6 +35,7 @@ from ._seeds import SeedStatistics, seed_statistics
 from ._selection import Selection, greedy_selection
 from ._stacked_ensemble import StackedEnsemble, check_task
 from ._stats import t_quantile
+from .fast import _as_args, eval_autocast, eval_batches
 from .nn._convert import vmap_forward_context
 
 __all__ = [
@@ -97,10 +97,6 @@ def _weights(owner: str, weights: Any, k: int, device: torch.device) -> Tensor |
     if bool((w < 0).any()) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
         raise ValueError(f"{owner}: weights must be finite, >= 0 and not all 0, got {w.tolist()}.")
     return w / w.sum()
-
-
-def _as_args(x: Any) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 def _member_state(model_batch: ModelBatch, idx: Tensor | None) -> dict[str, Tensor] | None:
@@ -371,21 +367,8 @@ def ensemble_evaluate(
 
     with _eval_mode(mb):
         state = _member_state(mb, idx)
-        for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError(
-                    "ensemble_evaluate: expected the loader to yield (inputs, targets) pairs, "
-                    f"got {type(batch).__name__}; wrap it to yield two items."
-                )
-            inputs, targets = tree_map(
-                lambda t: t.to(device, non_blocking=True) if isinstance(t, Tensor) else t, batch
-            )
-            ctx = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
+        for inputs, targets in eval_batches("ensemble_evaluate", loader, device):
+            with eval_autocast(device, autocast_dtype):
                 outputs = _forward(mb, state, _as_args(inputs), {})
             outputs = outputs.float()
             if task == "regression":

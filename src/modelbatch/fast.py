@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -410,6 +410,28 @@ def compile_step(
     )
 
 
+def eval_batches(owner: str, loader: Iterable[Any], device: torch.device) -> Iterator[tuple]:
+    """The loader's `(inputs, targets)` pairs, moved to `device` (an evaluation loop's input)."""
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"{owner}: expected the loader to yield (inputs, targets) pairs, got "
+                f"{type(batch).__name__}; wrap it to yield two items."
+            )
+        yield tree_map(
+            lambda t: t.to(device, non_blocking=True) if isinstance(t, Tensor) else t, batch
+        )
+
+
+def eval_autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """`torch.autocast` with `dtype` for an evaluation forward, or nothing."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 class EvalResult(NamedTuple):
     """Per-model evaluation: mean loss `[N]` and accuracy `[N]` (None for non-class targets)."""
 
@@ -457,21 +479,8 @@ def evaluate(
     was_training = mb.training
     mb.eval()
     try:
-        for batch in loader:
-            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-                raise ValueError(
-                    "evaluate: expected the loader to yield (inputs, targets) pairs, got "
-                    f"{type(batch).__name__}; wrap it to yield two items."
-                )
-            inputs, targets = tree_map(
-                lambda t: t.to(device, non_blocking=True) if isinstance(t, Tensor) else t, batch
-            )
-            ctx = (
-                torch.autocast(device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None
-                else contextlib.nullcontext()
-            )
-            with ctx:
+        for inputs, targets in eval_batches("evaluate", loader, device):
+            with eval_autocast(device, autocast_dtype):
                 outputs = mb(*_as_args(inputs), per_model=per_model)
             outputs = outputs.float()
             losses = mb.per_model_losses(outputs, targets, loss_fn, per_model=per_model or None)
