@@ -1,9 +1,7 @@
 """The training step of a MixedBatch: every group in one call, one CUDA graph on CUDA.
 
-The recipe is `modelbatch.fast`'s: eager warm-up steps on a side stream
-(they create the optimizer state), then capture of the whole step with no
-gradients allocated (so backward writes, not adds, the graph's own grad
-tensors), then replays with the inputs copied into static tensors.
+Warm-up, capture and replay are `modelbatch.fast`'s (`_Replayed`), shared
+with `compile_step`.
 """
 
 from __future__ import annotations
@@ -14,18 +12,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_map
 
 from ._layout import GradLayout
 from ._mixed_optim import MixedOptimizer
-from .fast import _as_args, _signature
+from .fast import _as_args, _Replayed
 
 __all__ = ["MixedStep", "compile_mixed_step"]
 
 LossFn = Callable[..., Tensor]
 
 
-class MixedStep:
+class MixedStep(_Replayed):
     """A training step over every group of a MixedBatch; built by `compile_mixed_step`.
 
     Attributes:
@@ -84,9 +81,7 @@ class MixedStep:
                 )
         self.max_norm = max_norm
         self._params = [p for p in mixed.parameters() if p.requires_grad]
-        self._graphs: dict[tuple, tuple[Any, Any, Tensor, list]] = {}
-        self._seen: dict[tuple, int] = {}
-        self._grads_of: tuple | None = None
+        self._init_graphs()
         self.reason: str | None = None
         if mode == "eager":
             self.reason = "mode='eager' was asked for"
@@ -104,9 +99,10 @@ class MixedStep:
                 f"compile_mixed_step: running the eager step, because {self.reason}.", stacklevel=3
             )
 
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
+    owner = "compile_mixed_step"
+
+    def _leaves(self) -> list[Tensor]:
+        return self._params
 
     def _body(self, inputs: Any, targets: Tensor) -> Tensor:
         """Forward of every group, `[N]` losses, one backward, masking, clipping, update."""
@@ -126,57 +122,12 @@ class MixedStep:
         mixed.zero_padding()
         return losses.detach()
 
-    def _eager(self, inputs: Any, targets: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._grads_of = None
-        return self._body(inputs, targets)
-
-    def _warm(self, inputs: Any, targets: Tensor) -> Tensor:
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            losses = self._eager(inputs, targets)
-        current.wait_stream(side)
-        losses.record_stream(current)
-        return losses
-
-    def _capture(self, inputs: Any, targets: Tensor) -> tuple[Any, Any, Tensor, list]:
-        static = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (inputs, targets))
-        for p in self._params:
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            losses = self._body(*static)
-        return graph, static, losses, [p.grad for p in self._params]
-
     def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
         """One training step of every active model; per-model losses `[N]` (user order, on device)."""
         if self.mode == "eager":
             losses = self._eager(inputs, targets)
-            self.mixed.record_losses(losses)
-            return losses
-        key = _signature((inputs, targets))
-        entry = self._graphs.get(key)
-        if entry is None:
-            seen = self._seen.get(key, 0)
-            if seen < self.warmup or len(self._graphs) >= self.max_graphs:
-                self._seen[key] = seen + 1
-                losses = self._warm(inputs, targets)
-                self.mixed.record_losses(losses)
-                return losses
-            entry = self._graphs[key] = self._capture(inputs, targets)
-        graph, (static_in, static_tgt), static_losses, grads = entry
-        for dst, src in zip(tree_flatten(static_in)[0], tree_flatten(inputs)[0]):
-            if isinstance(dst, Tensor):
-                dst.copy_(src, non_blocking=True)
-        static_tgt.copy_(targets, non_blocking=True)
-        graph.replay()
-        if self._grads_of != key:
-            for p, g in zip(self._params, grads):
-                p.grad = g
-            self._grads_of = key
-        losses = static_losses.clone()
+        else:
+            losses = self._graph_step(inputs, targets)
         self.mixed.record_losses(losses)
         return losses
 

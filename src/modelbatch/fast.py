@@ -58,7 +58,106 @@ class _Graph:
         self.grads = grads
 
 
-class FastStep:
+class _Replayed:
+    """Warm-up, capture and replay of a training step as CUDA graphs, one per input shape.
+
+    Subclasses give `_body(inputs, targets) -> losses` (the whole step, from
+    forward to update), `_leaves()` (the tensors backward writes gradients
+    to) and `optimizer`. The first `warmup` steps of an input shape run
+    eagerly on a side stream (they create the optimizer state), the next one
+    captures the step with no gradients allocated (so backward writes, not
+    adds, the graph's own grad tensors), later ones copy the inputs into the
+    graph's static tensors and replay it. At most `max_graphs` shapes are
+    captured; further shapes run eagerly.
+    """
+
+    owner = "compile_step"
+    optimizer: Any
+    warmup: int
+    max_graphs: int
+
+    def _init_graphs(self) -> None:
+        self._graphs: dict[tuple, _Graph] = {}
+        self._seen: dict[tuple, int] = {}
+        self._grads_of: tuple | None = None
+        self._warned_full = False
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def _leaves(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def _body(self, inputs: Any, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _before_replay(self) -> None:
+        """Host-side work before a replay (nothing by default)."""
+
+    def _eager(self, inputs: Any, targets: Tensor) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._grads_of = None
+        return self._body(inputs, targets)
+
+    def _warm(self, inputs: Any, targets: Tensor) -> Tensor:
+        """An eager step on a side stream, as torch's CUDA-graph recipe warms up."""
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            losses = self._eager(inputs, targets)
+        current.wait_stream(side)
+        losses.record_stream(current)
+        return losses
+
+    def _capture(self, inputs: Any, targets: Tensor) -> _Graph:
+        static = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (inputs, targets))
+        for p in self._leaves():
+            # With no grad at capture, backward writes (not adds) the graph's own
+            # grad tensors on every replay: no zero_grad in the graph.
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = self._body(*static)
+        return _Graph(graph, static, losses, [p.grad for p in self._leaves()])
+
+    def _graph_step(self, inputs: Any, targets: Tensor) -> Tensor:
+        """One step through the graph of this input shape (warm-up and capture first)."""
+        key = _signature((inputs, targets))
+        entry = self._graphs.get(key)
+        if entry is None:
+            seen = self._seen.get(key, 0)
+            if seen < self.warmup or len(self._graphs) >= self.max_graphs:
+                if seen >= self.warmup and not self._warned_full:
+                    self._warned_full = True
+                    warnings.warn(
+                        f"{self.owner}: {len(self._graphs)} input shapes already have a graph "
+                        f"(max_graphs={self.max_graphs}); new shapes run the eager step. "
+                        "Keep batch shapes fixed (drop_last=True) or raise max_graphs.",
+                        stacklevel=3,
+                    )
+                self._seen[key] = seen + 1
+                return self._warm(inputs, targets)
+            entry = self._capture(inputs, targets)
+            self._graphs[key] = entry
+        self._before_replay()
+        static_in, static_tgt = entry.inputs
+        for dst, src in zip(tree_flatten(static_in)[0], tree_flatten(inputs)[0]):
+            if isinstance(dst, Tensor):
+                dst.copy_(src, non_blocking=True)
+        static_tgt.copy_(targets, non_blocking=True)
+        entry.graph.replay()
+        if self._grads_of != key:
+            # Let `param.grad` show this step's gradients (a loop over tensors, not models).
+            for p, g in zip(self._leaves(), entry.grads):
+                p.grad = g
+            self._grads_of = key
+        # A fresh tensor: the static one is overwritten by the next replay.
+        return entry.losses.clone()
+
+
+class FastStep(_Replayed):
     """A training step for a ModelBatch, replayed as one CUDA graph where possible.
 
     Built by `compile_step`; call it as `step(x, y) -> losses [N]`. See
@@ -136,10 +235,7 @@ class FastStep:
         self.per_model = per_model
         self.warmup = warmup
         self.max_graphs = max_graphs
-        self._graphs: dict[tuple, _Graph] = {}
-        self._seen: dict[tuple, int] = {}
-        self._grads_of: tuple | None = None
-        self._warned_full = False
+        self._init_graphs()
         self._warned_lr = False
         self.reason: str | None = None
         if mode == "eager":
@@ -171,10 +267,6 @@ class FastStep:
                 f"compile_step: running the eager step, because {self.reason}.", stacklevel=3
             )
 
-    @property
-    def num_graphs(self) -> int:
-        return len(self._graphs)
-
     def _make_capturable(self) -> str | None:
         """Turn on torch optimizers' `capturable` flag; the reason capture is impossible, or None."""
         groups = self.optimizer.param_groups
@@ -204,32 +296,14 @@ class FastStep:
         self._step.backward_update(losses)
         return losses.detach()
 
-    def _eager(self, inputs: Any, targets: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        self._grads_of = None
-        return self._body(inputs, targets)
+    def _leaves(self) -> list[Tensor]:
+        return self._step.leaves
 
-    def _warm(self, inputs: Any, targets: Tensor) -> Tensor:
-        """An eager step on a side stream, as torch's CUDA-graph recipe warms up."""
-        current = torch.cuda.current_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            losses = self._eager(inputs, targets)
-        current.wait_stream(side)
-        losses.record_stream(current)
-        return losses
-
-    def _capture(self, inputs: Any, targets: Tensor) -> _Graph:
-        static = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, (inputs, targets))
-        for p in self._step.leaves:
-            # With no grad at capture, backward writes (not adds) the graph's own
-            # grad tensors on every replay: no zero_grad in the graph.
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            losses = self._body(*static)
-        return _Graph(graph, static, losses, [p.grad for p in self._step.leaves])
+    def _before_replay(self) -> None:
+        if self._step._weights is not None:
+            # A parameter changed in place outside the step (a load, a replaced model):
+            # its low-precision copy is written again before the replay reads it.
+            self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]
 
     def _record(self, losses: Tensor) -> Tensor:
         self.model_batch.record_losses(losses)
@@ -277,40 +351,7 @@ class FastStep:
         if self.mode == "eager":
             return self._record(self._eager(inputs, targets))
         self._check_lr_factors()
-        key = _signature((inputs, targets))
-        entry = self._graphs.get(key)
-        if entry is None:
-            seen = self._seen.get(key, 0)
-            if seen < self.warmup or len(self._graphs) >= self.max_graphs:
-                if seen >= self.warmup and not self._warned_full:
-                    self._warned_full = True
-                    warnings.warn(
-                        f"compile_step: {len(self._graphs)} input shapes already have a graph "
-                        f"(max_graphs={self.max_graphs}); new shapes run the eager step. "
-                        "Keep batch shapes fixed (drop_last=True) or raise max_graphs.",
-                        stacklevel=2,
-                    )
-                self._seen[key] = seen + 1
-                return self._record(self._warm(inputs, targets))
-            entry = self._capture(inputs, targets)
-            self._graphs[key] = entry
-        if self._step._weights is not None:
-            # A parameter changed in place outside the step (a load, a replaced model):
-            # its low-precision copy is written again before the replay reads it.
-            self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]
-        static_in, static_tgt = entry.inputs
-        for dst, src in zip(tree_flatten(static_in)[0], tree_flatten(inputs)[0]):
-            if isinstance(dst, Tensor):
-                dst.copy_(src, non_blocking=True)
-        static_tgt.copy_(targets, non_blocking=True)
-        entry.graph.replay()
-        if self._grads_of != key:
-            # Let `param.grad` show this step's gradients (a loop over tensors, not models).
-            for p, g in zip(self._step.leaves, entry.grads):
-                p.grad = g
-            self._grads_of = key
-        # A fresh tensor: the static one is overwritten by the next replay.
-        return self._record(entry.losses.clone())
+        return self._record(self._graph_step(inputs, targets))
 
 
 def compile_step(
