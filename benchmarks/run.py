@@ -36,7 +36,6 @@ NS = (1, 8, 32, 128, 512, 1024, 4096)
 VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("eager", "eager", {}),
     ("fast", "auto", {}),
-    ("fast_unfused", "auto", {"fuse_optimizer": False}),
     ("fast_compiled", "auto", {"compile_model": True}),
 )
 
