@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GradLayout"]
+__all__ = ["GradLayout", "model_major", "restrided"]
 
 
-def _model_major(shape: torch.Size, stride: tuple[int, ...]) -> bool:
+def model_major(shape: torch.Size, stride: tuple[int, ...]) -> bool:
     """Dense, with the model axis outermost (each model's slice one block of memory)."""
     order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
     expected = 1
@@ -28,6 +28,12 @@ def _model_major(shape: torch.Size, stride: tuple[int, ...]) -> bool:
             return False
         expected *= shape[d]
     return order[0] == 0 or shape[0] == 1
+
+
+def restrided(t: Tensor, stride: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
+    """A copy of `t` laid out with `stride` (and optionally another dtype)."""
+    out = torch.empty_strided(t.shape, stride, dtype=dtype or t.dtype, device=t.device)
+    return out.copy_(t)
 
 
 class GradLayout:
@@ -66,13 +72,8 @@ class GradLayout:
         self.remove()
         for p in self._params:
             stride = self._layouts.get(id(p))
-            if stride is None or stride == p.stride() or not _model_major(p.shape, stride):
+            if stride is None or stride == p.stride() or not model_major(p.shape, stride):
                 continue
-
-            def moved(t: Tensor, stride: tuple[int, ...] = stride) -> Tensor:
-                out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
-                return out.copy_(t)
-
-            p.data = moved(p.data)
+            p.data = restrided(p.data, stride)
             if p.grad is not None:
-                p.grad = moved(p.grad)
+                p.grad = restrided(p.grad, stride)

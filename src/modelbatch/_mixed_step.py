@@ -10,12 +10,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from ._layout import GradLayout
 from ._mixed_optim import MixedOptimizer
-from .fast import _as_args, _Replayed
+from .fast import _as_args, _Replayed, device_max_norm
 
 __all__ = ["MixedStep", "compile_mixed_step"]
 
@@ -70,15 +69,7 @@ class MixedStep(_Replayed):
         self.warmup = warmup
         self.max_graphs = max_graphs
         device = mixed._order.device
-        if max_norm is not None:
-            max_norm = torch.as_tensor(max_norm, dtype=torch.float32).to(device)
-            if max_norm.dim() == 0:
-                max_norm = max_norm.expand(mixed.num_models).clone()
-            if tuple(max_norm.shape) != (mixed.num_models,):
-                raise ValueError(
-                    f"compile_mixed_step: max_norm must be a float or [N={mixed.num_models}], "
-                    f"got shape {tuple(max_norm.shape)}."
-                )
+        max_norm = device_max_norm("compile_mixed_step", max_norm, mixed.num_models, device)
         self.max_norm = max_norm
         self._params = [p for p in mixed.parameters() if p.requires_grad]
         self._init_graphs()

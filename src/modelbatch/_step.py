@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._layout import GradLayout
+from ._layout import GradLayout, restrided
 
 __all__ = ["TrainStep", "apply_update"]
 
@@ -149,11 +149,8 @@ class TrainStep:
         """After the copies took their gradients' layout, the float32 parameters take it too."""
         copies = self.optimizer.low_precision  # type: ignore[attr-defined]
         for p in self.params:
-            copy = copies[p]
-            if copy.stride() != p.stride():
-                moved = torch.empty_strided(p.shape, copy.stride(), dtype=p.dtype, device=p.device)
-                p.data = moved.copy_(p)
-        self.optimizer._low_versions = {p: p._version for p in copies}  # type: ignore[attr-defined]
+            if copies[p].stride() != p.stride():
+                p.data = restrided(p.data, copies[p].stride())
 
     def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
         """Zero the gradients, run the step, return the detached per-model losses `[N]`."""

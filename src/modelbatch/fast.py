@@ -58,6 +58,27 @@ class _Graph:
         self.grads = grads
 
 
+def device_max_norm(
+    owner: str, max_norm: float | Tensor | None, n: int, device: torch.device
+) -> Tensor | None:
+    """`max_norm` as one `[N]` float32 device tensor for the whole run (or None).
+
+    A Python float or list converted at every step would be a host-to-device
+    copy baked into a captured graph.
+    """
+    if max_norm is None:
+        return None
+    limit = torch.as_tensor(max_norm, dtype=torch.float32).to(device)
+    if limit.dim() == 0:
+        limit = limit.expand(n).clone()
+    if tuple(limit.shape) != (n,):
+        raise ValueError(
+            f"{owner}: max_norm must be a float or [N={n}], got shape "
+            f"{tuple(limit.shape)}; pass one value per model."
+        )
+    return limit
+
+
 class _Replayed:
     """Warm-up, capture and replay of a training step as CUDA graphs, one per input shape.
 
@@ -214,25 +235,8 @@ class FastStep(_Replayed):
                     )
         self.model_batch = model_batch
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        # The batch's own scaler (set by BatchGradScaler(model_batch)) unless one is given.
-        self.scaler = scaler if scaler is not None else model_batch.grad_scaler
         device = model_batch.active.device
-        n = model_batch.num_models
-        if max_norm is not None:
-            # One device tensor for the whole run: a Python list or float converted at
-            # every step would be a host-to-device copy baked into the graph.
-            max_norm = torch.as_tensor(max_norm, dtype=torch.float32).to(device)
-            if max_norm.dim() == 0:
-                max_norm = max_norm.expand(n).clone()
-            if tuple(max_norm.shape) != (n,):
-                raise ValueError(
-                    f"compile_step: max_norm must be a float or [N={n}], got shape "
-                    f"{tuple(max_norm.shape)}; pass one value per model."
-                )
-        self.max_norm = max_norm
-        self.autocast_dtype = autocast_dtype
-        self.per_model = per_model
+        max_norm = device_max_norm("compile_step", max_norm, model_batch.num_models, device)
         self.warmup = warmup
         self.max_graphs = max_graphs
         self._init_graphs()
@@ -250,7 +254,8 @@ class FastStep(_Replayed):
             model_batch,
             optimizer,
             loss_fn,
-            scaler=self.scaler,
+            # The batch's own scaler (set by BatchGradScaler(model_batch)) unless one is given.
+            scaler=scaler,
             max_norm=max_norm,
             autocast_dtype=autocast_dtype,
             per_model=per_model,

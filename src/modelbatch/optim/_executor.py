@@ -5,7 +5,7 @@ One call updates every parameter of a param group in two stages:
 1. Coefficients: each parameter's per-model step count (a `[K, N]` table for
    the K parameters of the group) advances where the model updates and the
    parameter has a gradient, and the rule's coefficient function turns the
-   `[N]` hyperparameters into a `[C, K, N]` float32 table. float64 math.
+   `[N]` hyperparameters into a `[C, K, N]` float64 table.
 2. Update: the rule's update function over every element.
 
 On CUDA both stages are generated Triton kernels (`_kernels`): one launch for
@@ -97,10 +97,16 @@ def run_rule(
         rule, hparams, lr_factor, steps, scalars, mask, has_grad, options
     )
     rows = [s.row for s in live_slots]
-    same = bool((coefficients[:, rows] == coefficients[:, rows[:1]]).all())
     small = sum(s.param.numel() for s in live_slots) <= _FLATTEN_LIMIT
     dtypes = {(s.param.dtype, s.grad.dtype) for s in live_slots if s.grad is not None}
-    if len(live_slots) > 1 and same and small and len(dtypes) == 1:
+    # Only on the CPU: comparing the coefficient rows would be a host sync on a device.
+    if (
+        mask.device.type == "cpu"
+        and len(live_slots) > 1
+        and small
+        and len(dtypes) == 1
+        and bool((coefficients[:, rows] == coefficients[:, rows[:1]]).all())
+    ):
         # Small tensors cost their op launches, not their bytes: one pass over their concatenation.
         update_flat(rule, live_slots, coefficients[:, rows[0]], mask, flags)
         return

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._layout import model_major
 from ._rules import UpdateRule
 
 __all__ = ["available", "run", "eligible"]
@@ -60,20 +61,6 @@ def available(device: torch.device) -> bool:
     return ENABLED and device.type == "cuda" and _triton_importable()
 
 
-def _model_major_dense(t: Tensor) -> bool:
-    """Dense, with the model axis outermost in memory (each model's slice contiguous)."""
-    if t.dim() == 0:
-        return False
-    strides = t.stride()
-    order = sorted(range(t.dim()), key=lambda d: (-strides[d], d))
-    expected = 1
-    for d in reversed(order):
-        if t.shape[d] != 1 and strides[d] != expected:
-            return False
-        expected *= t.shape[d]
-    return order[0] == 0 or t.shape[0] == 1
-
-
 def eligible(slot: Any) -> bool:
     """Whether the update kernel can take this parameter (else the torch path runs it)."""
     p, g = slot.param, slot.grad
@@ -85,7 +72,8 @@ def eligible(slot: Any) -> bool:
         and g.dtype in _FLOATS
         and all(t.dtype == p.dtype for t in slot.state.values())
         and all(t.stride() == p.stride() and t.device == p.device for t in tensors)
-        and _model_major_dense(p)
+        and p.dim() > 0
+        and model_major(p.shape, p.stride())
         and p.numel() > 0
     )
 

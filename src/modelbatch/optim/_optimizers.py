@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._indices import model_indices
+from .._layout import restrided
 from ._executor import ParamSlot, run_rule
 from ._hparams import HPARAM_DTYPE, HParam, Rule, build_hparams, check_rules, per_model
 from ._rules import RULES, UpdateRule
@@ -334,8 +335,7 @@ class BatchOptimizer(torch.optim.Optimizer):
                 state[key] = self._state_init(key, group, p)
             elif t.stride() != p.stride() and t.shape == p.shape:
                 # The parameter moved to its gradient's layout; its state follows once.
-                moved = torch.empty_like(p)
-                state[key] = moved.copy_(t)
+                state[key] = restrided(t, p.stride())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -412,9 +412,10 @@ class BatchOptimizer(torch.optim.Optimizer):
     def refresh_low_precision(self) -> None:
         """Copy again every parameter changed in place since its copy was written (host-side check)."""
         for p, copy in self.low_precision.items():
-            if p._version != self._low_versions.get(p) or copy.stride() != p.stride():
-                if copy.stride() != p.stride():
-                    copy.data = torch.empty_like(p, dtype=copy.dtype)
+            if copy.stride() != p.stride():
+                copy.data = restrided(p, p.stride(), copy.dtype)
+                self._low_versions[p] = p._version
+            elif p._version != self._low_versions.get(p):
                 copy.copy_(p)
                 self._low_versions[p] = p._version
 
