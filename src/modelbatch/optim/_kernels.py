@@ -90,7 +90,8 @@ def _rebound(fn: Any) -> Any:
     namespace = dict(module.__dict__)
     namespace["ops"] = tl
     namespace["tl"] = tl
-    for name, source in (("_lerp", "_lerp_formula"), ("_pow", "_pow"), ("_round32", "_round32")):
+    helpers = ("_pow", "_round32", "_signed", "_decayed", "_moments")
+    for name, source in (("_lerp", "_lerp_formula"), *((h, h) for h in helpers)):
         helper = module.__dict__[source]
         namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, source))
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__)

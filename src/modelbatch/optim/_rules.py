@@ -89,6 +89,24 @@ def _pow(base, exponent):
     )
 
 
+def _signed(g, p, sign, wd):
+    # maximize (sign -1), then L2 weight decay added to the gradient, in torch's order.
+    g = g * sign
+    return g + p * wd
+
+
+def _decayed(p, g, sign, decay, wd):
+    # maximize, decoupled weight decay on the weights (decay), coupled on the gradient (wd).
+    g = g * sign
+    p = p * decay
+    return p, g + p * wd
+
+
+def _moments(m, v, g, w1, beta2, w2):
+    # Adam's first and second moments, as torch's lerp_ and mul_().addcmul_().
+    return _lerp(m, g, w1), v * beta2 + w2 * g * g
+
+
 def _round32(x):
     # torch keeps some scalar state (NAdam's mu_product, ASGD's eta and mu) as float32 tensors.
     return x.to(ops.float32).to(ops.float64)
@@ -109,11 +127,8 @@ def _adam_coefficients(step, lr, beta1, beta2, eps, weight_decay, amsgrad, maxim
 def _adam_update(
     p, g, m, v, vmax, step_size, bias2_sqrt, eps, wd, w1, beta2, w2, sign, amsgrad, decay, HAS_MAX
 ):
-    g = g * sign
-    p = p * decay
-    g = g + p * wd
-    m = _lerp(m, g, w1)
-    v = v * beta2 + w2 * g * g
+    p, g = _decayed(p, g, sign, decay, wd)
+    m, v = _moments(m, v, g, w1, beta2, w2)
     if HAS_MAX:
         # Models without amsgrad keep max_exp_avg_sq equal to exp_avg_sq.
         vmax = ops.maximum(vmax * amsgrad, v)
@@ -159,8 +174,7 @@ def _sgd_coefficients(step, lr, momentum, dampening, weight_decay, nesterov, max
 
 
 def _sgd_update(p, g, buf, lr, wd, sign, has_momentum, keep, take, nesterov, momentum, HAS_BUF):
-    g = g * sign
-    g = g + p * wd
+    g = _signed(g, p, sign, wd)
     if HAS_BUF:
         new_buf = buf * keep + g * take
         buf = ops.where(has_momentum > 0.0, new_buf, buf)
@@ -213,8 +227,7 @@ def _rmsprop_update(
     HAS_CENTERED,
     HAS_BUF,
 ):
-    g = g * sign
-    g = g + p * wd
+    g = _signed(g, p, sign, wd)
     square_avg = square_avg * alpha + w * g * g
     if HAS_CENTERED:
         new_avg = _lerp(grad_avg, g, w)
@@ -260,8 +273,7 @@ def _adagrad_coefficients(step, lr, lr_decay, weight_decay, eps, maximize):
 
 
 def _adagrad_update(p, g, total, clr, wd, eps, sign):
-    g = g * sign
-    g = g + p * wd
+    g = _signed(g, p, sign, wd)
     total = total + g * g
     std = ops.sqrt(total) + eps
     p = p + (-clr) * g / std
@@ -294,8 +306,7 @@ def _adamax_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize):
 
 
 def _adamax_update(p, g, m, u, clr, w1, beta2, eps, wd, sign):
-    g = g * sign
-    g = g + p * wd
+    g = _signed(g, p, sign, wd)
     m = _lerp(m, g, w1)
     u = ops.maximum(u * beta2, ops.abs(g) + eps)
     p = p + (-clr) * m / u
@@ -341,11 +352,8 @@ def _nadam_coefficients(
 
 
 def _nadam_update(p, g, m, v, grad_rate, avg_rate, bias2, eps, wd, decay, w1, beta2, w2, sign):
-    g = g * sign
-    p = p * decay
-    g = g + p * wd
-    m = _lerp(m, g, w1)
-    v = v * beta2 + w2 * g * g
+    p, g = _decayed(p, g, sign, decay, wd)
+    m, v = _moments(m, v, g, w1, beta2, w2)
     denom = ops.sqrt(v / bias2) + eps
     p = p + grad_rate * g / denom
     p = p + avg_rate * m / denom
@@ -411,11 +419,8 @@ def _radam_coefficients(step, lr, beta1, beta2, eps, weight_decay, maximize, dec
 def _radam_update(
     p, g, m, v, lr, bias1, bias2_sqrt, rect, rectified, eps, wd, decay, w1, beta2, w2, sign
 ):
-    g = g * sign
-    p = p * decay
-    g = g + p * wd
-    m = _lerp(m, g, w1)
-    v = v * beta2 + w2 * g * g
+    p, g = _decayed(p, g, sign, decay, wd)
+    m, v = _moments(m, v, g, w1, beta2, w2)
     corrected = m / bias1
     adaptive = bias2_sqrt / (ops.sqrt(v) + eps)
     step_rect = corrected * lr * adaptive * rect
@@ -450,8 +455,7 @@ def _adadelta_coefficients(step, lr, rho, eps, weight_decay, maximize):
 
 
 def _adadelta_update(p, g, square_avg, acc_delta, lr, rho, w, eps, wd, sign):
-    g = g * sign
-    g = g + p * wd
+    g = _signed(g, p, sign, wd)
     square_avg = square_avg * rho + w * g * g
     std = ops.sqrt(square_avg + eps)
     delta = ops.sqrt(acc_delta + eps) / std * g
@@ -492,8 +496,7 @@ def _asgd_coefficients(step, eta, mu, lr, lambd, alpha, t0, weight_decay, maximi
 
 
 def _asgd_update(p, g, ax, decay, eta, mu, wd, sign):
-    g = g * sign
-    g = g + p * wd
+    g = _signed(g, p, sign, wd)
     p = p * decay
     p = p + g * (-eta)
     ax = ops.where(mu != 1.0, ax + (p - ax) * mu, p)
