@@ -21,10 +21,13 @@ def mlp(*sizes: int) -> Callable[[], nn.Module]:
     return make
 
 
-def lenet5() -> nn.Module:
-    """LeNet-5 for 3x32x32 inputs."""
+def lenet5(channels: int = 3, padding: int = 0) -> nn.Module:
+    """LeNet-5: conv 6 and 16 (5x5), fc 120/84/10; 3x32x32 inputs by default.
+
+    1x28x28 inputs with `channels=1, padding=2` (`lenet5_mnist`).
+    """
     return nn.Sequential(
-        nn.Conv2d(3, 6, 5),
+        nn.Conv2d(channels, 6, 5, padding=padding),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5),
@@ -81,20 +84,7 @@ def make_batches(
 
 def lenet5_mnist() -> nn.Module:
     """LeNet-5 for 1x28x28 inputs: conv 6 (5x5, padding 2) and 16 (5x5), fc 120/84/10."""
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, 10),
-    )
+    return lenet5(channels=1, padding=2)
 
 
 class GlobalMax(nn.Module):

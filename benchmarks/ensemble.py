@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -41,29 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import sync, timed
 
 from modelbatch import ModelBatch
 from modelbatch.ensemble import ensemble_predict, export_ensemble
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of `fn` in milliseconds, after warm-up, with device syncs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    samples = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def mlp(inputs: int, hidden: int, classes: int) -> nn.Module:
