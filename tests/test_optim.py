@@ -705,3 +705,21 @@ def test_cuda_kernels_match_torch_and_the_torch_path(cls, configs, monkeypatch):
         ):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
     assert max_rel_diff(kernel, [torch_path.model(i) for i in range(N)]) <= 1e-5
+
+
+def test_fixed_hparams_of_a_group_survive_set_hparams_and_reset():
+    # HF Trainer's no-decay group: biases keep weight decay 0 whatever a model's config says.
+    mb = ModelBatch(make_models(N))
+    weights = [p for n, p in mb.stacked_params().items() if n.endswith("weight")]
+    biases = [p for n, p in mb.stacked_params().items() if n.endswith("bias")]
+    groups = [{"params": weights}, {"params": biases, "fixed_hparams": {"weight_decay": 0.0}}]
+    opt = BatchAdam(groups, [{"weight_decay": 0.1 * (i + 1)} for i in range(N)], model_batch=mb)
+    decay, no_decay = (g["hparams"]["weight_decay"] for g in opt.param_groups)
+    assert decay.tolist() == pytest.approx([0.1 * (i + 1) for i in range(N)])
+    assert no_decay.tolist() == [0.0] * N
+    opt.set_hparams([1, 2], weight_decay=0.5)
+    opt.reset_models([3], [{"weight_decay": 0.7}])
+    assert decay[[1, 2, 3]].tolist() == [0.5, 0.5, 0.7]
+    assert no_decay.tolist() == [0.0] * N
+    with pytest.raises(ValueError, match=r"fixed_hparams has unknown keys \['momentum'\]"):
+        BatchAdam([{"params": biases, "fixed_hparams": {"momentum": 0.9}}], [{}] * N)

@@ -324,17 +324,12 @@ class BatchTrainer(Trainer):
                 cls = self.optimizer_cls
                 batch_cls = cls if issubclass(cls, BatchOptimizer) else VECTORIZED.get(cls)
                 decay, no_decay = self._decay_groups()
-                if batch_cls is not None and no_decay:
-                    groups = [{"params": decay}, {"params": no_decay}]
-                    optimizer = batch_cls(groups, configs, model_batch=mb, base_config=base)
-                    hparams = optimizer.param_groups[1]["hparams"]
-                    if "weight_decay" in hparams:
-                        hparams["weight_decay"].zero_()
-                    self.optimizer = optimizer
+                if batch_cls is not None and no_decay and "weight_decay" in batch_cls.specs:
+                    fixed = {"weight_decay": 0.0}
+                    groups = [{"params": decay}, {"params": no_decay, "fixed_hparams": fixed}]
+                    self.optimizer = batch_cls(groups, configs, model_batch=mb, base_config=base)
                 else:
-                    factory = OptimizerFactory(cls, base)
-                    self.optimizer = factory.create_optimizer(mb, configs)
-                    self._split_torch_groups(self.optimizer, no_decay)
+                    self.optimizer = OptimizerFactory(cls, base).create_optimizer(mb, configs)
         return self.optimizer
 
     def _decay_groups(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -345,17 +340,6 @@ class BatchTrainer(Trainer):
         params = [(n, p) for n, p in mb.stacked_params().items() if p.requires_grad]
         decay = [p for n, p in params if n in names]
         return decay, [p for n, p in params if n not in names]
-
-    @staticmethod
-    def _split_torch_groups(optimizer: torch.optim.Optimizer, no_decay: list[Tensor]) -> None:
-        # A torch optimizer run over the stacked tensors (one config for all
-        # models): a second group with weight_decay 0, as the stock Trainer builds.
-        group = optimizer.param_groups[0]
-        if not no_decay or "weight_decay" not in group or len(optimizer.param_groups) != 1:
-            return
-        ids = {id(p) for p in no_decay}
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-        optimizer.add_param_group({"params": no_decay, "weight_decay": 0.0})
 
     def _set_signature_columns_if_needed(self) -> None:
         # Column pruning of `datasets` data must follow the user's model, not

@@ -192,6 +192,13 @@ class BatchOptimizer(torch.optim.Optimizer):
                     f"{name}: expected stacked parameters [N={n}, ...], got shape "
                     f"{tuple(p.shape)}; pass ModelBatch parameters, one config per model."
                 )
+        fixed = dict(param_group.pop("fixed_hparams", None) or {})
+        unknown = sorted(set(fixed) - set(self.specs))
+        if unknown:
+            raise ValueError(
+                f"{name}: fixed_hparams has unknown keys {unknown}; per-model ones are "
+                f"{sorted(self.specs)}."
+            )
         hp = getattr(self, "_new_hparams", None)
         if hp is None:
             hp = self.param_groups[0]["hparams"]
@@ -202,6 +209,10 @@ class BatchOptimizer(torch.optim.Optimizer):
         device = hp["lr"].device
         k = len(group["params"])
         group["hparams"] = {key: t.clone() for key, t in hp.items()}
+        # Values every model holds in this group whatever its config says (e.g. no weight
+        # decay on biases); set_hparams and reset_models keep them.
+        group["fixed_hparams"] = fixed
+        _apply_fixed(group["hparams"], fixed)
         group["step"] = torch.zeros(k, n, dtype=HPARAM_DTYPE, device=device)
         group["scalars"] = {
             s: self._scalar_init(init, group["hparams"], k) for s, init in self.rule.scalars
@@ -251,6 +262,7 @@ class BatchOptimizer(torch.optim.Optimizer):
             candidate = {k: t.clone() for k, t in live.items()}
             for k, t in new.items():
                 candidate[k][idx] = t.to(candidate[k].device)
+            _apply_fixed(candidate, group.get("fixed_hparams", {}))
             check_rules(owner, (*_finite(self.specs), *self.rules), candidate, what="model")
             wanted = self.structure(candidate)
             missing = [k for k, on in wanted.items() if on and not group["structure"].get(k)]
@@ -513,6 +525,13 @@ class BatchOptimizer(torch.optim.Optimizer):
             # The kernel wrote p without torch's version counter; the copy is current.
             self._low_versions[p] = p._version
         return loss
+
+
+def _apply_fixed(hparams: Mapping[str, Tensor], fixed: Mapping[str, Any]) -> None:
+    """Write a param group's fixed values into every model's entry, in place."""
+    for key, value in fixed.items():
+        t = hparams[key]
+        t.copy_(torch.as_tensor(value, dtype=t.dtype, device=t.device).expand_as(t))
 
 
 def _first_device(params: list[Any]) -> torch.device:
