@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ._stack import meta_skeleton
 from .nn._seeded import SEEDED_TWINS, hash_uniform, mix32
 
 if TYPE_CHECKING:
@@ -264,16 +265,10 @@ def build_from_factory(
         draw = torch.device(build_device) if build_device is not None else device
         _grow(mb, ids, template, rules, seed, device, chunk_elements, draw)
     # Exports give the user's own layers back (torch dropout with its rate).
-    object.__setattr__(mb, "_export_skeleton", _meta(template))
+    object.__setattr__(mb, "_export_skeleton", meta_skeleton(template))
     _seed_dropouts(mb, dropouts, ids, seed)
     mb.model_ids = ids
     return mb
-
-
-def _meta(model: nn.Module) -> nn.Module:
-    from ._stack import meta_skeleton
-
-    return meta_skeleton(model)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -265,7 +265,7 @@ class ChunkedTrainer:
         wo, so = self._worker_opt, self.optimizer
         for wg, sg in zip(wo.param_groups, so.param_groups):
             for key, value in wg.items():
-                if key in ("params", "lr"):
+                if key == "params":
                     continue
                 if isinstance(value, Tensor):
                     found.append((value, sg[key]))

@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._batch import ModelBatch
+from ._checkpoint_format import DTYPES, dtype_name
+from .checkpoint import _class_path
 from .nn._seeded import mix32
 
 if TYPE_CHECKING:
@@ -233,8 +235,7 @@ def save(
 
     owner = "distributed.save"
     path = Path(path)
-    ids = _local_ids(ctx, model_batch, owner)
-    del ids
+    _local_ids(ctx, model_batch, owner)  # refuses a batch that is not this rank's block
     n_local, n = model_batch.num_models, ctx.num_models
     tree: dict[str, Any] = {
         "model": {**model_batch.stacked_params(), **model_batch.stacked_buffers()},
@@ -271,14 +272,14 @@ def save(
                 state[f"sum/{name}"] = _as_sharded(sums, ctx.offset, n, ctx.rank, 0)
                 shape = list(t.shape)
                 shape[axis] = n
-                specs[name] = [shape, str(t.dtype).removeprefix("torch."), axis]
+                specs[name] = [shape, dtype_name(t.dtype), axis]
             else:
                 state[name] = t
                 if ctx.is_main:
                     from ._checkpoint_format import crc
 
                     crcs[name] = crc(t.to("cpu", copy=True).contiguous())
-                specs[name] = [list(t.shape), str(t.dtype).removeprefix("torch."), None]
+                specs[name] = [list(t.shape), dtype_name(t.dtype), None]
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)))
         del state
     if ctx.is_main:
@@ -311,11 +312,6 @@ def save(
         if old.exists():
             shutil.rmtree(old)
     ctx.barrier()
-
-
-def _class_path(model_batch: ModelBatch) -> str:
-    cls = type(model_batch._export_skeleton)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _read_meta(path: Path, owner: str) -> dict[str, Any]:
@@ -403,7 +399,12 @@ def load(
     state: dict[str, Any] = {}
     with _sharded_tensors():
         for name, (shape, dtype, axis) in meta["tensors"].items():
-            dt = getattr(torch, dtype)
+            dt = DTYPES.get(dtype) if isinstance(dtype, str) else None
+            if dt is None:
+                raise ValueError(
+                    f"{owner}: {path} is corrupted: its metadata names an unknown dtype "
+                    f"{dtype!r} for {name!r} (known: {sorted(DTYPES)})."
+                )
             if axis is not None:
                 axes[name] = axis
                 local_shape = list(shape)

@@ -53,8 +53,6 @@ __all__ = [
     "successive_halving",
 ]
 
-_M32 = 0xFFFFFFFF
-
 
 def _split(n: int, world: int) -> list[int]:
     """Balanced contiguous blocks: the first `n % world` ranks hold one model more."""

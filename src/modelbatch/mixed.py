@@ -29,15 +29,17 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
 from ._batch import ModelBatch
+from ._buffers import _capturing
 from ._indices import model_indices
 from ._metrics import format_table, per_model_rows
 from ._mixed_optim import MixedOptimizer
 from ._mixed_plan import Arch, Group, plan_groups
 from ._mixed_step import MixedStep, compile_mixed_step
 from ._stack import map_tensors, materialize, meta_skeleton, state_key_map
+from .fast import _signature, device_max_norm
 
 __all__ = ["MixedBatch", "MixedOptimizer", "MixedStep", "compile_mixed_step"]
 
@@ -362,7 +364,7 @@ class MixedBatch(nn.Module):
 
     def forward_groups(self, *args: Any, per_model: bool = False, **kwargs: Any) -> list[Any]:
         """Every group's output, `[n_g, B, ...]` each, in group order (see `members(g)`)."""
-        if self.verify and not _capturing():
+        if self.verify and not _capturing(self._order):
             key = _signature((args, kwargs, per_model))
             if key not in self._verified:
                 self._check_padding(args, kwargs, per_model)
@@ -512,9 +514,10 @@ class MixedBatch(nn.Module):
         """Clip each model's gradient by its own norm; returns the norms `[N]` before clipping."""
         from .optim import clip_grad_norm_
 
-        limit = torch.as_tensor(max_norm, dtype=torch.float32, device=self._order.device)
-        if limit.dim() == 0:
-            limit = limit.expand(self.num_models)
+        limit = device_max_norm(
+            "MixedBatch.clip_grad_norm_", max_norm, self.num_models, self._order.device
+        )
+        assert limit is not None
         norms = [clip_grad_norm_(mb, limit[self.members(g)]) for g, mb in enumerate(self.groups)]
         return torch.cat(norms)[self._order]
 
@@ -561,15 +564,3 @@ class MixedBatch(nn.Module):
         for mb in self.groups:
             mb.train(mode)
         return self
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _signature(tree: Any) -> tuple:
-    leaves, spec = tree_flatten(tree)
-    return (
-        str(spec),
-        tuple((tuple(t.shape), t.dtype) if isinstance(t, Tensor) else t for t in leaves),
-    )
