@@ -211,8 +211,7 @@ class ModelBatch(nn.Module):
         self.optimizer: torch.optim.Optimizer | None = None
         self._layout: GradLayout | None = None
         if optimizer_cls is not None:  # lr_list or optimizer_kwargs alone are refused above
-            self.optimizer = self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
-            self._layout = GradLayout(list(self.parameters()))
+            self._build_optimizer(optimizer_cls, lr_list, optimizer_kwargs)
 
     @property
     def randomness(self) -> str:
@@ -626,24 +625,32 @@ class ModelBatch(nn.Module):
         lr_list: Sequence[float] | None,
         optimizer_kwargs: Mapping[str, Any] | None,
     ) -> torch.optim.Optimizer:
-        from .optim import OptimizerFactory
 
         kwargs = dict(optimizer_kwargs or {})
         configs = None
-        if lr_list is not None:
-            lrs = [float(lr) for lr in lr_list]
-            if len(lrs) != self.num_models:
-                raise ValueError(
-                    f"ModelBatch: lr_list has {len(lrs)} entries, expected one per model "
-                    f"(N={self.num_models})."
-                )
+        if lr_list is not None:  # N floats (checked by _checked_optimizer_args)
             if "lr" in kwargs:
                 raise ValueError(
                     "ModelBatch: give the learning rate in lr_list or in "
                     "optimizer_kwargs['lr'], not both."
                 )
-            configs = [{"lr": lr} for lr in lrs]
-        return OptimizerFactory(optimizer_cls, kwargs).create_optimizer(self, configs)
+            configs = [{"lr": lr} for lr in lr_list]
+        return self._own_optimizer(optimizer_cls, kwargs, configs)
+
+    def _own_optimizer(
+        self,
+        optimizer_cls: type[torch.optim.Optimizer],
+        kwargs: Mapping[str, Any],
+        configs: Sequence[Mapping[str, Any]] | None,
+    ) -> torch.optim.Optimizer:
+        """Build the optimizer this batch owns, and learn its parameters' gradient layout."""
+        from .optim import OptimizerFactory
+
+        self.optimizer = OptimizerFactory(optimizer_cls, dict(kwargs)).create_optimizer(
+            self, configs
+        )
+        self._layout = GradLayout(list(self.parameters()))
+        return self.optimizer
 
     def step(self) -> None:
         """One optimizer step of every active model.
@@ -739,10 +746,9 @@ class ModelBatch(nn.Module):
             loss_fn=loss_fn,
         )
         if optimizer_cls is not None:
-            from .optim import OptimizerFactory
-
-            factory = OptimizerFactory(optimizer_cls, dict(optimizer_kwargs or {}))
-            mb.optimizer = factory.create_optimizer(mb, None if configs is None else list(configs))
+            mb._own_optimizer(
+                optimizer_cls, optimizer_kwargs or {}, None if configs is None else list(configs)
+            )
         elif configs is not None or optimizer_kwargs is not None:
             raise ValueError(
                 "ModelBatch.from_factory: configs and optimizer_kwargs need optimizer_cls; "

@@ -237,10 +237,11 @@ class BatchGradScaler:
                 "step() unscale."
             )
         n = self.num_models
+        # Gradients of low-precision weight copies are fp16 by design.
         low_precision = bool(getattr(optimizer, "low_precision", None))
-        if low_precision:
-            # Gradients of the low-precision weight copies: fp16 by design.
-            grads = optimizer.gradients()
+        gradients = getattr(optimizer, "gradients", None)  # modelbatch optimizers
+        if gradients is not None:
+            grads = gradients()
         else:
             grads = [
                 p.grad
