@@ -156,13 +156,7 @@ class AdaptiveAvgPool3d(_Pool, nn.AdaptiveAvgPool3d):
 
 
 TORCH_TWINS: dict[type[nn.Module], Any] = {
-    nn.MaxPool1d: MaxPool1d,
-    nn.MaxPool2d: MaxPool2d,
-    nn.MaxPool3d: MaxPool3d,
-    nn.AvgPool1d: AvgPool1d,
-    nn.AvgPool2d: AvgPool2d,
-    nn.AvgPool3d: AvgPool3d,
-    nn.AdaptiveAvgPool1d: AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d: AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d: AdaptiveAvgPool3d,
-}
+    c.torch_cls: c
+    for c in (MaxPool1d, MaxPool2d, MaxPool3d, AvgPool1d, AvgPool2d, AvgPool3d,
+              AdaptiveAvgPool1d, AdaptiveAvgPool2d, AdaptiveAvgPool3d)
+}  # fmt: skip
