@@ -96,6 +96,12 @@ def latest_losses(mb: ModelBatch) -> Tensor:
     return mb.latest_losses
 
 
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """max |a - b| / max |b|: the error relative to the tensor's scale."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def max_rel_diff(mb: ModelBatch, models: Sequence[nn.Module]) -> float:
     """Largest per-model, per-tensor `max|a - b| / max|b|` between the stack and the models."""
     worst = 0.0

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import grad, max_rel_diff
-from torch import Tensor, nn
+from _reference import grad, max_rel_diff, rel_err
+from torch import nn
 
 from modelbatch import ModelBatch
 from modelbatch.nn import Conv1d, Conv2d, Conv3d, _conv, conv_lowering
@@ -19,11 +19,6 @@ N = 3
 FORWARD_RTOL = 1e-6
 GRAD_RTOL = 1e-5
 LOWERINGS = ["auto", "dense", "dense_cl", "grouped", "grouped_cl", "bmm", "bmm_cl"]
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def net(nd: int) -> nn.Module:

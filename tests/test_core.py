@@ -8,17 +8,12 @@ from typing import TypeVar
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import grad, latest_losses
+from _reference import grad, latest_losses, rel_err
 from torch import nn
 
 from modelbatch import ModelBatch
 
 M = TypeVar("M", bound=nn.Module)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|, robust to entries near zero."""
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 class MLP(nn.Module):

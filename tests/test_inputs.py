@@ -10,7 +10,7 @@ from typing import TypeVar
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import grad
+from _reference import grad, rel_err
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -19,10 +19,6 @@ from modelbatch.optim import BatchOptimizer
 
 N, B = 4, 6
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 class MLP(nn.Module):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import grad
+from _reference import grad, rel_err
 from torch import Tensor, nn
 
 from modelbatch import ModelBatch
@@ -26,13 +26,6 @@ from modelbatch.nn import UnbatchableLayerError
 N = 3
 FORWARD_RTOL = 1e-6
 GRAD_RTOL = 1e-5
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    """max |a - b| / max |b|: the error relative to the tensor's scale."""
-    a, b = a.detach(), b.detach()
-    scale = b.abs().max().clamp_min(1e-12)
-    return float((a - b).abs().max() / scale)
 
 
 # ---------------------------------------------------------------------- models of the table

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _reference import grad
+from _reference import grad, rel_err
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils._pytree import tree_leaves
@@ -47,11 +47,6 @@ def ids(configs: list) -> list[str]:
         f"{k}-L{layers}{'-bi' if bi else ''}{'-bf' if bf else ''}{'-hx' if hx else ''}"
         for k, layers, bi, bf, hx in configs
     ]
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def initial_state(kind: str, torch_cls: type, layers: int, bi: bool, kwargs: dict, *lead: int):
