@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import CountOps, grad
+from _reference import CountOps, grad, rel_err
 from torch import nn
 
 from modelbatch import ModelBatch
@@ -48,15 +48,11 @@ def _batched_and_separate(n: int = N, seed: int = 0):
     return mb, separate
 
 
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
-
-
 def _assert_grads_match(mb: ModelBatch, separate: list[nn.Module], tol: float = 1e-6) -> None:
     stacked = mb.stacked_params()
     for i, m in enumerate(separate):
         for name, p in m.named_parameters():
-            assert _max_rel(grad(stacked[name])[i], grad(p)) <= tol, (i, name)
+            assert rel_err(grad(stacked[name])[i], grad(p)) <= tol, (i, name)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
@@ -77,13 +73,13 @@ def test_clip_grad_norm_matches_torch_per_model(norm_type: float, per_model_max:
         max_norm = float(expected.median())
     norms = clip_grad_norm_(mb, max_norm, norm_type=norm_type)
     assert norms.shape == (N,)
-    assert _max_rel(norms, expected) <= 1e-6
+    assert rel_err(norms, expected) <= 1e-6
     for i, m in enumerate(separate):
         limit = float(max_norm[i]) if isinstance(max_norm, torch.Tensor) else max_norm
         torch.nn.utils.clip_grad_norm_(m.parameters(), limit, norm_type=norm_type)
     _assert_grads_match(mb, separate)
     assert (
-        _max_rel(
+        rel_err(
             per_model_grad_norm(mb, norm_type),
             torch.stack(
                 [
