@@ -56,7 +56,7 @@ def per_model_rows(
         [{'model': 0, 'loss': 0.5}, {'model': 1, 'loss': 0.25}]
     """
     values = {name: _column_values(name, col, n) for name, col in columns.items()}
-    names = list(range(n)) if ids is None else [int(i) for i in ids]
+    names = list(range(n)) if ids is None else [int(i) for i in _column_values("model", ids, n)]
     return [
         {"model": names[i], **{name: vals[i] for name, vals in values.items()}} for i in range(n)
     ]
