@@ -151,7 +151,7 @@ def decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
 
 def crc(t: Tensor) -> int:
     # zlib reads the array's buffer directly: no copy of the tensor's bytes.
-    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data)
+    return zlib.crc32(_bytes(t))
 
 
 def rng_state(tensors: dict[str, Tensor]) -> dict[str, Any]:
@@ -534,7 +534,7 @@ _META_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 
 def _bytes(t: Tensor) -> memoryview:
-    """A writable byte view of a fresh contiguous CPU tensor."""
+    """A byte view of a contiguous CPU tensor (writable for a fresh one)."""
     return t.reshape(-1).view(torch.uint8).numpy().data
 
 
