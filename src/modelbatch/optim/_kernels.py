@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .._layout import model_major
+from ._executor import hparam_column, update_tensor
 from ._rules import UpdateRule
 
 __all__ = ["available", "run", "eligible"]
@@ -306,8 +307,6 @@ def run(
     flags: Mapping[str, bool],
 ) -> None:
     """The coefficient kernel, then the update kernel(s) over every slot with a gradient."""
-    from ._executor import hparam_column, update_tensor
-
     k, n = steps.shape
     device = steps.device
     has = _device_flags(tuple(s.grad is not None for s in slots), device)
