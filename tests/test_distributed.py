@@ -321,5 +321,17 @@ def test_nccl_world_of_one(tmp_path: Path) -> None:
         ctx.close()
 
 
+def native_threads() -> list[str]:
+    """Names of this process's native threads (Linux), [] elsewhere."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+
+
 if __name__ == "__main__":
     run(sys.argv[1], Path(sys.argv[2]))
+    # ctx.close() tore the group down whole: a gloo thread still alive here
+    # outlives the interpreter and aborts the process at exit, now and then.
+    left = [name for name in native_threads() if "gloo" in name]
+    assert not left, f"gloo threads outlive destroy_process_group: {left}"

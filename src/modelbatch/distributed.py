@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -309,6 +310,11 @@ def init(
                 )
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        # torch._dynamo imported after the group exists (torch.optim imports it)
+        # keeps the group alive past destroy_process_group: its gloo threads then
+        # outlive the interpreter and abort the process at exit. Imported first,
+        # the group is torn down whole.
+        importlib.import_module("torch._dynamo")
         if "RANK" in env and "WORLD_SIZE" in env:
             dist.init_process_group(backend, init_method="env://", **kwargs)
         else:
