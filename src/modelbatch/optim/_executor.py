@@ -23,14 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._hparams import per_model
+from ._plan import plan_for
 from ._rules import UpdateRule
 
-__all__ = ["ParamSlot", "run_rule", "hparam_column"]
+__all__ = ["ParamSlot", "StepCoefficients", "run_rule", "hparam_column", "update_tensor"]
 
 
 @dataclass
@@ -96,22 +98,9 @@ def run_rule(
     coefficients = coefficient_table(
         rule, hparams, lr_factor, steps, scalars, mask, has_grad, options
     )
-    rows = [s.row for s in live_slots]
-    small = sum(s.param.numel() for s in live_slots) <= _FLATTEN_LIMIT
-    dtypes = {(s.param.dtype, s.grad.dtype) for s in live_slots if s.grad is not None}
-    # Only on the CPU: comparing the coefficient rows would be a host sync on a device.
-    if (
-        mask.device.type == "cpu"
-        and len(live_slots) > 1
-        and small
-        and len(dtypes) == 1
-        and bool((coefficients[:, rows] == coefficients[:, rows[:1]]).all())
-    ):
-        # Small tensors cost their op launches, not their bytes: one pass over their concatenation.
-        update_flat(rule, live_slots, coefficients[:, rows[0]], mask, flags)
-        return
+    table = StepCoefficients(rule, flags, coefficients, mask)
     for slot in live_slots:
-        update_tensor(rule, slot, coefficients[:, slot.row], mask, flags)
+        update_tensor(rule, slot, table, slot.row, mask, flags)
 
 
 def coefficient_table(
@@ -137,46 +126,69 @@ def coefficient_table(
     out = rule.coefficients(steps, *old, *args, *(float(options[o]) for o in rule.options))
     for table, new in zip(old, out[rule.num_coefficients :]):
         table.copy_(torch.where(live, new, table))
-    shape = steps.shape
-    return torch.stack(
-        [
-            torch.as_tensor(c, dtype=torch.float64).expand(shape)
-            for c in out[: rule.num_coefficients]
-        ]
-    )
+    coefficients = [torch.as_tensor(c, dtype=torch.float64) for c in out[: rule.num_coefficients]]
+    return torch.stack(torch.broadcast_tensors(steps, *coefficients)[1:])
 
 
-#: at most this many elements in a group are updated as one concatenated tensor (torch path;
-#: measured on CPU: faster below, slower above, where the extra copies cost more than launches).
-_FLATTEN_LIMIT = 1 << 16
+class StepCoefficients:
+    """One step's coefficients `[C, K, N]` of a group, and the plan's values from them.
 
+    The plan's coefficient-only values (stacked, `[V, K, N]`) and fold
+    decisions are computed once per math dtype, over every row; fold decisions
+    only on the CPU (reading them is a host sync elsewhere).
+    """
 
-def update_flat(
-    rule: UpdateRule,
-    slots: Sequence[ParamSlot],
-    coefficients: Tensor,
-    mask: Tensor,
-    flags: Mapping[str, bool],
-) -> None:
-    """`update_tensor` over the concatenation of several parameters with equal coefficients."""
-    n = slots[0].param.shape[0]
-    present = [name for name in rule.state if flags.get(name, True)]
+    def __init__(
+        self, rule: UpdateRule, flags: Mapping[str, bool], table: Tensor, mask: Tensor
+    ) -> None:
+        self.plan = plan_for(rule, [flags[name] for name in rule.state if name in rule.optional])
+        self.table = table
+        self.mask = mask
+        cpu = mask.device.type == "cpu"
+        self.fold = cpu
+        #: every model updates (known without a host sync on the CPU only).
+        self.everyone = cpu and bool(mask.all())
+        self._values: dict[torch.dtype, tuple[list[tuple[list[int], Tensor]], tuple[Any, ...]]] = {}
 
-    def cat(tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(n, -1) for t in tensors], dim=1)
+    def values(self, dtype: torch.dtype) -> tuple[list[tuple[list[int], Tensor]], tuple[Any, ...]]:
+        """The derived coefficients in `dtype`, and the fold decisions.
 
-    flat_state = {name: cat([s.state[name] for s in slots]) for name in present}
-    grads = [s.grad for s in slots if s.grad is not None]
-    merged = ParamSlot(0, cat([s.param for s in slots]), cat(grads), flat_state)
-    update_tensor(rule, merged, coefficients, mask, flags)
-    sizes = [s.param[0].numel() for s in slots]
-    for role, flat in [("param", merged.param), *flat_state.items()]:
-        targets = [s.param if role == "param" else s.state[role] for s in slots]
-        pieces = [piece.view_as(t) for piece, t in zip(flat.split(sizes, dim=1), targets)]
-        torch._foreach_copy_(targets, pieces)
-    for s in slots:
-        if s.low_precision is not None:
-            s.low_precision.copy_(s.param)
+        The coefficients come stacked by their own dtype (conditions are bool):
+        a list of (positions among the plan's coefficients, `[V, K, N]`).
+        """
+        out = self._values.get(dtype)
+        if out is None:
+            values, decisions = self.plan.coefficient_values(self.table.to(dtype), fold=self.fold)
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, v in enumerate(values):
+                by_dtype.setdefault(v.dtype, []).append(i)
+            shape = self.table.shape[1:]
+            stacks = [
+                (where, torch.stack([values[i].expand(shape) for i in where]))
+                if len(where) == 1
+                else (where, torch.stack(torch.broadcast_tensors(*[values[i] for i in where])))
+                for where in by_dtype.values()
+            ]
+            out = self._values[dtype] = (stacks, decisions)
+        return out
+
+    def row(
+        self, dtype: torch.dtype, row: int, like: Tensor
+    ) -> tuple[list[Tensor], tuple[Any, ...]]:
+        """The derived coefficients of `row`, each `[N, 1, ...]` to broadcast against `like`."""
+        stacks, decisions = self.values(dtype)
+        ones = [1] * (like.dim() - 1)
+        if len(stacks) == 1:
+            stacked = stacks[0][1]
+            return list(
+                stacked[:, row].view(stacked.shape[0], like.shape[0], *ones).unbind(0)
+            ), decisions
+        out: list[Any] = [None] * sum(len(where) for where, _ in stacks)
+        for where, stacked in stacks:
+            views = stacked[:, row].view(stacked.shape[0], like.shape[0], *ones).unbind(0)
+            for i, v in zip(where, views):
+                out[i] = v
+        return out, decisions
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -186,31 +198,29 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 def update_tensor(
     rule: UpdateRule,
     slot: ParamSlot,
-    coefficients: Tensor,
+    table: StepCoefficients,
+    row: int,
     mask: Tensor,
     flags: Mapping[str, bool],
 ) -> None:
-    """The rule's update of one parameter with torch ops; `coefficients` is `[C, N]`."""
+    """The rule's update of one parameter with torch ops, coefficients from `table`'s `row`."""
     p, g = slot.param, slot.grad
     assert g is not None
-    nd = p.dim()
     math = _opmath(p.dtype)
-    c = coefficients.to(math).view(coefficients.shape[0], -1, *([1] * (nd - 1))).unbind(0)
+    coefficients, decisions = table.row(math, row, p)
     state = [slot.state.get(name) for name in rule.state]
-    inputs = [t.to(math) if t is not None else None for t in state]
-    present = [flags.get(name, True) for name in rule.state]
-    out = rule.update(
-        p.to(math),
-        g.to(math),
-        *inputs,
-        *c,
-        *(flags[name] for name in rule.state if name in rule.optional),
-    )
-    everyone = mask.device.type == "cpu" and bool(mask.all())
-    keep = per_model(mask, nd)
-    targets: list[tuple[Tensor, Tensor]] = [(p, out[0])]
-    targets += [(t, new) for t, new, on in zip(state, out[1:], present) if on and t is not None]
-    for dst, new in targets:
-        dst.copy_(new if everyone else torch.where(keep, new, dst))
+    dsts = [p, *(t if flags.get(name, True) else None for name, t in zip(rule.state, state))]
+    everyone = table.everyone
+    in_place = everyone and all(t is None or t.dtype == math for t in dsts)
+    inputs = [t if t is None or t.dtype == math else t.to(math) for t in (p, g, *state)]
+    out = table.plan.specialised(decisions, in_place)(*inputs, *coefficients)
+    keep = None if everyone else per_model(mask, p.dim())
+    for dst, new in zip(dsts, out):
+        if dst is None or new is None or new is dst:
+            continue
+        if keep is None:
+            dst.copy_(new)
+        else:
+            torch.where(keep, new.to(dst.dtype), dst, out=dst)
     if slot.low_precision is not None:
         slot.low_precision.copy_(p)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._layout import model_major
-from ._executor import hparam_column, update_tensor
+from ._executor import StepCoefficients, hparam_column, update_tensor
 from ._rules import UpdateRule
 
 __all__ = ["available", "run", "eligible"]
@@ -91,8 +91,9 @@ def _rebound(fn: Any) -> Any:
     namespace = dict(module.__dict__)
     namespace["ops"] = tl
     namespace["tl"] = tl
-    helpers = ("_pow", "_round32", "_signed", "_decayed", "_moments")
-    for name, source in (("_lerp", "_lerp_formula"), *((h, h) for h in helpers)):
+    helpers = ("_round32", "_signed", "_decayed", "_moments")
+    formulas = (("_lerp", "_lerp_formula"), ("_pow", "_pow_formula"))
+    for name, source in (*formulas, *((h, h) for h in helpers)):
         helper = module.__dict__[source]
         namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, source))
     copy = types.FunctionType(fn.__code__, namespace, fn.__name__)
@@ -328,7 +329,8 @@ def run(
         if slot.grad is None:
             continue
         if not eligible(slot):
-            update_tensor(rule, slot, coefficients[:, slot.row], mask, flags)
+            fallback = StepCoefficients(rule, flags, coefficients, mask)
+            update_tensor(rule, slot, fallback, slot.row, mask, flags)
             continue
         length = slot.param.numel() // n
         aligned = length % 4 == 0 and all(

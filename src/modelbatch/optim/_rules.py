@@ -83,23 +83,29 @@ def _lerp_formula(start, end, weight):
 
 
 def _pow(base, exponent):
-    # base ** exponent for base >= 0 and a positive integer-valued exponent, in float64.
+    # base ** exponent, as torch.optim's Python `beta ** step`.
+    return ops.pow(base, exponent)
+
+
+def _pow_formula(base, exponent):
+    # `_pow` where ops has no pow (Triton), for base >= 0 and exponent > 0, in float64.
     return ops.where(
         base > 0.0, ops.exp(exponent * ops.log(ops.where(base > 0.0, base, 1.0))), 0.0 * base
     )
 
 
 def _signed(g, p, sign, wd):
-    # maximize (sign -1), then L2 weight decay added to the gradient, in torch's order.
+    # maximize (sign -1), then L2 weight decay added to the gradient, in torch's order;
+    # like torch's `if weight_decay != 0`, a model without weight decay skips the term.
     g = g * sign
-    return g + p * wd
+    return ops.where(wd != 0.0, g + p * wd, g)
 
 
 def _decayed(p, g, sign, decay, wd):
     # maximize, decoupled weight decay on the weights (decay), coupled on the gradient (wd).
     g = g * sign
     p = p * decay
-    return p, g + p * wd
+    return p, ops.where(wd != 0.0, g + p * wd, g)
 
 
 def _moments(m, v, g, w1, beta2, w2):
