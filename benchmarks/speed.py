@@ -23,6 +23,10 @@ measured device-to-device copy bandwidth).
 
     python benchmarks/speed.py --out benchmarks/results          # the driver (GPU machine)
     python benchmarks/speed.py --quick --device cpu --out /tmp/x  # a smoke test on the CPU
+    # the CPU comparison: one thread, each arm in 3 fresh processes
+    python benchmarks/speed.py --device cpu --models mlp_64-64-10 --precisions fp32 \
+        --arms loop recipe quickstart --n 16 64 256 --batch 64 --threads 1 \
+        --repeats 3 --all-repeats --target-ms 300 --tag _cpu
 """
 
 from __future__ import annotations
@@ -41,7 +45,11 @@ import time
 from typing import Any
 
 HERE = pathlib.Path(__file__).resolve().parent
-MODELS = {"mlp_784-64-64-10": (784, 64, 64, 10), "mlp_784-512-512-10": (784, 512, 512, 10)}
+MODELS = {
+    "mlp_784-64-64-10": (784, 64, 64, 10),
+    "mlp_784-512-512-10": (784, 512, 512, 10),
+    "mlp_64-64-10": (64, 64, 64, 10),  # the CPU comparison (digits-sized input)
+}
 NS = (1, 128, 1024, 4096, 16384)
 ARMS = ("loop", "recipe", "recipe_compiled", "quickstart", "compiled", "jax")
 #: the N each arm is timed at (the slow arms skip the largest N).
@@ -424,7 +432,11 @@ def child(args: argparse.Namespace) -> None:
                 res = {"status": "error", "reason": repr(err)[:300]}
             print(json.dumps({"n": n, **res}), flush=True)
         return
+    global BATCH
+    BATCH = args.batch
     torch = _torch_setup(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     batches = _data(torch, sizes, device)
     bandwidth = _copy_bandwidth(torch) if args.arm == "compiled" and device == "cuda" else None
@@ -484,6 +496,7 @@ def run_child(
         sys.executable, __file__, "--child", "--arm", arm, "--model", model, "--precision", precision,
         "--device", args.device, "--target-ms", str(args.target_ms),
         "--timing-repeats", str(args.timing_repeats), "--loop-cap", str(args.loop_cap),
+        "--batch", str(args.batch), "--threads", str(args.threads),
         "--n", *map(str, ns),
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -525,6 +538,11 @@ def main() -> None:
         "--repeats", type=int, default=5, help="fresh processes for the compiled step"
     )
     parser.add_argument("--timing-repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=BATCH, help="examples per step")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--all-repeats", action="store_true", help="every arm in --repeats fresh processes"
+    )
     parser.add_argument("--target-ms", type=float, default=100.0)
     parser.add_argument("--loop-cap", type=int, default=16)
     parser.add_argument("--child-timeout", type=float, default=400.0)
@@ -542,14 +560,14 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     path = out / f"speed_{stamp}{args.tag}.json"
     records: list[dict] = []
-    meta = {"date": stamp, "command": " ".join(sys.argv), "batch": BATCH, "lr_base": LR}
+    meta = {"date": stamp, "command": " ".join(sys.argv), "batch": args.batch, "lr_base": LR}
     for model in args.models:
         for precision in args.precisions:
             for arm in args.arms:
                 ns = list(args.n or ARM_NS[arm])
                 if args.quick:
                     ns = [n for n in ns if n <= 128][:2] or [1]
-                reps = args.repeats if arm == "compiled" else 1
+                reps = args.repeats if arm == "compiled" or args.all_repeats else 1
                 for rep in range(reps):
                     for r in run_child(arm, model, precision, ns, args):
                         r["process"] = rep

@@ -213,7 +213,8 @@ def update_tensor(
     everyone = table.everyone
     in_place = everyone and all(t is None or t.dtype == math for t in dsts)
     inputs = [t if t is None or t.dtype == math else t.to(math) for t in (p, g, *state)]
-    out = table.plan.specialised(decisions, in_place)(*inputs, *coefficients)
+    # The generated forward itself: nn.Module.__call__ costs more than some of its ops here.
+    out = table.plan.specialised(decisions, in_place).forward(*inputs, *coefficients)
     keep = None if everyone else per_model(mask, p.dim())
     for dst, new in zip(dsts, out):
         if dst is None or new is None or new is dst:
