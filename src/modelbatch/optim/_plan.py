@@ -18,10 +18,11 @@ specialised copy of that graph:
 - **Fusion that is exact.** `x + a / b` and `x - a / b` over a full tensor
   `x` become one `addcdiv` (bitwise the same on the CPU; `addcmul` is not,
   so it is not used).
-- **Results written in place.** When every model updates and the tensor is in
+- **Memory reused.** An op writes into its first argument's memory when it
+  is that value's last reader. When every model updates and the tensor is in
   the math dtype, each final value is computed straight into its parameter or
-  state tensor (`out=`) once nothing reads that tensor's old value any more;
-  otherwise results are selected into place with one `where(..., out=)`.
+  state tensor (`out=`) once that memory's value is dead; otherwise results
+  are selected into place with one `where(..., out=)`.
 
 The rule's arithmetic, and so every result, is the one `update` defines: the
 specialised graph is checked bitwise against `update` itself in the tests.
@@ -219,8 +220,7 @@ class Plan:
         graph.output(tuple(outputs))
         graph.eliminate_dead_code()
         _fuse_addcdiv(graph)
-        if in_place:
-            _write_in_place(graph)
+        _assign_memory(graph, in_place)
         graph.lint()
         return fx.GraphModule(torch.nn.Module(), graph)
 
@@ -253,37 +253,98 @@ def _fuse_addcdiv(graph: fx.Graph) -> None:
                 break
 
 
-def _write_in_place(graph: fx.Graph) -> None:
-    """Compute each result straight into its input tensor (`out=`) where that is safe.
+#: ops whose result is bool: their memory never takes a float result.
+_BOOL_OPS = (operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne)
 
-    Result k of `update` belongs to tensor input k (p, then each state; the
-    gradient, input 1, has no result). A result node writes into its input's
-    memory when it has an `out=` form, its first argument is a tensor, and no
-    node after it reads the input's old value; results that are not written
-    so (or are the input itself) are returned for the caller to copy.
+
+def _assign_memory(graph: fx.Graph, in_place: bool) -> None:
+    """Give results memory that is already there (`out=`) wherever that is safe.
+
+    One pass in program order, tracking which value each tensor's memory holds:
+
+    - With `in_place`, result k of `update` (p, then each state; the gradient
+      has no result) is computed straight into its input tensor once that
+      memory's current value is dead, and stays there (pinned).
+    - Any op may write into its first argument's memory when this op is that
+      value's last reader: an intermediate's, or (with `in_place`) a
+      parameter's or state's whose old value is dead. The gradient and the
+      coefficients are never written.
+
+    Results not written into their tensor are returned for the caller to copy
+    (None marks the ones that were).
     """
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    output = next(n for n in graph.nodes if n.op == "output")
+    nodes = list(graph.nodes)
+    order = {node: i for i, node in enumerate(nodes)}
+    output = nodes[-1]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
     results = list(output.args[0])
-    inputs = [placeholders[0], *placeholders[2 : 1 + len(results)]]
-    new_results = list(results)
-    for k, (result, source) in enumerate(zip(results, inputs)):
-        if not isinstance(result, fx.Node) or result is source or result.op != "call_function":
+    end = len(nodes)
+
+    def last_use(node: fx.Node) -> int:
+        if node in results:
+            return end
+        return max((order[u] for u in node.users), default=order[node])
+
+    sources = [placeholders[0], *placeholders[2 : 1 + len(results)]]
+    home: dict[fx.Node, fx.Node] = {}  # final result -> the input tensor it belongs in
+    for result, source in zip(results, sources):
+        if (
+            in_place
+            and isinstance(result, fx.Node)
+            and result is not source
+            and result.op == "call_function"
+            and sum(1 for r in results if r is result) == 1
+        ):
+            home[result] = source
+    # memory: keyed by the node that first held it; holder: the value it holds now.
+    memory: dict[fx.Node, fx.Node] = {}
+    holder: dict[fx.Node, fx.Node] = {}
+    writable: set[fx.Node] = set()
+    for source in sources if in_place else []:
+        memory[source] = holder[source] = source
+        writable.add(source)
+    pinned: set[fx.Node] = set()
+    written: set[fx.Node] = set()
+    for node in nodes:
+        if node.op != "call_function":
             continue
-        if result.target not in _OUT_FORM or "out" in result.kwargs:
+        memory.setdefault(node, node)
+        if (
+            node.target not in _OUT_FORM
+            or "out" in node.kwargs
+            or not node.args
+            or not isinstance(node.args[0], fx.Node)
+        ):
+            if node.target not in _BOOL_OPS:
+                writable.add(node)
+            holder[node] = node
             continue
-        if not result.args or not isinstance(result.args[0], fx.Node):
+        target = None
+        source = home.get(node)
+        if source is not None and last_use(holder[source]) <= order[node]:
+            target = source
+            pinned.add(source)
+            written.add(node)
+        else:
+            first = node.args[0]
+            where = memory.get(first)
+            if (
+                where is not None
+                and where in writable
+                and where not in pinned
+                and holder.get(where) is first
+                and last_use(first) == order[node]
+            ):
+                target = where
+        if target is None:
+            writable.add(node)
+            holder[node] = node
             continue
-        readers = [u for u in source.users if u is not output and u is not result]
-        if any(order[u] > order[result] for u in readers):
-            continue
-        if sum(1 for r in results if r is result) > 1:
-            continue
-        result.target = _OUT_FORM[result.target]
-        result.kwargs = {**result.kwargs, "out": source}
-        new_results[k] = None
-    output.args = (tuple(new_results),)
+        node.target = _OUT_FORM[node.target]
+        node.kwargs = {**node.kwargs, "out": holder[target]}
+        memory[node] = target
+        holder[target] = node
+    output.args = (tuple(None if r in written else r for r in results),)
 
 
 _PLANS: dict[tuple[str, tuple[bool, ...]], Plan] = {}
