@@ -140,6 +140,44 @@ def test_custom_loss_and_per_model_targets() -> None:
         mb.compute_loss(mb(x, per_model=True), y, loss_fn=lambda o, t: (o - t) ** 2)
 
 
+@pytest.mark.parametrize(
+    "loss_fn",
+    [F.cross_entropy, nn.CrossEntropyLoss(), nn.CrossEntropyLoss(ignore_index=3)],
+    ids=["F.cross_entropy", "CrossEntropyLoss", "CrossEntropyLoss-ignore3"],
+)
+@pytest.mark.parametrize("split", [False, True], ids=["shared", "per_model"])
+def test_cross_entropy_in_one_call_equals_vmapped_loss(
+    loss_fn: Callable[..., torch.Tensor], split: bool
+) -> None:
+    # The plain cross-entropy runs as one call over [N * B, C]; it must give the
+    # vmapped loss's values and gradients bitwise, ignored targets included.
+    torch.manual_seed(0)
+    models = make_models(MLP, 4)
+    fast = ModelBatch(models, loss_fn=loss_fn)
+    slow = ModelBatch(models, loss_fn=lambda o, t: loss_fn(o, t))
+    x = torch.randn(4, 9, 12) if split else torch.randn(9, 12)
+    y = torch.randint(0, 5, (4, 9) if split else (9,))
+    ignore = -100 if not isinstance(loss_fn, nn.CrossEntropyLoss) else loss_fn.ignore_index
+    y[..., 2] = ignore
+    if ignore != -100:
+        y[..., 5] = ignore
+    out_fast, out_slow = fast(x, per_model=split), slow(x, per_model=split)
+    a = fast.compute_loss(out_fast, y, reduction="none")
+    b = slow.compute_loss(out_slow, y, reduction="none")
+    assert torch.equal(a, b)
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert torch.equal(grad(p), grad(q)), name
+    # Not plain: label smoothing goes through vmap (and still gives torch's value).
+    smooth = nn.CrossEntropyLoss(label_smoothing=0.1)
+    losses = ModelBatch(models, loss_fn=smooth).per_model_losses(fast(x, per_model=split), y)
+    xs = x if split else x.expand(4, *x.shape)
+    ys = y if split else y.expand(4, *y.shape)
+    for i, m in enumerate(models):
+        assert rel_err(losses[i], smooth(m(xs[i]), ys[i])) <= 1e-6
+
+
 def test_dropout_masks_differ_across_models_and_steps() -> None:
     torch.manual_seed(0)
     base = MLP(p=0.5)

@@ -443,8 +443,9 @@ class ModelBatch(nn.Module):
                 f"targets.to({outputs.dtype}) (targets.float() under autocast), or class "
                 "indices as targets.long()."
             )
-        if _is_plain_cross_entropy(fn, outputs, targets, split):
-            return _cross_entropy_per_model(outputs, targets, split)
+        ignore_index = _plain_cross_entropy(fn, outputs, targets, split)
+        if ignore_index is not None:
+            return _cross_entropy_per_model(outputs, targets, split, ignore_index)
         try:
             losses = torch.vmap(fn, in_dims=(0, 0 if split else None), randomness="different")(
                 outputs, targets
@@ -757,27 +758,47 @@ class ModelBatch(nn.Module):
         return mb
 
 
-def _is_plain_cross_entropy(fn: Any, outputs: Tensor, targets: Tensor, split: bool) -> bool:
-    """The default loss on class indices `[B]` / `[N, B]` for outputs `[N, B, C]`."""
+def _plain_cross_entropy(fn: Any, outputs: Tensor, targets: Tensor, split: bool) -> int | None:
+    """The `ignore_index` of a plain cross-entropy on class indices, else None.
+
+    Plain: `F.cross_entropy` itself, or an `nn.CrossEntropyLoss` (exactly that
+    class) with no class weights, no label smoothing and the mean reduction;
+    targets are class indices `[B]` / `[N, B]` for outputs `[N, B, C]`.
+    """
+    if fn is F.cross_entropy:
+        ignore_index = -100
+    elif (
+        type(fn) is nn.CrossEntropyLoss
+        and fn.weight is None
+        and fn.reduction == "mean"
+        and fn.label_smoothing == 0.0
+    ):
+        ignore_index = fn.ignore_index
+    else:
+        return None
     expected = tuple(outputs.shape[:2]) if split else tuple(outputs.shape[1:2])
-    return (
-        fn is F.cross_entropy
-        and outputs.dim() == 3
+    plain = (
+        outputs.dim() == 3
         and outputs.is_floating_point()
         and targets.dtype in (torch.int64, torch.int32)
         and tuple(targets.shape) == expected
     )
+    return ignore_index if plain else None
 
 
-def _cross_entropy_per_model(outputs: Tensor, targets: Tensor, split: bool) -> Tensor:
-    """`F.cross_entropy` of each model, `[N]`, as one call over `[N * B, C]`.
+def _cross_entropy_per_model(
+    outputs: Tensor, targets: Tensor, split: bool, ignore_index: int
+) -> Tensor:
+    """The cross-entropy of each model, `[N]`, as one call over `[N * B, C]`.
 
     Under vmap cross-entropy's `nll_loss` has no batching rule and is decomposed
     op by op; over the flattened batch it is torch's own two kernels. Same math:
-    the mean over each model's targets that are not `ignore_index` (-100).
+    the mean over each model's targets that are not `ignore_index`.
     """
     n, b = outputs.shape[:2]
     flat = targets.reshape(-1) if split else targets.repeat(n)
-    losses = F.cross_entropy(outputs.reshape(n * b, -1), flat.long(), reduction="none")
-    counted = (flat != -100).view(n, b).sum(dim=1)
+    losses = F.cross_entropy(
+        outputs.reshape(n * b, -1), flat.long(), reduction="none", ignore_index=ignore_index
+    )
+    counted = (flat != ignore_index).view(n, b).sum(dim=1)
     return losses.view(n, b).sum(dim=1) / counted
