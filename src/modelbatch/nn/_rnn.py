@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ._scan import scan
+from ._scan import _gru_step, _lstm_step, scan
 
 __all__ = ["GRU", "LSTM", "RNN"]
 
@@ -36,10 +36,7 @@ def _lstm_cell(
     x_gates: Tensor, h: Tensor, c: Tensor, w_hh_t: Tensor, w_hr_t: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step; `x_gates` `[B, 4H]` already holds `x W_ih^T + b_ih + b_hh`."""
-    gates = torch.addmm(x_gates, h, w_hh_t)
-    i, f, g, o = gates.chunk(4, dim=-1)  # torch's gate order
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    h = torch.sigmoid(o) * torch.tanh(c)
+    h, c, _ = _lstm_step(x_gates, h @ w_hh_t, c)
     if w_hr_t is not None:
         h = h @ w_hr_t
     return h, c
@@ -48,12 +45,7 @@ def _lstm_cell(
 def _gru_cell(x_gates: Tensor, h: Tensor, w_hh_t: Tensor, b_hh: Tensor | None) -> Tensor:
     """One GRU step; `x_gates` `[B, 3H]` is `x W_ih^T + b_ih`. `b_hn` stays inside `r * (...)`."""
     h_gates = h @ w_hh_t if b_hh is None else torch.addmm(b_hh, h, w_hh_t)
-    xr, xz, xn = x_gates.chunk(3, dim=-1)
-    hr, hz, hn = h_gates.chunk(3, dim=-1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(xn + r * hn)
-    return n + z * (h - n)
+    return _gru_step(x_gates, h_gates, h)[0]
 
 
 class _RNNBase(nn.Module):

@@ -32,11 +32,17 @@ __all__ = ["scan"]
 # Pure elementwise functions of one step, `[N, B, *]` each; gate order is torch's.
 
 
-def _lstm_fwd(xg: Tensor, hg: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _lstm_step(xg: Tensor, hg: Tensor, c: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One LSTM step from its input and hidden gate terms: h, c and the activated gates."""
     i, f, g, o = (xg + hg).chunk(4, dim=-1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c = f * c + i * g
-    return o * torch.tanh(c), c, torch.cat([i, f, g, o], dim=-1)
+    return o * torch.tanh(c), c, [i, f, g, o]
+
+
+def _lstm_fwd(xg: Tensor, hg: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    h, c, gates = _lstm_step(xg, hg, c)
+    return h, c, torch.cat(gates, dim=-1)
 
 
 def _lstm_bwd(
@@ -57,13 +63,19 @@ def _lstm_bwd(
     return dc * f
 
 
-def _gru_fwd(xg: Tensor, hg: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+def _gru_step(xg: Tensor, hg: Tensor, h: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """One GRU step from its input and hidden gate terms: h and the activated gates."""
     xr, xz, xn = xg.chunk(3, dim=-1)
     hr, hz, hn = hg.chunk(3, dim=-1)
     r = torch.sigmoid(xr + hr)
     z = torch.sigmoid(xz + hz)
     n = torch.tanh(xn + r * hn)
-    return n + z * (h - n), torch.cat([r, z, n], dim=-1)
+    return n + z * (h - n), [r, z, n]
+
+
+def _gru_fwd(xg: Tensor, hg: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    h, gates = _gru_step(xg, hg, h)
+    return h, torch.cat(gates, dim=-1)
 
 
 def _gru_bwd(
