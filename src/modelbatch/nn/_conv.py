@@ -112,6 +112,21 @@ def _dense(
     x: Tensor, w: Tensor, b: Tensor | None, spec: Spec, channels_last: bool = False
 ) -> tuple[Tensor, int]:
     """Shared x `[B, C_in, *S]`: one convolution with `N * C_out` channels -> `[B, N, C_out, *L]`."""
+    return _all_models(x, w, b, spec, 1, channels_last), 1
+
+
+def _grouped(
+    x: Tensor, w: Tensor, b: Tensor | None, spec: Spec, channels_last: bool = False
+) -> tuple[Tensor, int]:
+    """x `[N, B, C_in, *S]`: one grouped convolution with N groups -> `[B, N, C_out, *L]`."""
+    xg = x.transpose(0, 1).flatten(1, 2)
+    return _all_models(xg, w, b, spec, w.shape[0], channels_last), 1
+
+
+def _all_models(
+    x: Tensor, w: Tensor, b: Tensor | None, spec: Spec, groups: int, channels_last: bool
+) -> Tensor:
+    """One convolution of `[B, groups * C_in, *S]` with every model's filters -> `[B, N, C_out, *L]`."""
     stride, pads, dil = spec
     n, nd = w.shape[0], w.dim() - 3
     flat, padding = _pad_args(pads)
@@ -120,25 +135,9 @@ def _dense(
     wd = w.flatten(0, 1)
     if channels_last:
         x, wd = _channels_last(x), _channels_last(wd)
-    out = _conv_nd(nd)(x, wd, None if b is None else b.flatten(), stride, padding, dil)
-    return out.unflatten(1, (n, -1)), 1
-
-
-def _grouped(
-    x: Tensor, w: Tensor, b: Tensor | None, spec: Spec, channels_last: bool = False
-) -> tuple[Tensor, int]:
-    """x `[N, B, C_in, *S]`: one grouped convolution with N groups -> `[B, N, C_out, *L]`."""
-    stride, pads, dil = spec
-    n, nd = w.shape[0], w.dim() - 3
-    xg = x.transpose(0, 1).flatten(1, 2)
-    wg = w.flatten(0, 1)
-    if channels_last:
-        xg, wg = _channels_last(xg), _channels_last(wg)
-    flat, padding = _pad_args(pads)
-    if flat:
-        xg, padding = F.pad(xg, flat), (0,) * nd
-    out = _conv_nd(nd)(xg, wg, None if b is None else b.flatten(), stride, padding, dil, groups=n)
-    return out.unflatten(1, (n, -1)), 1
+    bias = None if b is None else b.flatten()
+    out = _conv_nd(nd)(x, wd, bias, stride, padding, dil, groups=groups)
+    return out.unflatten(1, (n, -1))
 
 
 def _patches(x: Tensor, k: Sequence[int], spec: Spec) -> Tensor:
