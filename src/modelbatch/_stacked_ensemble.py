@@ -25,6 +25,29 @@ def check_task(owner: str, task: str, combine: str) -> None:
         raise ValueError(f"{owner}: combine must be one of {COMBINES}, got {combine!r}.")
 
 
+def members_forward(
+    skeleton: nn.Module,
+    state: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    device: torch.device,
+    randomness: str = "error",
+) -> Any:
+    """Every member's output on shared inputs `[B, ...]`: one vmap over the stacked `state`."""
+
+    def run_one(state_i: dict[str, Tensor], a: tuple, kw: dict) -> Any:
+        return functional_call(skeleton, state_i, a, kw)
+
+    # The context flips global attention switches, which torch.compile cannot trace:
+    # compiled, they stay as the caller set them (see StackedEnsemble's warning).
+    ctx = (
+        contextlib.nullcontext() if torch.compiler.is_compiling() else vmap_forward_context(device)
+    )
+    with ctx:
+        vmapped = torch.vmap(run_one, in_dims=(0, None, None), randomness=randomness)
+        return vmapped(state, args, kwargs)
+
+
 class StackedEnsemble(nn.Module):
     """K members of one architecture as one inference module returning the ensemble's prediction.
 
@@ -103,20 +126,9 @@ class StackedEnsemble(nn.Module):
 
     def member_outputs(self, *args: Any, **kwargs: Any) -> Any:
         """Every member's output on shared inputs `[B, ...]`: `[K, B, ...]`."""
-        skeleton = self._skeleton
-
-        def run_one(state: dict[str, Tensor], a: tuple, kw: dict) -> Any:
-            return functional_call(skeleton, state, a, kw)
-
-        # The context flips global attention switches, which torch.compile cannot trace:
-        # compiled, they stay as the caller set them (see the class's warning).
-        ctx = (
-            contextlib.nullcontext()
-            if torch.compiler.is_compiling()
-            else vmap_forward_context(self.member_weights.device)
+        return members_forward(
+            self._skeleton, self.member_state(), args, kwargs, self.member_weights.device
         )
-        with ctx:
-            return torch.vmap(run_one, in_dims=(0, None, None))(self.member_state(), args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
         """The ensemble's prediction on shared inputs `[B, ...]`."""

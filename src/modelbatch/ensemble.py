@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from ._batch import ModelBatch
 from ._calibration import NORMS, ClassificationSums
@@ -33,10 +32,9 @@ from ._indices import model_indices
 from ._metrics import format_table
 from ._seeds import SeedStatistics, seed_statistics
 from ._selection import Selection, greedy_selection
-from ._stacked_ensemble import StackedEnsemble, check_task
+from ._stacked_ensemble import StackedEnsemble, check_task, members_forward
 from ._stats import t_quantile
 from .fast import _as_args, eval_autocast, eval_batches
-from .nn._convert import vmap_forward_context
 
 __all__ = [
     "EnsembleReport",
@@ -113,14 +111,8 @@ def _forward(
     """The members' outputs `[K, B, ...]` on shared inputs, in the batch's current mode."""
     if state is None:
         return model_batch(*args, **kwargs)
-    skeleton = model_batch.skeleton
-
-    def run_one(state_i: dict[str, Tensor], a: tuple, kw: dict) -> Any:
-        return functional_call(skeleton, state_i, a, kw)
-
-    vmapped = torch.vmap(run_one, in_dims=(0, None, None), randomness="different")
-    with vmap_forward_context(model_batch.active.device):
-        return vmapped(state, args, kwargs)
+    device = model_batch.active.device
+    return members_forward(model_batch.skeleton, state, args, kwargs, device, "different")
 
 
 @contextlib.contextmanager
