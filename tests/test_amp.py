@@ -315,8 +315,42 @@ def test_state_dict_round_trip_in_place() -> None:
     ref = torch.amp.GradScaler("cpu", init_scale=128.0, growth_interval=7)
     other.load_state_dict(ref.state_dict())
     assert torch.equal(other.get_scale(), torch.full((N,), 128.0))
-    with pytest.raises(ValueError, match=r"BatchGradScaler.load_state_dict: 'scale' has shape"):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchGradScaler.load_state_dict: scale must be a float or have shape \[N=4\], "
+        r"got shape \(7,\)",
+    ):
         other.load_state_dict({**state, "scale": torch.ones(7)})
+
+
+def test_bad_scaler_state_is_refused_and_changes_nothing() -> None:
+    mb = ModelBatch(_models())
+    scaler = BatchGradScaler(mb, init_scale=torch.tensor(INIT_SCALES), growth_interval=2)
+    good = scaler.state_dict()
+    nan_scale = good["scale"].clone()
+    nan_scale[2] = float("nan")
+    bad_states = {
+        r"scale must be finite and > 0.*\(model 2\)": {**good, "scale": nan_scale},
+        "scale must be finite and > 0": {**good, "scale": 0.0},
+        "growth_factor must be > 1": {**good, "growth_factor": 0.5},
+        r"backoff_factor must be in \(0, 1\)": {**good, "backoff_factor": float("nan")},
+        "growth_interval must be an integer >= 1": {**good, "growth_interval": 0},
+        "'_growth_tracker' must hold counts >= 0": {
+            **good,
+            "_growth_tracker": torch.tensor([0, -1, 0, 0], dtype=torch.int32),
+        },
+    }
+    other = BatchGradScaler(ModelBatch(_models()), init_scale=64.0, growth_factor=3.0)
+    before = other.state_dict()
+    for pattern, state in bad_states.items():
+        with pytest.raises(ValueError, match=f"BatchGradScaler.load_state_dict: {pattern}"):
+            other.load_state_dict(state)
+        after = other.state_dict()
+        assert torch.equal(after["scale"], before["scale"]), pattern
+        assert torch.equal(after["_growth_tracker"], before["_growth_tracker"]), pattern
+        assert after["growth_factor"] == 3.0, pattern
+    with pytest.raises(ValueError, match="BatchGradScaler: init_scale must be finite and > 0"):
+        BatchGradScaler(ModelBatch(_models()), init_scale=0.0)
 
 
 def test_launch_count_of_unscale_step_update_does_not_grow_with_n() -> None:

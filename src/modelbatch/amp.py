@@ -115,29 +115,11 @@ class BatchGradScaler:
         n = int(model_batch.num_models)
         self.num_models = n
         self._enabled = bool(enabled)
-        if growth_factor <= 1.0:
-            raise ValueError(
-                f"BatchGradScaler: growth_factor must be > 1, got {growth_factor}; pass e.g. 2.0."
-            )
-        if backoff_factor >= 1.0 or backoff_factor <= 0.0:
-            raise ValueError(
-                f"BatchGradScaler: backoff_factor must be in (0, 1), got {backoff_factor}; "
-                "pass e.g. 0.5."
-            )
-        if int(growth_interval) < 1:
-            raise ValueError(
-                f"BatchGradScaler: growth_interval must be >= 1, got {growth_interval}."
-            )
-        self._growth_factor = float(growth_factor)
-        self._backoff_factor = float(backoff_factor)
-        self._growth_interval = int(growth_interval)
+        owner = "BatchGradScaler"
+        factors = _checked_factors(owner, growth_factor, backoff_factor, growth_interval)
+        self._growth_factor, self._backoff_factor, self._growth_interval = factors
         device = model_batch.active.device
-        scale = torch.as_tensor(init_scale, dtype=torch.float32, device=device)
-        if scale.dim() and scale.shape != (n,):
-            raise ValueError(
-                f"BatchGradScaler: init_scale must be a float or have shape [N={n}], got shape "
-                f"{tuple(scale.shape)}."
-            )
+        scale = _checked_scale(owner, "init_scale", init_scale, n).to(device)
         self._scale = scale.expand(n).clone()
         self._init_scale = self._scale.clone()
         self._growth_tracker = torch.zeros(n, dtype=torch.int32, device=device)
@@ -440,15 +422,59 @@ class BatchGradScaler:
                 "was saved from a disabled scaler."
             )
         n = self.num_models
-        for key, target in (("scale", self._scale), ("_growth_tracker", self._growth_tracker)):
-            value = torch.as_tensor(state_dict[key])
-            if value.dim() and value.shape != (n,):
-                raise ValueError(
-                    f"BatchGradScaler.load_state_dict: {key!r} has shape {tuple(value.shape)}, "
-                    f"expected [N={n}]; the state comes from a scaler over a different number of "
-                    "models."
-                )
+        owner = "BatchGradScaler.load_state_dict"
+        # Everything is checked before anything is written: a bad state changes nothing.
+        scale = _checked_scale(owner, "scale", state_dict["scale"], n)
+        tracker = torch.as_tensor(state_dict["_growth_tracker"])
+        if tracker.dim() and tracker.shape != (n,):
+            raise ValueError(
+                f"{owner}: '_growth_tracker' has shape {tuple(tracker.shape)}, expected "
+                f"[N={n}]; the state comes from a scaler over a different number of models."
+            )
+        if tracker.is_floating_point() or bool((tracker < 0).any()):
+            raise ValueError(
+                f"{owner}: '_growth_tracker' must hold counts >= 0 (integers), got {tracker}."
+            )
+        factors = _checked_factors(
+            owner,
+            state_dict["growth_factor"],
+            state_dict["backoff_factor"],
+            state_dict["growth_interval"],
+        )
+        for target, value in ((self._scale, scale), (self._growth_tracker, tracker)):
             target.copy_(value.to(device=target.device, dtype=target.dtype).expand(n))
-        self._growth_factor = float(state_dict["growth_factor"])
-        self._backoff_factor = float(state_dict["backoff_factor"])
-        self._growth_interval = int(state_dict["growth_interval"])
+        self._growth_factor, self._backoff_factor, self._growth_interval = factors
+
+
+def _checked_factors(
+    owner: str, growth_factor: Any, backoff_factor: Any, growth_interval: Any
+) -> tuple[float, float, int]:
+    """The scaler's growth factor (> 1), backoff factor (in (0, 1)) and interval (>= 1)."""
+    growth, backoff = float(growth_factor), float(backoff_factor)
+    if not growth > 1.0 or not math.isfinite(growth):
+        raise ValueError(f"{owner}: growth_factor must be > 1, got {growth_factor}; pass e.g. 2.0.")
+    if not 0.0 < backoff < 1.0:
+        raise ValueError(
+            f"{owner}: backoff_factor must be in (0, 1), got {backoff_factor}; pass e.g. 0.5."
+        )
+    if int(growth_interval) < 1 or int(growth_interval) != growth_interval:
+        raise ValueError(
+            f"{owner}: growth_interval must be an integer >= 1, got {growth_interval}."
+        )
+    return growth, backoff, int(growth_interval)
+
+
+def _checked_scale(owner: str, name: str, value: Any, n: int) -> Tensor:
+    """A loss scale: a positive finite float, or one per model `[N]` (float32, on the CPU)."""
+    scale = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+    if scale.dim() and scale.shape != (n,):
+        raise ValueError(
+            f"{owner}: {name} must be a float or have shape [N={n}], got shape "
+            f"{tuple(scale.shape)}; the state comes from a scaler over a different number of "
+            "models."
+        )
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        where = "" if not scale.dim() else f" (model {int(bad.nonzero()[0, 0])})"
+        raise ValueError(f"{owner}: {name} must be finite and > 0, got {scale}{where}.")
+    return scale
