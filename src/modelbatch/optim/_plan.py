@@ -2,8 +2,8 @@
 
 Run as written, a rule's `update` is about 15 out-of-place elementwise ops
 per tensor plus a copy of every result into its tensor, where torch's own
-single-tensor optimizers run about 7 in-place ops: that is the whole of the
-torch path's cost on the CPU. So the torch executor (`_executor`) does not
+single-tensor optimizers run about 7 in-place ops: on the CPU that was most
+of the torch path's cost. So the torch executor (`_executor`) does not
 call `update` directly; it traces it once per (rule, optional-state flags)
 with `torch.fx` into a graph of torch calls and, for each step, runs a
 specialised copy of that graph:
@@ -16,8 +16,8 @@ specialised copy of that graph:
   coefficients only and is the same for every model takes that branch (the
   rules write torch's `if weight_decay != 0` as such a `where`).
 - **Fusion that is exact.** `x + a / b` and `x - a / b` over a full tensor
-  `x` become one `addcdiv` (bitwise the same on the CPU; `addcmul` is not,
-  so it is not used).
+  `x` become one `addcdiv` (bitwise the same on the CPU; `addcmul` is not
+  where its kernel contracts to a fused multiply-add, so it is not used).
 - **Memory reused.** An op writes into its first argument's memory when it
   is that value's last reader. When every model updates and the tensor is in
   the math dtype, each final value is computed straight into its parameter or
