@@ -100,7 +100,7 @@ def run_rule(
     )
     table = StepCoefficients(rule, flags, coefficients, mask)
     for slot in live_slots:
-        update_tensor(rule, slot, table, slot.row, mask, flags)
+        update_tensor(rule, slot, table, slot.row, flags)
 
 
 def coefficient_table(
@@ -144,10 +144,10 @@ class StepCoefficients:
         self.plan = plan_for(rule, [flags[name] for name in rule.state if name in rule.optional])
         self.table = table
         self.mask = mask
-        cpu = mask.device.type == "cpu"
-        self.fold = cpu
-        #: every model updates (known without a host sync on the CPU only).
-        self.everyone = cpu and bool(mask.all())
+        #: fold decisions and `everyone` are read on the CPU only (a host sync elsewhere).
+        self.cpu = mask.device.type == "cpu"
+        #: every model updates.
+        self.everyone = self.cpu and bool(mask.all())
         self._values: dict[torch.dtype, tuple[list[tuple[list[int], Tensor]], tuple[Any, ...]]] = {}
 
     def values(self, dtype: torch.dtype) -> tuple[list[tuple[list[int], Tensor]], tuple[Any, ...]]:
@@ -158,15 +158,13 @@ class StepCoefficients:
         """
         out = self._values.get(dtype)
         if out is None:
-            values, decisions = self.plan.coefficient_values(self.table.to(dtype), fold=self.fold)
+            values, decisions = self.plan.coefficient_values(self.table.to(dtype), fold=self.cpu)
             by_dtype: dict[torch.dtype, list[int]] = {}
             for i, v in enumerate(values):
                 by_dtype.setdefault(v.dtype, []).append(i)
             shape = self.table.shape[1:]
             stacks = [
                 (where, torch.stack([values[i].expand(shape) for i in where]))
-                if len(where) == 1
-                else (where, torch.stack(torch.broadcast_tensors(*[values[i] for i in where])))
                 for where in by_dtype.values()
             ]
             out = self._values[dtype] = (stacks, decisions)
@@ -178,11 +176,6 @@ class StepCoefficients:
         """The derived coefficients of `row`, each `[N, 1, ...]` to broadcast against `like`."""
         stacks, decisions = self.values(dtype)
         ones = [1] * (like.dim() - 1)
-        if len(stacks) == 1:
-            stacked = stacks[0][1]
-            return list(
-                stacked[:, row].view(stacked.shape[0], like.shape[0], *ones).unbind(0)
-            ), decisions
         out: list[Any] = [None] * sum(len(where) for where, _ in stacks)
         for where, stacked in stacks:
             views = stacked[:, row].view(stacked.shape[0], like.shape[0], *ones).unbind(0)
@@ -200,7 +193,6 @@ def update_tensor(
     slot: ParamSlot,
     table: StepCoefficients,
     row: int,
-    mask: Tensor,
     flags: Mapping[str, bool],
 ) -> None:
     """The rule's update of one parameter with torch ops, coefficients from `table`'s `row`."""
@@ -215,7 +207,7 @@ def update_tensor(
     inputs = [t if t is None or t.dtype == math else t.to(math) for t in (p, g, *state)]
     # The generated forward itself: nn.Module.__call__ costs more than some of its ops here.
     out = table.plan.specialised(decisions, in_place).forward(*inputs, *coefficients)
-    keep = None if everyone else per_model(mask, p.dim())
+    keep = None if everyone else per_model(table.mask, p.dim())
     for dst, new in zip(dsts, out):
         if dst is None or new is None or new is dst:
             continue

@@ -325,12 +325,14 @@ def run(
 
     present = tuple(flags.get(name, True) for name in rule.state)
     groups: dict[tuple, list[Any]] = {}
+    fallback: StepCoefficients | None = None  # for tensors the kernel cannot take
     for slot in slots:
         if slot.grad is None:
             continue
         if not eligible(slot):
-            fallback = StepCoefficients(rule, flags, coefficients, mask)
-            update_tensor(rule, slot, fallback, slot.row, mask, flags)
+            if fallback is None:
+                fallback = StepCoefficients(rule, flags, coefficients, mask)
+            update_tensor(rule, slot, fallback, slot.row, flags)
             continue
         length = slot.param.numel() // n
         aligned = length % 4 == 0 and all(

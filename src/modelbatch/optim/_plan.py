@@ -196,6 +196,8 @@ class Plan:
         for node in t.graph.nodes:
             if node in env or node.op in ("placeholder", "output"):
                 continue
+            if not all(i in env for i in node.all_input_nodes):
+                continue  # coefficient-only and not read by the tensor graph
             args = node.args
             if node.target is operator.mul and len(args) == 2:
                 a, b = args
@@ -213,8 +215,6 @@ class Plan:
                 chosen = args[1] if folds_cond[args[0]] else args[2]
                 env[node] = env[chosen] if isinstance(chosen, fx.Node) else chosen
                 continue
-            if not all(i in env for i in node.all_input_nodes):
-                continue  # coefficient-only and not read by the tensor graph
             env[node] = graph.node_copy(node, lambda n: env[n])
         outputs = [env[o] if isinstance(o, fx.Node) else o for o in t.outputs]
         graph.output(tuple(outputs))
