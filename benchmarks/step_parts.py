@@ -1,0 +1,101 @@
+"""Where the quick-start loop's time goes against the torch.func recipe, part by part (CPU).
+
+For each N: the whole step of both (zero_grad, forward, loss, backward,
+optimizer step), forward+backward alone, and the optimizer step alone (ours
+with a per-model lr; torch's Adam with one lr on the stacked tensors). Median
+of 5 timing runs in this one process; run it in several fresh processes for a
+spread:
+
+    for i in 1 2 3; do python benchmarks/step_parts.py --n 16 64 256; done
+
+MLP 64-64-10, batch 64, one thread (`--threads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state
+
+from modelbatch import ModelBatch
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+
+
+def _ms(fn: Callable[[], object], iters: int) -> float:
+    for _ in range(10):
+        fn()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        runs.append((time.perf_counter() - t0) / iters * 1e3)
+    return sorted(runs)[2]
+
+
+def measure(n: int, x: torch.Tensor, y: torch.Tensor) -> str:
+    """One line: whole step, forward+backward and optimizer step, ours / recipe, at N = n."""
+    torch.manual_seed(0)
+    models = [_mlp() for _ in range(n)]
+    lrs = [1e-3 * (1 + i / n) for i in range(n)]
+    mb = ModelBatch(copy.deepcopy(models), lr_list=lrs, optimizer_cls=torch.optim.Adam)
+    params, buffers = stack_module_state(models)  # type: ignore[arg-type]
+    base = copy.deepcopy(models[0]).to("meta")
+    opt = torch.optim.Adam(list(params.values()), lr=1e-3)
+
+    def one(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+
+    def ours_fwd_bwd() -> None:
+        mb.zero_grad()
+        mb.compute_loss(mb(x), y).backward()
+
+    def recipe_fwd_bwd() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.vmap(one, in_dims=(0, 0, None, None))(params, buffers, x, y).sum().backward()
+
+    def ours() -> None:
+        ours_fwd_bwd()
+        mb.step()
+
+    def recipe() -> None:
+        recipe_fwd_bwd()
+        opt.step()
+
+    iters = max(20, 4000 // n)
+    whole = (_ms(ours, iters), _ms(recipe, iters))
+    fwd_bwd = (_ms(ours_fwd_bwd, iters), _ms(recipe_fwd_bwd, iters))
+    ours_fwd_bwd()
+    recipe_fwd_bwd()
+    optimizer = (_ms(mb.step, iters), _ms(opt.step, iters))
+    return (
+        f"N={n:5d}  step {whole[0]:.3f} / {whole[1]:.3f} ms ({whole[0] / whole[1]:.2f}x)  "
+        f"fwd+bwd {fwd_bwd[0]:.3f} / {fwd_bwd[1]:.3f}  "
+        f"optimizer {optimizer[0]:.3f} / {optimizer[1]:.3f}   (ours / recipe)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", nargs="*", type=int, default=[16, 64, 256])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    for n in args.n:
+        print(measure(n, x, y), flush=True)
+
+
+if __name__ == "__main__":
+    main()
