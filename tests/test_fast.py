@@ -319,6 +319,31 @@ def test_graph_step_follows_a_per_step_torch_schedule_without_recapture() -> Non
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_low_precision_copies_leave_frozen_parameters_alone() -> None:
+    # The optimizer holds no frozen parameter, so it makes no copy of one: the step
+    # runs the frozen layer on its own weights and trains the rest on copies.
+    from modelbatch._step import TrainStep
+    from modelbatch.optim import OptimizerFactory
+
+    models = make_models()
+    for m in models:
+        for p in m[0].parameters():
+            p.requires_grad_(False)
+    mb = ModelBatch(models)
+    opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, [{"lr": 0.01}] * N)
+    step = TrainStep(mb, opt, autocast_dtype=torch.bfloat16)
+    frozen = {k: t.clone() for k, t in mb.stacked_params().items() if k.startswith("0.")}
+    trained = mb.stacked_params()["2.weight"].clone()
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        assert torch.isfinite(step(x, y)).all()
+    for k, t in frozen.items():
+        assert torch.equal(mb.stacked_params()[k], t), k
+    assert not torch.equal(mb.stacked_params()["2.weight"], trained)
+    assert set(opt.low_precision) == {p for p in mb.parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.SGD])
 def test_low_precision_copies_are_written_by_the_update_and_train_like_autocast(cls) -> None:
     from modelbatch._step import TrainStep

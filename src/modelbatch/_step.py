@@ -99,8 +99,10 @@ class TrainStep:
         if low_precision and autocast_dtype in (torch.bfloat16, torch.float16) and make_copies:
             copies = make_copies(autocast_dtype)
             names = model_batch.stacked_params()
-            self._weights = {name: copies[p] for name, p in names.items() if p in copies}
-            leaves = [copies[p] for p in self.params]
+            # A parameter the optimizer does not hold (frozen, or left out) has no copy:
+            # it stays as it is, and autocast casts it as torch does.
+            self._weights = {name: copies.get(p, p) for name, p in names.items()}
+            leaves = [copies.get(p, p) for p in self.params]
         # What backward writes gradients to: the parameters, or their low-precision copies.
         self.leaves = leaves
         self._layout = GradLayout(leaves) if relayout else None
