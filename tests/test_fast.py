@@ -327,7 +327,7 @@ def test_low_precision_copies_leave_frozen_parameters_alone() -> None:
 
     models = make_models()
     for m in models:
-        for p in m[0].parameters():
+        for p in m.get_submodule("0").parameters():
             p.requires_grad_(False)
     mb = ModelBatch(models)
     opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, [{"lr": 0.01}] * N)
