@@ -113,6 +113,18 @@ def test_retired_model_is_untouched_and_others_train() -> None:
         assert not torch.equal(v[0], before[k][0]), k
 
 
+def test_step_of_a_batch_that_owns_its_optimizer_leaves_no_layout_hooks() -> None:
+    # The batch's own layout hooks (for mb.step()) are taken over by the compiled
+    # step, not doubled: after the first step every hook is gone.
+    mb = ModelBatch(make_models(), lr_list=[0.01] * N, optimizer_cls=torch.optim.Adam)
+    assert mb._layout is not None and len(mb._layout._hooks) == 4
+    step = quiet_step(mb, mb.optimizer)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    step(x, y)
+    assert mb._layout.done and mb._layout._hooks == []
+    assert all(not p._backward_hooks for p in mb.parameters())
+
+
 def test_relayout_keeps_values_and_training() -> None:
     from modelbatch._step import TrainStep
     from modelbatch.optim import OptimizerFactory

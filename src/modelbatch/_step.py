@@ -105,7 +105,18 @@ class TrainStep:
             leaves = [copies.get(p, p) for p in self.params]
         # What backward writes gradients to: the parameters, or their low-precision copies.
         self.leaves = leaves
-        self._layout = GradLayout(leaves) if relayout else None
+        # A batch that owns its optimizer learns the layout in `mb.step()` with hooks of
+        # its own: one set of hooks is enough, so this step takes it over (or, when
+        # backward writes to copies, removes it: the parameters then get no gradient).
+        pending = getattr(model_batch, "_layout", None)
+        if not relayout:
+            self._layout: GradLayout | None = None
+        elif pending is not None and not pending.done and self._weights is None:
+            self._layout = pending
+        else:
+            if pending is not None:
+                pending.remove()
+            self._layout = GradLayout(leaves)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
