@@ -729,3 +729,16 @@ def test_generic_reset_models_restarts_a_resumed_schedule_from_zero() -> None:
     sched.reset_models([1], initial_lr=0.4)
     assert opt.hparams["lr"][1].item() == pytest.approx(0.4)  # step 0 again, not step 4
     assert "last_epoch" not in sched.per_model_kwargs[1]
+
+
+def test_torch_warnings_are_passed_on_once_not_every_step() -> None:
+    import warnings
+
+    opt = make_sgd([nn.Parameter(torch.randn(N, 2))], LRS)
+    sched = BatchLRScheduler(opt, tls.StepLR, step_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(1, 5):
+            sched.step(epoch)  # torch warns that the epoch argument is deprecated
+    passed_on = [w for w in caught if "epoch" in str(w.message)]
+    assert len(passed_on) == 1, [str(w.message) for w in caught]

@@ -235,6 +235,10 @@ def save(
 
     owner = "distributed.save"
     path = Path(path)
+    # Checked on every rank before the first collective: a rank that raised after it
+    # would leave the others waiting in one until the process group's timeout.
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{owner}: the directory {path.parent} does not exist.")
     _local_ids(ctx, model_batch, owner)  # refuses a batch that is not this rank's block
     n_local, n = model_batch.num_models, ctx.num_models
     tree: dict[str, Any] = {
@@ -257,8 +261,6 @@ def save(
     token: list[Any] = [secrets.token_hex(6) if ctx.is_main else None]
     dist.broadcast_object_list(token, src=0)
     tmp = path.parent / f".{path.name}.tmp-{token[0]}"
-    if ctx.is_main and not path.parent.is_dir():
-        raise FileNotFoundError(f"{owner}: the directory {path.parent} does not exist.")
     state: dict[str, Any] = {}
     specs: dict[str, Any] = {}
     crcs: dict[str, int] = {}

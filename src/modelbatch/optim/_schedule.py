@@ -571,6 +571,7 @@ class BatchLRScheduler(LRScheduler):
         **kwargs: Any,
     ) -> None:
         lrs = _lr_tensors("BatchLRScheduler", optimizer)
+        self._warned: set[str] = set()  # torch's warnings already passed on
         self.optimizer = optimizer
         self.num_models = n = lrs[0].shape[0]
         if per_model_kwargs is not None and len(per_model_kwargs) != n:
@@ -812,13 +813,16 @@ class BatchLRScheduler(LRScheduler):
                     sched.step(*args)
                 else:
                     sched.step(*args, epoch=ep)
-        # torch's own warnings (the deprecated epoch argument), once rather than N times;
+        # torch's own warnings (the deprecated epoch argument), once per scheduler rather
+        # than N times a step (catch_warnings resets the registry that would say "once");
         # the dummy optimizers never step, so torch's warning about the order is dropped.
         for message in dict.fromkeys(str(w.message) for w in caught):
             if (
-                _ORDER_WARNING not in message
+                message not in self._warned
+                and _ORDER_WARNING not in message
                 and "optimizer.step()` has been overridden" not in message
             ):
+                self._warned.add(message)
                 warnings.warn(message, UserWarning, stacklevel=3)
         self.last_epoch += 1
         self._write()
