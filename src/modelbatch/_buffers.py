@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from .optim._hparams import per_model
+
 __all__ = ["BufferWatch", "running_stat_buffers"]
 
 logger = logging.getLogger("modelbatch")
@@ -138,7 +140,7 @@ class BufferWatch:
                 target = buffers[name]
                 value = new[name].detach() if name in new else work[name]
                 if guard:
-                    keep = active.view(-1, *([1] * (target.dim() - 1)))
+                    keep = per_model(active, target.dim())
                     value = torch.where(keep, value, target)
                 if name in work or _capturing(active):
                     target.copy_(value)

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ._stack import meta_skeleton
+from .nn._convert import _device_of
 from .nn._seeded import SEEDED_TWINS, hash_uniform, mix32
 
 if TYPE_CHECKING:
@@ -269,12 +270,6 @@ def build_from_factory(
     _seed_dropouts(mb, dropouts, ids, seed)
     mb.model_ids = ids
     return mb
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return torch.device("cpu")
 
 
 def _grow(

@@ -238,9 +238,7 @@ class ChunkedTrainer:
             },
         )
         one.train(store.training)
-        configs = None if self._configs is None else self._configs[:size]
-        if configs is not None and len(configs) < size:
-            configs = configs + [configs[-1]] * (size - len(configs))
+        configs = None if self._configs is None else self._configs[:size]  # size <= N
         opt = self._factory.create_optimizer(one, configs)
         self._worker, self._worker_opt, self.chunk_size = one, opt, size
         from .fast import compile_step

@@ -73,9 +73,13 @@ def ensemble_log_probs(outputs: Tensor, weights: Tensor | None = None) -> Tensor
     where a mean of probabilities would underflow (what an NLL needs).
     """
     _check("ensemble_log_probs", outputs, weights)
-    log_probs = outputs.log_softmax(dim=-1)
+    return mix_log_probs(outputs.log_softmax(dim=-1), weights)
+
+
+def mix_log_probs(log_probs: Tensor, weights: Tensor | None = None) -> Tensor:
+    """`ensemble_log_probs` from the members' log-probabilities `[K, B, ..., C]`."""
     if weights is None:
-        return torch.logsumexp(log_probs, dim=0) - math.log(outputs.shape[0])
+        return torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
     w = weights.to(log_probs.dtype).view(-1, *([1] * (log_probs.dim() - 1)))
     return torch.logsumexp(log_probs + w.log(), dim=0)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._metrics import format_table
+from ._metrics import format_table, to_dataframe
 from ._stats import group_indices, summarize
 
 __all__ = ["STATS", "SeedStatistics", "seed_statistics"]
@@ -99,14 +99,7 @@ class SeedStatistics:
 
     def to_pandas(self) -> Any:
         """`rows()` as a pandas DataFrame (needs pandas)."""
-        try:
-            import pandas as pd
-        except ImportError as err:
-            raise ImportError(
-                "SeedStatistics.to_pandas: pandas is not installed; `pip install pandas`, or "
-                "use rows() or table()."
-            ) from err
-        return pd.DataFrame(self.rows())
+        return to_dataframe(self.rows())
 
 
 def seed_statistics(

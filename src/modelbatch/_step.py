@@ -52,6 +52,11 @@ def apply_update(
         optimizer.step()
 
 
+def _as_args(x: Any) -> tuple:
+    """Positional inputs: a tuple or list as they are, anything else as one argument."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
 class TrainStep:
     """One training step of every active model: `step(inputs, targets) -> losses [N]`.
 
@@ -129,7 +134,7 @@ class TrainStep:
     def forward_loss(self, inputs: Any, targets: Tensor) -> Tensor:
         """Per-model losses `[N]` (float32, with graph; retired models give 0)."""
         mb = self.model_batch
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        args = _as_args(inputs)
         weights = contextlib.nullcontext()
         if self._weights is not None:
             self.optimizer.refresh_low_precision()  # type: ignore[attr-defined]

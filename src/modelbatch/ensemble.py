@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._batch import ModelBatch
 from ._calibration import NORMS, ClassificationSums
-from ._combine import ensemble_classify, ensemble_log_probs, ensemble_regress
+from ._combine import ensemble_classify, ensemble_log_probs, ensemble_regress, mix_log_probs
 from ._ensemble_plot import plot_reliability, plot_seed_statistics
 from ._indices import model_indices
 from ._metrics import format_table
@@ -221,10 +221,11 @@ def export_ensemble(
     w = _weights("export_ensemble", weights, idx.numel(), device)
     template = model_batch.model(int(idx[0]))
     ens = StackedEnsemble(template, idx.numel(), task=task, combine=combine)
-    own = {**model_batch.stacked_params(), **model_batch.stacked_buffers()}
+    state = _member_state(model_batch, idx)
+    assert state is not None
     with torch.no_grad():
         for name, t in ens.member_state().items():
-            t.copy_(own[name].index_select(0, idx))
+            t.copy_(state[name])
         if w is not None:
             ens.member_weights.copy_(w)
     return ens
@@ -375,7 +376,7 @@ def ensemble_evaluate(
             outputs = outputs.reshape(k, -1, outputs.shape[-1])
             targets = targets.reshape(-1)
             member_lp = outputs.log_softmax(dim=-1)
-            ens_lp = ensemble_log_probs(outputs, w)
+            ens_lp = mix_log_probs(member_lp, w)
             member_sums.update(member_lp, targets)
             ens_sums.update(ens_lp, targets)
             differs = member_lp.argmax(dim=-1) != ens_lp.argmax(dim=-1)

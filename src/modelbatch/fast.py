@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ._batch import ModelBatch
-from ._step import TrainStep
+from ._step import TrainStep, _as_args
 
 __all__ = ["EvalResult", "FastStep", "compile_step", "evaluate"]
 
@@ -40,10 +40,6 @@ def _signature(tree: Any) -> tuple:
         for t in leaves
     )
     return (str(spec), sig)
-
-
-def _as_args(x: Any) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
 class _Graph:

@@ -448,6 +448,7 @@ class MixedBatch(nn.Module):
     loss_history: Any = ModelBatch.loss_history
     clear_history: Any = ModelBatch.clear_history
     accuracy: Any = ModelBatch.accuracy
+    format_summary: Any = ModelBatch.format_summary
 
     def summary(self, **columns: Tensor | Sequence[Any]) -> list[dict[str, Any]]:
         """One row per model: index, architecture, group, active, latest loss and given columns."""
@@ -459,12 +460,6 @@ class MixedBatch(nn.Module):
         if self.latest_losses is not None:
             base["loss"] = self.latest_losses
         return per_model_rows({**base, **columns}, self.num_models)
-
-    def format_summary(
-        self, sort_by: str | None = None, top: int | None = None, **columns: Any
-    ) -> str:
-        """`summary` as a table a person can read, optionally sorted and cut to `top` rows."""
-        return format_table(self.summary(**columns), sort_by=sort_by, top=top)
 
     # ------------------------------------------------------------------ active mask
 

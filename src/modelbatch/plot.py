@@ -32,7 +32,7 @@ def _pyplot(owner: str) -> Any:
     except ImportError as error:
         raise ImportError(
             f"{owner}: matplotlib is not installed; install it with `pip install "
-            "modelbatch[plot]` (or `pip install matplotlib`)."
+            "torch-modelbatch[plot]` (or `pip install matplotlib`)."
         ) from error
     return plt
 

@@ -79,8 +79,6 @@ def substitution_for(module: nn.Module, per_model_dropout: bool = False) -> Subs
         if not module.track_running_stats or isinstance(module, _CumulativeBatchNorm):
             # modelbatch's own twin already runs under vmap.
             return None
-        if kind in _BATCHNORM:
-            return lambda m, _: _BATCHNORM[kind].from_torch(m)
         raise ValueError(
             f"ModelBatch: {kind.__name__}(momentum=None) cannot run under torch.vmap (the "
             "cumulative average reads num_batches_tracked as a Python float); use "
