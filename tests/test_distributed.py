@@ -71,6 +71,8 @@ def run(mode: str, folder: Path) -> dict[str, torch.Tensor] | None:
                 mb.train()
             retired = distributed.successive_halving(ctx, mb, val, keep=0.5)
             assert int(retired.sum()) == int((~mb.active).sum())
+            everyone = ctx.gather(retired)  # the decision spans ranks: 4 of 7 retire
+            assert everyone is not None and int(everyone.sum()) == 4
             train(mb, loader, STEPS_BEFORE - 2)
             if mode == "save":
                 distributed.save(folder / "ckpt", ctx, mb, loader=loader, step=STEPS_BEFORE)
@@ -178,7 +180,7 @@ def test_sharded_sweep_equals_one_process_and_checkpoints_reshard(
     one = run("load", tmp_path)
     assert one is not None
     assert_same(one, one_process)
-    # The halving round retired 3 of the 7 models, the same ones everywhere.
+    # The halving round kept 3 of the 7 models (retired 4), the same ones everywhere.
     assert int(one_process["active"].sum()) == 3
 
 
