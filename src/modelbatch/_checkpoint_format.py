@@ -91,23 +91,40 @@ def safetensors_module() -> Any:
     return st
 
 
-def encode(obj: Any, prefix: str, tensors: dict[str, Tensor], where: str) -> Any:
-    """A JSON value for `obj`, its tensors moved into `tensors` under `prefix/<k>`."""
+def encode(
+    obj: Any,
+    prefix: str,
+    tensors: dict[str, Tensor],
+    where: str,
+    paths: dict[str, str] | None = None,
+) -> Any:
+    """A JSON value for `obj`, its tensors moved into `tensors` under `prefix/<k>`.
+
+    With `paths`, tensors are kept where they are (detached, not copied to the
+    CPU) and `paths` gets where each one sits (`state['optimizer'][...]`).
+    """
     if isinstance(obj, Tensor):
         name = f"{prefix}/{len(tensors)}"
-        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        if paths is None:
+            tensors[name] = obj.detach().to("cpu", copy=True).contiguous()
+        else:
+            tensors[name] = obj.detach()
+            paths[name] = where
         return {"__tensor__": name}
     if isinstance(obj, Mapping):
         # Pairs, not a JSON object: optimizer states are keyed by int, which JSON cannot keep.
         items = [
-            [encode(k, prefix, tensors, where), encode(v, prefix, tensors, f"{where}[{k!r}]")]
+            [
+                encode(k, prefix, tensors, where, paths),
+                encode(v, prefix, tensors, f"{where}[{k!r}]", paths),
+            ]
             for k, v in obj.items()
         ]
         return {"__dict__": items}
     if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, prefix, tensors, where) for v in obj]}
+        return {"__tuple__": [encode(v, prefix, tensors, f"{where}[]", paths) for v in obj]}
     if isinstance(obj, list):
-        return [encode(v, prefix, tensors, where) for v in obj]
+        return [encode(v, prefix, tensors, f"{where}[]", paths) for v in obj]
     if isinstance(obj, torch.dtype):
         return {"__dtype__": dtype_name(obj)}
     if obj is None or isinstance(obj, (bool, int, float, str)):

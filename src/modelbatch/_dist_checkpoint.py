@@ -24,8 +24,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._batch import ModelBatch
-from ._checkpoint_format import DTYPES, dtype_name
+from ._checkpoint_format import DTYPES, dtype_name, encode
 from .checkpoint import _class_path
+from .checkpoint import _components as _named_components
 from .nn._seeded import mix32
 
 if TYPE_CHECKING:
@@ -48,37 +49,6 @@ class DistributedCheckpoint:
     step: int
     extra: Any
     metadata: dict[str, Any] = field(repr=False)
-
-
-def _flatten(
-    obj: Any, prefix: str, tensors: dict[str, Tensor], where: str, paths: dict[str, str]
-) -> Any:
-    """A JSON structure for `obj` (the checkpoint format's encoding), tensors kept in place.
-
-    `paths` gets where each tensor sits (`state['optimizer']['param_groups']...`).
-    """
-    from ._checkpoint_format import encode
-
-    if isinstance(obj, Tensor):
-        name = f"{prefix}/{len(tensors)}"
-        tensors[name] = obj.detach()
-        paths[name] = where
-        return {"__tensor__": name}
-    if isinstance(obj, Mapping):
-        return {
-            "__dict__": [
-                [
-                    _flatten(k, prefix, tensors, where, paths),
-                    _flatten(v, prefix, tensors, f"{where}[{k!r}]", paths),
-                ]
-                for k, v in obj.items()
-            ]
-        }
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_flatten(v, prefix, tensors, f"{where}[]", paths) for v in obj]}
-    if isinstance(obj, list):
-        return [_flatten(v, prefix, tensors, f"{where}[]", paths) for v in obj]
-    return encode(obj, prefix, tensors, where)
 
 
 # Tables whose models lie on their last axis: the optimizer's per-(parameter, model)
@@ -166,8 +136,7 @@ def _components(
 ) -> dict[str, Any]:
     optimizer = model_batch.optimizer if optimizer is None else optimizer
     scaler = model_batch.grad_scaler if scaler is None else scaler
-    found = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "loader": loader}
-    found.update({f"states/{k}": v for k, v in (states or {}).items()})
+    found = _named_components(optimizer, scheduler, scaler, loader, states)
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -249,7 +218,7 @@ def save(
         tree[key] = obj.state_dict()
     tensors: dict[str, Tensor] = {}
     paths: dict[str, str] = {}
-    structure = _flatten(tree, "t", tensors, "state", paths)
+    structure = encode(tree, "t", tensors, "state", paths)
     shapes = [tuple(t.shape) for t in tensors.values()]
     everyone: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(everyone, (n_local, shapes))
