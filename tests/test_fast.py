@@ -125,6 +125,26 @@ def test_step_of_a_batch_that_owns_its_optimizer_leaves_no_layout_hooks() -> Non
     assert all(not p._backward_hooks for p in mb.parameters())
 
 
+def test_grad_layout_moves_parameters_without_changing_a_value() -> None:
+    # The relayout itself is exact: every parameter and gradient keeps its values.
+    from modelbatch._layout import GradLayout
+
+    mb = ModelBatch(make_models())
+    params = list(mb.parameters())
+    layout = GradLayout(params)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    mb.compute_loss(mb(x), y).backward()
+    before = [(p.detach().clone(), p.grad.clone()) for p in params if p.grad is not None]
+    strides = [p.stride() for p in params]
+    layout.apply()
+    assert layout.done and len(before) == len(params)
+    assert any(p.stride() != s for p, s in zip(params, strides))  # something moved
+    for p, (value, g) in zip(params, before):
+        assert p.grad is not None
+        assert torch.equal(p, value) and torch.equal(p.grad, g)
+        assert p.grad.stride() == p.stride()
+
+
 def test_relayout_keeps_values_and_training() -> None:
     from modelbatch._step import TrainStep
     from modelbatch.optim import OptimizerFactory
