@@ -544,6 +544,17 @@ def export_model(
     return _write_state(state, Path(path))
 
 
+def best_order(owner: str, metric: Tensor, k: int, largest: bool) -> list[int]:
+    """Positions of the `k` best values of `metric` `[N]`, best first; NaN ranks last, ties keep order."""
+    values = metric.detach().double().cpu()
+    values = -values if largest else values
+    values = torch.where(values.isnan(), torch.full_like(values, math.inf), values)
+    order = torch.argsort(values, stable=True).tolist()
+    if not 1 <= k <= len(order):
+        raise ValueError(f"{owner}: k must be in [1, {len(order)}], got {k}.")
+    return order[:k]
+
+
 def export_best(
     source: ModelBatch | str | os.PathLike[str],
     metric: Tensor | Iterable[float],
@@ -579,12 +590,7 @@ def export_best(
             raise ValueError(
                 f"{owner}: metric must have one value per model (N={n}), got {values.numel()}."
             )
-        values = -values if largest else values
-        values = torch.where(values.isnan(), torch.full_like(values, math.inf), values)
-        order = torch.argsort(values, stable=True).tolist()
-        if not 1 <= k <= len(order):
-            raise ValueError(f"{owner}: k must be in [1, {len(order)}], got {k}.")
-        best = order[:k]
+        best = best_order(owner, values, k, largest)
         if f is not None:
             states = _model_rows(f, best)
         else:

@@ -406,19 +406,15 @@ def export_best(
     Returns:
         `(global id, path)` pairs, best first, on every rank.
     """
-    from .checkpoint import export_model
+    from .checkpoint import best_order, export_model
 
     gathered = ctx.gather(torch.as_tensor(metric).detach().double())
     assert gathered is not None
-    values = -gathered if largest else gathered
-    values = torch.where(values.isnan(), torch.full_like(values, float("inf")), values)
-    order = torch.argsort(values.cpu(), stable=True).tolist()
-    if not 1 <= k <= len(order):
-        raise ValueError(f"distributed.export_best: k must be in [1, {len(order)}], got {k}.")
+    order = best_order("distributed.export_best", gathered, k, largest)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ids, start, count = ctx._ids(), ctx.offset, ctx.counts[ctx.rank]
-    best = [(int(ids[pos]), directory / f"model_{int(ids[pos])}{suffix}", pos) for pos in order[:k]]
+    best = [(int(ids[pos]), directory / f"model_{int(ids[pos])}{suffix}", pos) for pos in order]
     for _, path, pos in best:
         if start <= pos < start + count:
             export_model(model_batch, pos - start, path)
