@@ -84,7 +84,6 @@ class Context:
     backend: str
     owns_group: bool = False
     ids: Tensor | None = field(default=None, repr=False)
-    counts: list[int] = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ the shard
 
@@ -110,8 +109,12 @@ class Context:
         """
         local = self.block(ids)
         self.ids = global_ids("Context.shard", ids)
-        self.counts = _split(len(self.ids), self.world_size)
         return local
+
+    @property
+    def counts(self) -> list[int]:
+        """How many models each rank holds, in rank order."""
+        return _split(len(self._ids()), self.world_size)
 
     @property
     def num_models(self) -> int:
