@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ._layout import GradLayout
 from ._mixed_optim import MixedOptimizer
-from .fast import _as_args, _Replayed, device_max_norm
+from ._step import TrainStep
+from .fast import _Replayed, device_max_norm
 
 __all__ = ["MixedStep", "compile_mixed_step"]
 
@@ -71,7 +71,8 @@ class MixedStep(_Replayed):
         device = mixed._order.device
         max_norm = device_max_norm("compile_mixed_step", max_norm, mixed.num_models, device)
         self.max_norm = max_norm
-        self._params = [p for p in mixed.parameters() if p.requires_grad]
+        # Forward, per-model losses and retired-model masking: the one training step's.
+        self._train = TrainStep(mixed, optimizer, loss_fn, per_model=per_model, relayout=relayout)
         self._init_graphs()
         self.reason: str | None = None
         if mode == "eager":
@@ -81,8 +82,6 @@ class MixedStep(_Replayed):
         elif not all(isinstance(o, BatchOptimizer) for o in optimizer.optimizers):
             self.reason = "only modelbatch's vectorized optimizers are captured"
         self.mode = "eager" if self.reason is not None else "graph"
-        # Parameters take their gradients' layout after the first backward (see _layout).
-        self._layout = GradLayout(self._params) if relayout else None
         if self.mode == "eager" and mode == "graph":
             raise RuntimeError(f"compile_mixed_step: mode='graph' is impossible: {self.reason}.")
         if self.mode == "eager" and mode == "auto":
@@ -93,19 +92,16 @@ class MixedStep(_Replayed):
     owner = "compile_mixed_step"
 
     def _leaves(self) -> list[Tensor]:
-        return self._params
+        return self._train.leaves
 
     def _body(self, inputs: Any, targets: Tensor) -> Tensor:
         """Forward of every group, `[N]` losses, one backward, masking, clipping, update."""
         mixed = self.mixed
-        outputs = mixed(*_as_args(inputs), per_model=self.per_model)
-        losses = mixed.per_model_losses(
-            outputs, targets, self.loss_fn, per_model=self.per_model or None
-        )
-        losses = mixed.mask_retired(losses.float())
+        losses = self._train.forward_loss(inputs, targets)
         losses.sum().backward()
-        if self._layout is not None:
-            self._layout.apply()
+        layout = self._train._layout
+        if layout is not None:
+            layout.apply()
         mixed.mask_padding_grads()
         if self.max_norm is not None:
             mixed.clip_grad_norm_(self.max_norm)

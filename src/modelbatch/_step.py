@@ -61,8 +61,9 @@ class TrainStep:
     """One training step of every active model: `step(inputs, targets) -> losses [N]`.
 
     Args:
-        model_batch: the models (a `ModelBatch`).
-        optimizer: an optimizer over `model_batch.parameters()`.
+        model_batch: the models (a `ModelBatch`, or a `MixedBatch` for `forward_loss`).
+        optimizer: an optimizer over `model_batch.parameters()` (a torch or
+            modelbatch optimizer, or a `MixedOptimizer`).
         loss_fn: per-model loss; defaults to the batch's.
         scaler: a per-model grad scaler; defaults to the batch's own.
         max_norm: clip each model's gradient norm to this (a float or `[N]` tensor).
@@ -80,7 +81,7 @@ class TrainStep:
     def __init__(
         self,
         model_batch: Any,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Any,
         loss_fn: LossFn | None = None,
         *,
         scaler: Any = None,
