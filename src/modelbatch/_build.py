@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ._stack import meta_skeleton
+from ._stack import meta_skeleton, replace_stacked
 from .nn._convert import _device_of
 from .nn._seeded import SEEDED_TWINS, hash_uniform, mix32
 
@@ -292,6 +292,7 @@ def _grow(
     n = len(ids)
     order = {name: k for k, (name, _) in enumerate(template.named_parameters())}
     tensors = {**mb.stacked_params(), **mb.stacked_buffers()}
+    grown: dict[str, Tensor] = {}
     for name, one in tensors.items():
         shape, dtype = one.shape[1:], one.dtype
         rule = rules.get(name)
@@ -308,14 +309,8 @@ def _grow(
                 new[start:stop].copy_(part, non_blocking=pin)
         if pin:
             torch.cuda.synchronize(draw)
-        prefix, _, leaf = name.rpartition(".")
-        owner = mb.stacked.get_submodule(prefix)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(new, requires_grad=one.requires_grad)
-        else:
-            owner._buffers[leaf] = new
-    mb.num_models = n
-    mb.active = torch.ones(n, dtype=torch.bool, device=device)
+        grown[name] = new
+    replace_stacked(mb, grown, n, device)
 
 
 def _seed_dropouts(mb: ModelBatch, dropouts: dict[str, Any], ids: Tensor, seed: int) -> None:

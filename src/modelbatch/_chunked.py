@@ -28,26 +28,9 @@ import torch
 from torch import Tensor
 
 from ._batch import ModelBatch
-from ._stack import materialize
+from ._stack import materialize, replace_stacked
 
 __all__ = ["ChunkedTrainer"]
-
-
-def _replace(mb: ModelBatch, tensors: Mapping[str, Tensor]) -> None:
-    """Install `[C, ...]` tensors as `mb`'s stacked parameters and buffers (and resize `active`)."""
-    n = 0
-    for name, new in tensors.items():
-        prefix, _, leaf = name.rpartition(".")
-        owner = mb.stacked.get_submodule(prefix)
-        if leaf in owner._parameters:
-            old = owner._parameters[leaf]
-            assert old is not None
-            owner._parameters[leaf] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-        else:
-            owner._buffers[leaf] = new
-        n = new.shape[0]
-    mb.num_models = n
-    mb.active = torch.ones(n, dtype=torch.bool, device=mb.active.device)
 
 
 Pair = tuple[Tensor, Tensor, "int | None"]
@@ -230,12 +213,13 @@ class ChunkedTrainer:
         """A worker of `size` models, its optimizer, step and the tensor pairs it swaps."""
         store = self.store
         one = ModelBatch([materialize(store.skeleton, self.device)], store.loss_fn, history_size=1)
-        _replace(
+        replace_stacked(
             one,
             {
                 name: t[:size].detach().to(self.device, copy=True)
                 for name, t in {**store.stacked_params(), **store.stacked_buffers()}.items()
             },
+            size,
         )
         one.train(store.training)
         configs = None if self._configs is None else self._configs[:size]  # size <= N

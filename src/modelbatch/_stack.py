@@ -7,7 +7,8 @@ step.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ __all__ = [
     "materialize",
     "meta_skeleton",
     "model_list",
+    "replace_stacked",
     "stack_tensors",
     "state_key_map",
 ]
@@ -279,3 +281,25 @@ def state_key_map(model: nn.Module) -> dict[str, str]:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         canonical.setdefault(id(t), name)
     return {key: canonical[id(t)] for key, t in model.state_dict(keep_vars=True).items()}
+
+
+def replace_stacked(
+    model_batch: Any, tensors: Mapping[str, Tensor], n: int, device: torch.device | None = None
+) -> None:
+    """Install `[n, ...]` tensors as the batch's stacked parameters and buffers: n models.
+
+    Each parameter keeps its `requires_grad`; `active` becomes all True for the
+    n models (on `device`, default where it was).
+    """
+    for name, new in tensors.items():
+        prefix, leaf = _split(name)
+        owner = model_batch.stacked.get_submodule(prefix)
+        if leaf in owner._parameters:
+            old = owner._parameters[leaf]
+            assert old is not None
+            owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[leaf] = new
+    where = model_batch.active.device if device is None else device
+    model_batch.num_models = n
+    model_batch.active = torch.ones(n, dtype=torch.bool, device=where)
