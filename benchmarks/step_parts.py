@@ -1,4 +1,4 @@
-"""Where the quick-start loop's time goes against the torch.func recipe, part by part (CPU).
+"""Where the quick-start loop's time goes against the torch.func recipe, part by part.
 
 For each N: the whole step of both (zero_grad, forward, loss, backward,
 optimizer step), forward+backward alone, and the optimizer step alone (ours
@@ -8,7 +8,10 @@ spread:
 
     for i in 1 2 3; do python benchmarks/step_parts.py --n 16 64 256; done
 
-MLP 64-64-10, batch 64, one thread (`--threads`).
+MLP 64-64-10, batch 64, one thread (`--threads`) by default. On CUDA
+(`--device cuda --sizes 784 64 64 10 --batch 128`) each timing ends with a
+synchronisation, and the "host" column is the time `step()` takes to return
+without one: the launch cost the GPU waits on when the step is short.
 """
 
 from __future__ import annotations
@@ -26,28 +29,49 @@ from torch.func import functional_call, stack_module_state
 from modelbatch import ModelBatch
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
+SIZES = (64, 64, 64, 10)
 
 
-def _ms(fn: Callable[[], object], iters: int) -> float:
+def _mlp(sizes: tuple[int, ...]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ms(fn: Callable[[], object], iters: int, sync: bool = True) -> float:
+    """Median of 5 runs of `iters` calls, in ms per call; `sync=False` times the host alone."""
+    device = DEVICE[0]
     for _ in range(10):
         fn()
+    _sync(device)
     runs = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
+        if sync:
+            _sync(device)
         runs.append((time.perf_counter() - t0) / iters * 1e3)
+        _sync(device)
     return sorted(runs)[2]
 
 
-def measure(n: int, x: torch.Tensor, y: torch.Tensor) -> str:
+DEVICE = [torch.device("cpu")]
+
+
+def measure(n: int, x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = SIZES) -> str:
     """One line: whole step, forward+backward and optimizer step, ours / recipe, at N = n."""
     torch.manual_seed(0)
-    models = [_mlp() for _ in range(n)]
+    with torch.device(x.device):
+        models = [_mlp(sizes) for _ in range(n)]
     lrs = [1e-3 * (1 + i / n) for i in range(n)]
     mb = ModelBatch(copy.deepcopy(models), lr_list=lrs, optimizer_cls=torch.optim.Adam)
     params, buffers = stack_module_state(models)  # type: ignore[arg-type]
@@ -79,10 +103,12 @@ def measure(n: int, x: torch.Tensor, y: torch.Tensor) -> str:
     ours_fwd_bwd()
     recipe_fwd_bwd()
     optimizer = (_ms(mb.step, iters), _ms(opt.step, iters))
+    host = (_ms(mb.step, iters, sync=False), _ms(opt.step, iters, sync=False))
     return (
         f"N={n:5d}  step {whole[0]:.3f} / {whole[1]:.3f} ms ({whole[0] / whole[1]:.2f}x)  "
         f"fwd+bwd {fwd_bwd[0]:.3f} / {fwd_bwd[1]:.3f}  "
-        f"optimizer {optimizer[0]:.3f} / {optimizer[1]:.3f}   (ours / recipe)"
+        f"optimizer {optimizer[0]:.3f} / {optimizer[1]:.3f}  "
+        f"host {host[0]:.3f} / {host[1]:.3f}   (ours / recipe)"
     )
 
 
@@ -90,11 +116,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", nargs="*", type=int, default=[16, 64, 256])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", nargs="*", type=int, default=list(SIZES))
+    parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    DEVICE[0] = torch.device(args.device)
+    sizes = tuple(args.sizes)
+    x = torch.randn(args.batch, sizes[0], device=args.device)
+    y = torch.randint(0, sizes[-1], (args.batch,), device=args.device)
     for n in args.n:
-        print(measure(n, x, y), flush=True)
+        print(measure(n, x, y, sizes), flush=True)
 
 
 if __name__ == "__main__":

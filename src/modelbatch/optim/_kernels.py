@@ -42,6 +42,10 @@ __all__ = ["available", "run", "eligible"]
 MAX_SLOTS = 16
 BLOCK = 1024
 NUM_WARPS = 4
+#: a chunk (one program's share of a tensor) is at most this many blocks
+CHUNK_BLOCKS = 4
+#: whether a program skips the blocks of its chunk that lie past its tensor's end
+SKIP_PAST_END = True
 COEFF_BLOCK = 128
 MAX_CHUNKS = 65535
 _MIN_PROGRAMS = 4096
@@ -211,9 +215,9 @@ def _update_kernel(
     for j in range(c):
         lines.append(f"        c{j} = tl.load(cbase + {j}).to(tl.float32)")
     placeholders = {i: f"s{i}" for i in states}
+    lines.append("        for start in tl.range(0, CHUNK, BLOCK):")
+    lines.append("            if off + start < L:" if SKIP_PAST_END else "            if True:")
     lines += [
-        "        for start in tl.range(0, CHUNK, BLOCK):",
-        "            if off + start < L:",
         "                idx = off + start + tl.arange(0, BLOCK)",
         "                inb = idx < L",
         "                o = base + idx",
@@ -277,7 +281,7 @@ def _chunk_tables(
     def count(chunk: int) -> int:
         return sum(-(-n // chunk) for n in lengths)
 
-    chunk = 4 * BLOCK
+    chunk = CHUNK_BLOCKS * BLOCK
     while chunk > BLOCK and models * count(chunk) < _MIN_PROGRAMS:
         chunk //= 2
     while count(chunk) > MAX_CHUNKS:
