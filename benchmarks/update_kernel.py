@@ -8,7 +8,7 @@ bf16 copy of p is written too) over the device-to-device copy bandwidth
 measured in the same process.
 
 Each configuration sets `modelbatch.optim._kernels`' BLOCK, NUM_WARPS,
-CHUNK_BLOCKS and SKIP_PAST_END; the PTX of the kernel is searched for vector
+CHUNK_BLOCKS, SKIP_PAST_END and CHUNKS_FASTEST; the PTX of the kernel is searched for vector
 loads (`ld.global.v4`) to show whether the loads were vectorised. One line of
 JSON per (configuration, N, precision). CUDA only.
 
@@ -28,18 +28,19 @@ from torch import nn
 from modelbatch import ModelBatch
 from modelbatch.optim import OptimizerFactory, _kernels
 
-#: (BLOCK, NUM_WARPS, CHUNK_BLOCKS, SKIP_PAST_END)
+#: (BLOCK, NUM_WARPS, CHUNK_BLOCKS, SKIP_PAST_END, CHUNKS_FASTEST); the first is the default
 CONFIGS = [
-    (1024, 4, 4, True),
-    (1024, 4, 4, False),
-    (1024, 4, 1, True),
-    (1024, 4, 2, True),
-    (1024, 4, 8, True),
-    (2048, 8, 2, True),
-    (2048, 8, 1, True),
-    (1024, 8, 4, True),
-    (512, 4, 8, True),
-    (4096, 8, 1, True),
+    (1024, 4, 4, True, False),
+    (1024, 4, 4, False, False),
+    (1024, 4, 2, True, False),
+    (2048, 8, 1, True, False),
+    (1024, 8, 4, True, False),
+    (1024, 4, 4, True, True),
+    (1024, 4, 1, True, True),
+    (1024, 4, 8, True, True),
+    (2048, 8, 2, True, True),
+    (4096, 8, 1, True, True),
+    (512, 4, 8, True, True),
 ]
 
 
@@ -158,9 +159,10 @@ def main() -> None:
             elements = sum(p.numel() for p in params)
             floor_bytes = elements * 28  # fp32: 4 reads + 3 writes of 4 B; lp: g and copy 2 B each
             floor_ms = floor_bytes / bandwidth * 1e3
-            for block, warps, chunk_blocks, skip in configs:
+            for block, warps, chunk_blocks, skip, fastest in configs:
                 _kernels.BLOCK, _kernels.NUM_WARPS = block, warps
                 _kernels.CHUNK_BLOCKS, _kernels.SKIP_PAST_END = chunk_blocks, skip
+                _kernels.CHUNKS_FASTEST = fastest
                 _kernels._CHUNKS.clear()
                 recorder.original.cache_clear()
                 recorder.compiled.clear()
@@ -174,6 +176,7 @@ def main() -> None:
                     "num_warps": warps,
                     "chunk_blocks": chunk_blocks,
                     "skip_past_end": skip,
+                    "chunks_fastest": fastest,
                     "update_ms": statistics.median(ms),
                     "update_ms_runs": ms,
                     "floor_ms": floor_ms,

@@ -46,6 +46,8 @@ NUM_WARPS = 4
 CHUNK_BLOCKS = 4
 #: whether a program skips the blocks of its chunk that lie past its tensor's end
 SKIP_PAST_END = True
+#: one-dimensional grid with a model's chunks on consecutive programs (else grid `(N, chunks)`)
+CHUNKS_FASTEST = False
 COEFF_BLOCK = 128
 MAX_CHUNKS = 65535
 _MIN_PROGRAMS = 4096
@@ -178,7 +180,8 @@ def _update_kernel(
     header = []
     for j in range(slots):
         header += [f"{x}{j}" for x in per_slot] + [f"L{j}", f"R{j}"]
-    no_spec = [f"L{j}" for j in range(slots)] + [f"R{j}" for j in range(slots)] + ["K", "N"]
+    no_spec = [f"L{j}" for j in range(slots)] + [f"R{j}" for j in range(slots)]
+    no_spec += ["K", "N", "CHUNKS"]
     lines = [
         "import triton",
         "import triton.language as tl",
@@ -186,9 +189,16 @@ def _update_kernel(
         f"@triton.jit(do_not_specialize={no_spec!r})",
         f"def modelbatch_update_{rule.name}(mask_ptr, coef_ptr, chunk_slot_ptr, chunk_off_ptr, K, N, "
         + ", ".join(header)
-        + ", CHUNK: tl.constexpr, BLOCK: tl.constexpr):",
-        "    n = tl.program_id(0)",
-        "    c = tl.program_id(1)",
+        + ", CHUNKS, CHUNK: tl.constexpr, BLOCK: tl.constexpr):",
+        *(
+            [
+                "    pid = tl.program_id(0)",
+                "    n = pid // CHUNKS",
+                "    c = pid - n * CHUNKS",
+            ]
+            if CHUNKS_FASTEST
+            else ["    n = tl.program_id(0)", "    c = tl.program_id(1)"]
+        ),
         "    if tl.load(mask_ptr + n) != 0:",
         "        slot = tl.load(chunk_slot_ptr + c)",
         "        off = tl.load(chunk_off_ptr + c)",
@@ -383,4 +393,6 @@ def _launch(
             args.append(s.low_precision)
         args += [length, s.row]
     kernel = _update_kernel(rule, present, len(members), low_precision, aligned)
-    kernel[(n, chunk_slot.numel())](*args, CHUNK=chunk, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    chunks = chunk_slot.numel()
+    grid = (n * chunks,) if CHUNKS_FASTEST else (n, chunks)
+    kernel[grid](*args, chunks, CHUNK=chunk, BLOCK=BLOCK, num_warps=NUM_WARPS)
