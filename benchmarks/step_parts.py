@@ -28,7 +28,6 @@ from torch.func import functional_call, stack_module_state
 
 from modelbatch import ModelBatch
 
-
 SIZES = (64, 64, 64, 10)
 
 
@@ -65,6 +64,7 @@ def _ms(fn: Callable[[], object], iters: int, sync: bool = True) -> float:
 
 
 DEVICE = [torch.device("cpu")]
+ITERS = [0]
 
 
 def measure(n: int, x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = SIZES) -> str:
@@ -97,7 +97,7 @@ def measure(n: int, x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = S
         recipe_fwd_bwd()
         opt.step()
 
-    iters = max(20, 4000 // n)
+    iters = ITERS[0] or max(20, 4000 // n)
     whole = (_ms(ours, iters), _ms(recipe, iters))
     fwd_bwd = (_ms(ours_fwd_bwd, iters), _ms(recipe_fwd_bwd, iters))
     ours_fwd_bwd()
@@ -119,9 +119,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sizes", nargs="*", type=int, default=list(SIZES))
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=0, help="calls per timing (0: 4000 / N)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     DEVICE[0] = torch.device(args.device)
+    ITERS[0] = args.iters
     sizes = tuple(args.sizes)
     x = torch.randn(args.batch, sizes[0], device=args.device)
     y = torch.randint(0, sizes[-1], (args.batch,), device=args.device)

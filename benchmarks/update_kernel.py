@@ -8,7 +8,7 @@ bf16 copy of p is written too) over the device-to-device copy bandwidth
 measured in the same process.
 
 Each configuration sets `modelbatch.optim._kernels`' BLOCK, NUM_WARPS,
-CHUNK_BLOCKS, SKIP_PAST_END and CHUNKS_FASTEST; the PTX of the kernel is searched for vector
+and CHUNK_BLOCKS; the PTX of the kernel is searched for vector
 loads (`ld.global.v4`) to show whether the loads were vectorised. One line of
 JSON per (configuration, N, precision). CUDA only.
 
@@ -28,19 +28,15 @@ from torch import nn
 from modelbatch import ModelBatch
 from modelbatch.optim import OptimizerFactory, _kernels
 
-#: (BLOCK, NUM_WARPS, CHUNK_BLOCKS, SKIP_PAST_END, CHUNKS_FASTEST); the first is the default
+#: (BLOCK, NUM_WARPS, CHUNK_BLOCKS); the first is the default
 CONFIGS = [
-    (1024, 4, 4, True, False),
-    (1024, 4, 4, False, False),
-    (1024, 4, 2, True, False),
-    (2048, 8, 1, True, False),
-    (1024, 8, 4, True, False),
-    (1024, 4, 4, True, True),
-    (1024, 4, 1, True, True),
-    (1024, 4, 8, True, True),
-    (2048, 8, 2, True, True),
-    (4096, 8, 1, True, True),
-    (512, 4, 8, True, True),
+    (1024, 4, 4),
+    (1024, 4, 2),
+    (1024, 4, 1),
+    (1024, 8, 4),
+    (1024, 8, 2),
+    (2048, 8, 2),
+    (512, 4, 8),
 ]
 
 
@@ -132,6 +128,7 @@ def main() -> None:
     parser.add_argument("--n", nargs="*", type=int, default=[4096, 16384])
     parser.add_argument("--sizes", nargs="*", type=int, default=[784, 64, 64, 10])
     parser.add_argument("--configs", nargs="*", type=int, help="indices into CONFIGS")
+    parser.add_argument("--modes", nargs="*", default=["fp32", "lp"], help="fp32 and/or lp")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -146,7 +143,7 @@ def main() -> None:
         mb = ModelBatch(models)
         del models
         lrs = [{"lr": 1e-3 * (0.5 + i / n)} for i in range(n)]
-        for lp in (False, True):
+        for lp in [mode == "lp" for mode in args.modes]:
             opt = OptimizerFactory(torch.optim.Adam).create_optimizer(mb, lrs)
             params = list(mb.parameters())
             if lp:
@@ -159,10 +156,9 @@ def main() -> None:
             elements = sum(p.numel() for p in params)
             floor_bytes = elements * 28  # fp32: 4 reads + 3 writes of 4 B; lp: g and copy 2 B each
             floor_ms = floor_bytes / bandwidth * 1e3
-            for block, warps, chunk_blocks, skip, fastest in configs:
+            for block, warps, chunk_blocks in configs:
                 _kernels.BLOCK, _kernels.NUM_WARPS = block, warps
-                _kernels.CHUNK_BLOCKS, _kernels.SKIP_PAST_END = chunk_blocks, skip
-                _kernels.CHUNKS_FASTEST = fastest
+                _kernels.CHUNK_BLOCKS = chunk_blocks
                 _kernels._CHUNKS.clear()
                 recorder.original.cache_clear()
                 recorder.compiled.clear()
@@ -175,8 +171,6 @@ def main() -> None:
                     "block": block,
                     "num_warps": warps,
                     "chunk_blocks": chunk_blocks,
-                    "skip_past_end": skip,
-                    "chunks_fastest": fastest,
                     "update_ms": statistics.median(ms),
                     "update_ms_runs": ms,
                     "floor_ms": floor_ms,
