@@ -76,7 +76,7 @@ def measure(n: int, x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = S
     mb = ModelBatch(copy.deepcopy(models), lr_list=lrs, optimizer_cls=torch.optim.Adam)
     params, buffers = stack_module_state(models)  # type: ignore[arg-type]
     base = copy.deepcopy(models[0]).to("meta")
-    opt = torch.optim.Adam(list(params.values()), lr=1e-3)
+    opt = torch.optim.Adam(list(params.values()), lr=1e-3, fused=x.device.type == "cuda")
 
     def one(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
@@ -104,12 +104,33 @@ def measure(n: int, x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...] = S
     recipe_fwd_bwd()
     optimizer = (_ms(mb.step, iters), _ms(opt.step, iters))
     host = (_ms(mb.step, iters, sync=False), _ms(opt.step, iters, sync=False))
-    return (
+    line = (
         f"N={n:5d}  step {whole[0]:.3f} / {whole[1]:.3f} ms ({whole[0] / whole[1]:.2f}x)  "
         f"fwd+bwd {fwd_bwd[0]:.3f} / {fwd_bwd[1]:.3f}  "
         f"optimizer {optimizer[0]:.3f} / {optimizer[1]:.3f}  "
-        f"host {host[0]:.3f} / {host[1]:.3f}   (ours / recipe)"
+        f"host {host[0]:.3f} / {host[1]:.3f}"
     )
+    if x.device.type == "cuda":
+        line += f"  (ours without kernel launches {_without_launches(mb.step, iters):.3f})"
+    return line + "   (ours / recipe)"
+
+
+def _without_launches(step: Callable[[], object], iters: int) -> float:
+    """Host ms of `step` with the generated kernels' launches replaced by nothing (last: it
+    leaves the optimizer's state behind)."""
+    from modelbatch.optim import _kernels
+
+    class NoLaunch:
+        def __getitem__(self, grid: object) -> Callable[..., None]:
+            return lambda *a, **k: None
+
+    saved = _kernels._coefficient_kernel, _kernels._update_kernel
+    _kernels._coefficient_kernel = lambda *a: NoLaunch()  # type: ignore[assignment]
+    _kernels._update_kernel = lambda *a: NoLaunch()  # type: ignore[assignment]
+    try:
+        return _ms(step, iters, sync=False)
+    finally:
+        _kernels._coefficient_kernel, _kernels._update_kernel = saved
 
 
 def main() -> None:
