@@ -117,9 +117,12 @@ class _Recorder:
         counts = {"v4": 0, "v2": 0, "scalar": 0}
         for kernel in self.compiled:
             ptx = kernel.asm.get("ptx", "")
-            counts["v4"] += len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx))
-            counts["v2"] += len(re.findall(r"ld\.global(?:\.\w+)*\.v2", ptx))
-            counts["scalar"] += len(re.findall(r"ld\.global(?:\.\w+)*\.(?:b32|f32|b16)\s", ptx))
+            # qualifiers such as .L1::evict_last may stand between ld.global and the width
+            counts["v4"] += len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx))
+            counts["v2"] += len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2", ptx))
+            counts["scalar"] += len(
+                re.findall(r"ld\.global(?:\.[\w:]+)*\.(?:b32|f32|b16|u16)\s", ptx)
+            )
         return counts
 
 
