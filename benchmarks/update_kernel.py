@@ -121,7 +121,7 @@ class _Recorder:
             counts["v4"] += len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx))
             counts["v2"] += len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2", ptx))
             counts["scalar"] += len(
-                re.findall(r"ld\.global(?:\.[\w:]+)*\.(?:b32|f32|b16|u16)\s", ptx)
+                re.findall(r"ld\.global(?:\.(?!v[248]\b)[\w:]+)*\.(?:b32|f32|b16|u16)\s", ptx)
             )
         return counts
 
