@@ -77,14 +77,9 @@ def _torch_setup(device: str) -> Any:
 
 
 def _mlp(sizes: tuple[int, ...]) -> Any:
-    from torch import nn
+    from _models import mlp
 
-    layers: list[Any] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    return mlp(*sizes)()
 
 
 def _data(torch: Any, sizes: tuple[int, ...], device: str, k: int = 4) -> list:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import pathlib
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +30,14 @@ from torch.func import functional_call, stack_module_state
 
 from modelbatch import ModelBatch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _models import mlp
+
 SIZES = (64, 64, 64, 10)
 
 
-def _mlp(sizes: tuple[int, ...]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+def _mlp(sizes: Sequence[int]) -> nn.Module:
+    return mlp(*sizes)()
 
 
 def _sync(device: torch.device) -> None:

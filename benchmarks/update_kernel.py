@@ -19,13 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import re
 import statistics
+import sys
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from modelbatch import ModelBatch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _models import mlp
+
 from modelbatch.optim import OptimizerFactory, _kernels
 
 #: (BLOCK, NUM_WARPS, CHUNK_BLOCKS); the first is the default
@@ -40,13 +47,8 @@ CONFIGS = [
 ]
 
 
-def _mlp(sizes: list[int]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+def _mlp(sizes: Sequence[int]) -> nn.Module:
+    return mlp(*sizes)()
 
 
 def copy_bandwidth() -> float:
