@@ -34,6 +34,33 @@ def test_every_models_order_is_a_permutation(length):
     assert torch.equal(batches, sampler.order(0))
 
 
+@pytest.mark.parametrize("sampling", ["shuffle", "bootstrap", "kfold"])
+def test_steps_computed_several_at_once_equal_the_epochs_order(sampling, monkeypatch):
+    # Chunks of 3 steps (12 indices per model) over an epoch of 10 steps, the last
+    # one short; and a position loaded between steps is honoured within the epoch.
+    from modelbatch import data
+
+    monkeypatch.setattr(data, "_CHUNK_ELEMENTS", 5 * 4 * 3)
+    extra: dict[str, Any] = {"num_folds": 3} if sampling == "kfold" else {}
+    sampler = PerModelSampler(39, num_models=5, batch_size=4, seed=7, sampling=sampling, **extra)
+    order = sampler.order(0)
+    steps = list(sampler.index_batches())
+    assert [tuple(s.shape) for s in steps] == [(5, 4)] * (order.shape[1] // 4) + (
+        [(5, order.shape[1] % 4)] if order.shape[1] % 4 else []
+    )
+    assert torch.equal(torch.cat(steps, dim=1), order)
+    assert sampler.epoch == 1 and sampler.batch == 0
+
+    sampler = PerModelSampler(39, num_models=5, batch_size=4, seed=7, sampling=sampling, **extra)
+    it = sampler.index_batches()
+    assert torch.equal(next(it), order[:, 0:4])
+    state = sampler.state_dict()
+    state["batch"] = 5
+    sampler.load_state_dict(state)
+    assert torch.equal(next(it), order[:, 20:24])
+    assert torch.equal(next(it), order[:, 24:28])
+
+
 N_STAT, L_STAT = 4000, 8
 # A chi-square bound about 6 standard deviations above the mean of its degrees of
 # freedom: a uniform sampler passes with a fixed seed, a biased one fails by far.

@@ -63,6 +63,8 @@ _C1, _C2 = 0x5BD1E995, 0x27D4EB2D
 # samples are measurably non-uniform (triples of positions off by 30-50 standard
 # deviations in a chi-square test); at 12 they match uniform permutations.
 _ROUNDS = 12
+#: at most this many indices computed at once by `PerModelSampler.index_batches`
+_CHUNK_ELEMENTS = 2**22
 
 
 def _fmix(h: Tensor, tmp: Tensor | None = None) -> Tensor:
@@ -498,14 +500,26 @@ class PerModelSampler(Sampler[list[int]]):
         return full + (1 if rest and not self.drop_last else 0)
 
     def index_batches(self) -> Iterator[Tensor]:
-        """Yield the rest of the current epoch: one `[N, B]` index tensor per step."""
+        """Yield the rest of the current epoch: one `[N, B]` index tensor per step.
+
+        The indices of several steps are computed at once (up to
+        `_CHUNK_ELEMENTS` indices): the cycle walk of the permutation waits on
+        the device once per round, so computing step by step would make every
+        step wait on the device.
+        """
         plan = self._plan(self.epoch)
+        per_step = max(self.num_models * self.batch_size, 1)
         while self.batch < len(self):
-            start = self.batch * self.batch_size
-            stop = min(start + self.batch_size, self.samples_per_epoch)
-            idx = self._indices(plan, start, stop)
-            self.batch += 1
-            yield idx
+            steps = max(1, min(len(self) - self.batch, _CHUNK_ELEMENTS // per_step))
+            first = self.batch * self.batch_size
+            last = min((self.batch + steps) * self.batch_size, self.samples_per_epoch)
+            chunk = self._indices(plan, first, last)
+            expected = self.batch
+            for begin in range(0, last - first, self.batch_size):
+                if self.batch != expected:
+                    break  # moved by load_state_dict between steps: go on from there
+                self.batch = expected = self.batch + 1
+                yield chunk[:, begin : begin + self.batch_size]
         self.epoch, self.batch = self.epoch + 1, 0
 
     def __iter__(self) -> Iterator[list[int]]:
