@@ -239,11 +239,32 @@ class ModelBatch(nn.Module):
 
     def stacked_params(self) -> dict[str, Tensor]:
         """The stacked parameters by the user's names, each `[N, *shape]`."""
-        return {name: self.stacked.get_parameter(name) for name in self._param_names}
+        params, _ = self._leaf_tables()
+        return {name: table[leaf] for name, table, leaf in params}
 
     def stacked_buffers(self) -> dict[str, Tensor]:
         """The stacked buffers by the user's names, each `[N, *shape]`."""
-        return {name: self.stacked.get_buffer(name) for name in self._buffer_names}
+        _, buffers = self._leaf_tables()
+        return {name: table[leaf] for name, table, leaf in buffers}
+
+    def _leaf_tables(self) -> tuple[list[tuple[str, dict, str]], list[tuple[str, dict, str]]]:
+        """For each stacked parameter and buffer: (name, its owner's `_parameters` or
+        `_buffers`, its key there); looked up once per `stacked` tree, not per forward."""
+        cached = self.__dict__.get("_leaves_of")
+        if cached is not None and cached[0] is self.stacked:
+            return cached[1], cached[2]
+
+        def table(name: str, kind: str) -> tuple[str, dict, str]:
+            prefix, _, leaf = name.rpartition(".")
+            owner = self.stacked.get_submodule(prefix)
+            if leaf not in getattr(owner, kind):
+                raise AttributeError(f"ModelBatch: the stacked tree has no {kind[1:-1]} {name!r}")
+            return name, getattr(owner, kind), leaf
+
+        params = [table(name, "_parameters") for name in self._param_names]
+        buffers = [table(name, "_buffers") for name in self._buffer_names]
+        self.__dict__["_leaves_of"] = (self.stacked, params, buffers)
+        return params, buffers
 
     def train(self, mode: bool = True) -> ModelBatch:
         super().train(mode)
