@@ -723,3 +723,33 @@ def test_fixed_hparams_of_a_group_survive_set_hparams_and_reset():
     assert no_decay.tolist() == [0.0] * N
     with pytest.raises(ValueError, match=r"fixed_hparams has unknown keys \['momentum'\]"):
         BatchAdam([{"params": biases, "fixed_hparams": {"momentum": 0.9}}], [{}] * N)
+
+
+def test_kernel_layout_takes_dense_model_major_tensors_and_gives_their_alignment():
+    from modelbatch.optim._executor import ParamSlot
+    from modelbatch.optim._kernels import kernel_layout
+
+    def slot(p, g=None, state=None, low=None):
+        g = torch.zeros_like(p) if g is None else g
+        state = {"exp_avg": torch.zeros_like(p)} if state is None else state
+        return ParamSlot(0, p, g, state, low)
+
+    p = torch.zeros(4, 6, 8)  # 48 elements per model
+    assert kernel_layout(slot(p), 4) == 4
+    # A bf16 gradient and copy: 8 elements make 16 bytes.
+    assert kernel_layout(slot(p, g=torch.zeros(4, 6, 8, dtype=torch.bfloat16)), 4) == 8
+    odd = torch.zeros(4, 5, 4)  # 20 elements per model: a multiple of 4, not of 8
+    assert kernel_layout(slot(odd), 4) == 4
+    assert kernel_layout(slot(odd, low=torch.zeros(4, 5, 4, dtype=torch.bfloat16)), 4) == 1
+    # A gradient one element into its buffer: not 16-byte aligned.
+    shifted = torch.zeros(4 * 48 + 1)[1:].view(4, 6, 8)
+    assert kernel_layout(slot(p, g=shifted), 4) == 1
+    # What the kernel cannot take: float64, state in another dtype, other strides,
+    # the model axis not outermost, no elements.
+    assert kernel_layout(slot(p.double()), 4) is None
+    assert kernel_layout(slot(p, state={"exp_avg": torch.zeros(4, 6, 8).double()}), 4) is None
+    strided = torch.zeros(4, 8, 6).transpose(1, 2)
+    assert kernel_layout(slot(p, g=strided), 4) is None
+    inner = torch.zeros(6, 4, 8).transpose(0, 1)
+    assert kernel_layout(slot(inner), 4) is None
+    assert kernel_layout(slot(torch.zeros(4, 0)), 4) is None

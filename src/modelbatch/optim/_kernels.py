@@ -41,7 +41,7 @@ from .._layout import model_major
 from ._executor import StepCoefficients, hparam_column, update_tensor
 from ._rules import UpdateRule
 
-__all__ = ["available", "run", "eligible"]
+__all__ = ["available", "run", "kernel_layout"]
 
 MAX_SLOTS = 16
 BLOCK = 1024
@@ -68,21 +68,37 @@ def available(device: torch.device) -> bool:
     return ENABLED and device.type == "cuda" and _triton_importable()
 
 
-def eligible(slot: Any) -> bool:
-    """Whether the update kernel can take this parameter (else the torch path runs it)."""
+def kernel_layout(slot: Any, models: int) -> int | None:
+    """How the update kernel takes this parameter: None if it cannot (the torch path
+    runs it), else the element multiple every model's slice starts at (see below).
+
+    The kernel needs float tensors, the state in the parameter's dtype, and
+    every tensor with the parameter's strides and device, dense with the model
+    axis outermost. Each model's slice then starts at `n * L` elements from its
+    base; all of them are 16-byte aligned when every base is and `L` is a
+    multiple of 16 bytes' worth of the narrowest element (4 for fp32 alone, 8
+    with a bf16/fp16 gradient or copy): that multiple is returned, else 1.
+    """
     p, g = slot.param, slot.grad
-    tensors = [p, g, *slot.state.values()]
+    dtype = p.dtype
+    if dtype not in _FLOATS or g.dtype not in _FLOATS or p.dim() == 0 or p.numel() == 0:
+        return None
+    state = slot.state.values()
+    if any(t.dtype != dtype for t in state):
+        return None
+    stride, device = p.stride(), p.device
+    tensors = [p, g, *state]
     if slot.low_precision is not None:
         tensors.append(slot.low_precision)
-    return (
-        p.dtype in _FLOATS
-        and g.dtype in _FLOATS
-        and all(t.dtype == p.dtype for t in slot.state.values())
-        and all(t.stride() == p.stride() and t.device == p.device for t in tensors)
-        and p.dim() > 0
-        and model_major(p.shape, p.stride())
-        and p.numel() > 0
-    )
+    for t in tensors[1:]:
+        if t.stride() != stride or t.device != device:
+            return None
+    if not model_major(p.shape, stride):
+        return None
+    need = 16 // min(t.element_size() for t in tensors)
+    if (p.numel() // models) % need == 0 and all(t.data_ptr() % 16 == 0 for t in tensors):
+        return need
+    return 1
 
 
 # ---------------------------------------------------------------------- code generation
@@ -337,14 +353,15 @@ def run(
     for slot in slots:
         if slot.grad is None:
             continue
-        if not eligible(slot):
+        align = kernel_layout(slot, n)
+        if align is None:
             if fallback is None:
                 fallback = StepCoefficients(rule, flags, coefficients, mask)
             update_tensor(rule, slot, fallback, slot.row, flags)
             continue
         lp = slot.low_precision
         group_key = (slot.param.dtype, slot.grad.dtype, None if lp is None else lp.dtype)
-        groups.setdefault((*group_key, _alignment(slot, n)), []).append(slot)
+        groups.setdefault((*group_key, align), []).append(slot)
     for (_, _, lp_dtype, align), members in groups.items():
         for i in range(0, len(members), MAX_SLOTS):
             _launch(
@@ -359,23 +376,6 @@ def run(
                 k,
                 n,
             )
-
-
-def _alignment(slot: Any, models: int) -> int:
-    """The element multiple every model's slice starts at, for 16-byte vector access (or 1).
-
-    Each model's slice starts at `n * L` elements from 16-byte aligned bases:
-    16-byte aligned for every array when L is a multiple of 16 bytes' worth of
-    the narrowest element (4 for fp32 alone, 8 with a bf16/fp16 gradient or copy).
-    """
-    tensors = [slot.param, slot.grad, *slot.state.values()]
-    if slot.low_precision is not None:
-        tensors.append(slot.low_precision)
-    need = 16 // min(t.element_size() for t in tensors)
-    length = slot.param.numel() // models
-    if length % need == 0 and all(t.data_ptr() % 16 == 0 for t in tensors):
-        return need
-    return 1
 
 
 def _launch(
