@@ -114,7 +114,11 @@ def _rebound(fn: Any) -> Any:
     namespace["ops"] = tl
     namespace["tl"] = tl
     helpers = ("_round32", "_signed", "_decayed", "_moments")
-    formulas = (("_lerp", "_lerp_formula"), ("_pow", "_pow_formula"))
+    formulas = (
+        ("_lerp", "_lerp_formula"),
+        ("_pow", "_pow_formula"),
+        ("_mul_add", "_mul_add_formula"),
+    )
     for name, source in (*formulas, *((h, h) for h in helpers)):
         helper = module.__dict__[source]
         namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, source))

@@ -53,7 +53,7 @@ _OUT_FORM: dict[Any, Any] = {
     operator.neg: torch.neg,
 }
 _SAME: tuple[Any, ...] = (torch.where, torch.sqrt, torch.maximum, torch.minimum, torch.abs)
-for _f in (*_SAME, torch.exp, torch.log, torch.lerp, torch.addcdiv):
+for _f in (*_SAME, torch.exp, torch.log, torch.lerp, torch.addcdiv, torch.addcmul):
     _OUT_FORM[_f] = _f
 
 
