@@ -16,8 +16,11 @@ specialised copy of that graph:
   coefficients only and is the same for every model takes that branch (the
   rules write torch's `if weight_decay != 0` as such a `where`).
 - **Fusion that is exact.** `x + a / b` and `x - a / b` over a full tensor
-  `x` become one `addcdiv` (bitwise the same on the CPU; `addcmul` is not
-  where its kernel contracts to a fused multiply-add, so it is not used).
+  `x` become one `addcdiv` (bitwise the same on the CPU). The plan never
+  turns `x + a * b` into `addcmul`, which is not bitwise the same where its
+  kernel contracts to a fused multiply-add; the rules write the multiply-adds
+  torch.optim fuses with their own helper (`_rules._mul_add`), which is
+  `addcmul` here.
 - **Memory reused.** An op writes into its first argument's memory when it
   is that value's last reader. When every model updates and the tensor is in
   the math dtype, each final value is computed straight into its parameter or
