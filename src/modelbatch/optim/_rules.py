@@ -192,9 +192,9 @@ def _sgd_coefficients(step, lr, momentum, dampening, weight_decay, nesterov, max
 def _sgd_update(p, g, buf, lr, wd, sign, has_momentum, keep, take, nesterov, momentum, HAS_BUF):
     g = _signed(g, p, sign, wd)
     if HAS_BUF:
-        new_buf = buf * keep + g * take
+        new_buf = _mul_add(buf * keep, g, take)
         buf = ops.where(has_momentum > 0.0, new_buf, buf)
-        step_dir = ops.where(nesterov > 0.0, g + buf * momentum, buf)
+        step_dir = ops.where(nesterov > 0.0, _mul_add(g, buf, momentum), buf)
         g = ops.where(has_momentum > 0.0, step_dir, g)
     p = _mul_add(p, g, -lr)
     return p, buf
@@ -248,14 +248,14 @@ def _rmsprop_update(
     if HAS_CENTERED:
         new_avg = _lerp(grad_avg, g, w)
         grad_avg = ops.where(centered > 0.0, new_avg, grad_avg)
-        var = ops.where(centered > 0.0, square_avg - grad_avg * grad_avg, square_avg)
+        var = ops.where(centered > 0.0, _mul_add(square_avg, -grad_avg, grad_avg), square_avg)
         avg = ops.sqrt(var) + eps
     else:
         avg = ops.sqrt(square_avg) + eps
     if HAS_BUF:
         new_buf = buf * momentum + g / avg
         buf = ops.where(momentum > 0.0, new_buf, buf)
-        p = ops.where(momentum > 0.0, p + buf * (-lr), p + (-lr) * g / avg)
+        p = ops.where(momentum > 0.0, _mul_add(p, buf, -lr), p + (-lr) * g / avg)
     else:
         p = p + (-lr) * g / avg
     return p, square_avg, grad_avg, buf
@@ -472,11 +472,11 @@ def _adadelta_coefficients(step, lr, rho, eps, weight_decay, maximize):
 
 def _adadelta_update(p, g, square_avg, acc_delta, lr, rho, w, eps, wd, sign):
     g = _signed(g, p, sign, wd)
-    square_avg = square_avg * rho + w * g * g
+    square_avg = _mul_add(square_avg * rho, w * g, g)
     std = ops.sqrt(square_avg + eps)
     delta = ops.sqrt(acc_delta + eps) / std * g
-    acc_delta = acc_delta * rho + w * delta * delta
-    p = p + delta * (-lr)
+    acc_delta = _mul_add(acc_delta * rho, w * delta, delta)
+    p = _mul_add(p, delta, -lr)
     return p, square_avg, acc_delta
 
 
