@@ -32,6 +32,7 @@ from ._stack import (
     materialize,
     meta_skeleton,
     model_list,
+    split_name,
     state_key_map,
 )
 from ._step import apply_update
@@ -255,7 +256,7 @@ class ModelBatch(nn.Module):
             return cached[1], cached[2]
 
         def table(name: str, kind: str) -> tuple[str, dict, str]:
-            prefix, _, leaf = name.rpartition(".")
+            prefix, leaf = split_name(name)
             owner = self.stacked.get_submodule(prefix)
             if leaf not in getattr(owner, kind):
                 raise AttributeError(f"ModelBatch: the stacked tree has no {kind[1:-1]} {name!r}")
@@ -365,9 +366,8 @@ class ModelBatch(nn.Module):
         return out
 
     def _replace_buffer(self, name: str, value: Tensor) -> None:
-        prefix, _, leaf = name.rpartition(".")
-        owner = self.stacked.get_submodule(prefix)
-        owner._buffers[leaf] = value
+        prefix, leaf = split_name(name)
+        self.stacked.get_submodule(prefix)._buffers[leaf] = value
 
     @contextlib.contextmanager
     def substitute_weights(self, weights: Mapping[str, Tensor]) -> Iterator[None]:

@@ -99,9 +99,7 @@ class MixedStep(_Replayed):
         mixed = self.mixed
         losses = self._train.forward_loss(inputs, targets)
         losses.sum().backward()
-        layout = self._train._layout
-        if layout is not None:
-            layout.apply()
+        self._train.relayout()
         mixed.mask_padding_grads()
         if self.max_norm is not None:
             mixed.clip_grad_norm_(self.max_norm)

@@ -21,6 +21,7 @@ __all__ = [
     "meta_skeleton",
     "model_list",
     "replace_stacked",
+    "split_name",
     "stack_tensors",
     "state_key_map",
 ]
@@ -196,7 +197,8 @@ def stack_tensors(models: Sequence[nn.Module], name: str, kind: str) -> torch.Te
         return torch.stack([getattr(m, getter)(name).detach() for m in models]).contiguous()
 
 
-def _split(name: str) -> tuple[str, str]:
+def split_name(name: str) -> tuple[str, str]:
+    """A dotted name as (the owning module's path, the leaf's name)."""
     prefix, _, leaf = name.rpartition(".")
     return prefix, leaf
 
@@ -217,7 +219,7 @@ def build_stacked_tree(
     def container(path: str) -> nn.Module:
         if path in containers:
             return containers[path]
-        parent_path, leaf = _split(path)
+        parent_path, leaf = split_name(path)
         node = nn.Module()
         container(parent_path).add_module(leaf, node)
         containers[path] = node
@@ -227,12 +229,12 @@ def build_stacked_tree(
     buffer_names = [n for n, _ in ref.named_buffers()]
     persistent = set(ref.state_dict(keep_vars=True).keys())
     for name in param_names:
-        prefix, leaf = _split(name)
+        prefix, leaf = split_name(name)
         t = stack_tensors(models, name, "parameter")
         requires_grad = ref.get_parameter(name).requires_grad
         container(prefix).register_parameter(leaf, nn.Parameter(t, requires_grad=requires_grad))
     for name in buffer_names:
-        prefix, leaf = _split(name)
+        prefix, leaf = split_name(name)
         container(prefix).register_buffer(
             leaf, stack_tensors(models, name, "buffer"), persistent=name in persistent
         )
@@ -292,7 +294,7 @@ def replace_stacked(
     n models (on `device`, default where it was).
     """
     for name, new in tensors.items():
-        prefix, leaf = _split(name)
+        prefix, leaf = split_name(name)
         owner = model_batch.stacked.get_submodule(prefix)
         if leaf in owner._parameters:
             old = owner._parameters[leaf]

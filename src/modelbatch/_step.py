@@ -151,10 +151,7 @@ class TrainStep:
         """Backward of the per-model losses (scaled per model under AMP), then the update."""
         scaled = self.scaler.attach(losses) if self.scaler is not None else losses
         scaled.sum().backward()
-        if self._layout is not None and not self._layout.done:
-            self._layout.apply()
-            if self._weights is not None:
-                self._follow_copies()
+        self.relayout()
         apply_update(
             self.optimizer,
             scaler=self.scaler,
@@ -162,6 +159,13 @@ class TrainStep:
             params=self.leaves,
             num_models=self.model_batch.num_models,
         )
+
+    def relayout(self) -> None:
+        """After the first backward: the leaves take their gradients' layout (once)."""
+        if self._layout is not None and not self._layout.done:
+            self._layout.apply()
+            if self._weights is not None:
+                self._follow_copies()
 
     @torch.no_grad()
     def _follow_copies(self) -> None:

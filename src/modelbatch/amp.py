@@ -119,7 +119,9 @@ class BatchGradScaler:
         factors = _checked_factors(owner, growth_factor, backoff_factor, growth_interval)
         self._growth_factor, self._backoff_factor, self._growth_interval = factors
         device = model_batch.active.device
-        scale = _checked_scale(owner, "init_scale", init_scale, n).to(device)
+        scale = _checked_scale(
+            owner, "init_scale", init_scale, n, "give one float, or one value per model"
+        ).to(device)
         self._scale = scale.expand(n).clone()
         self._init_scale = self._scale.clone()
         self._growth_tracker = torch.zeros(n, dtype=torch.int32, device=device)
@@ -424,7 +426,13 @@ class BatchGradScaler:
         n = self.num_models
         owner = "BatchGradScaler.load_state_dict"
         # Everything is checked before anything is written: a bad state changes nothing.
-        scale = _checked_scale(owner, "scale", state_dict["scale"], n)
+        scale = _checked_scale(
+            owner,
+            "scale",
+            state_dict["scale"],
+            n,
+            "the state comes from a scaler over a different number of models",
+        )
         tracker = torch.as_tensor(state_dict["_growth_tracker"])
         if tracker.dim() and tracker.shape != (n,):
             raise ValueError(
@@ -464,14 +472,16 @@ def _checked_factors(
     return growth, backoff, int(growth_interval)
 
 
-def _checked_scale(owner: str, name: str, value: Any, n: int) -> Tensor:
-    """A loss scale: a positive finite float, or one per model `[N]` (float32, on the CPU)."""
+def _checked_scale(owner: str, name: str, value: Any, n: int, hint: str) -> Tensor:
+    """A loss scale: a positive finite float, or one per model `[N]` (float32, on the CPU).
+
+    `hint` ends the message for a scale of the wrong shape.
+    """
     scale = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
     if scale.dim() and scale.shape != (n,):
         raise ValueError(
             f"{owner}: {name} must be a float or have shape [N={n}], got shape "
-            f"{tuple(scale.shape)}; the state comes from a scaler over a different number of "
-            "models."
+            f"{tuple(scale.shape)}; {hint}."
         )
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):
