@@ -73,7 +73,7 @@ def test_default_adam_folds_and_writes_in_place() -> None:
     assert not any(n.target is torch.where for n in calls)
     output = next(n for n in graph.nodes if n.op == "output")
     assert output.args[0][:3] == (None, None, None)  # p, exp_avg, exp_avg_sq: in place
-    # Nine ops (v * beta2 + w2 * g * g is a mul and an addcmul); only three need new
+    # Nine ops (v * beta2 + w2 * g * g is two muls and an addcmul); only three need new
     # memory (w2 * g, sqrt, -step_size * m).
     assert len(calls) == 9
     assert sum("out" not in n.kwargs for n in calls) == 3
