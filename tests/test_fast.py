@@ -376,6 +376,44 @@ def test_low_precision_copies_leave_frozen_parameters_alone() -> None:
     assert set(opt.low_precision) == {p for p in mb.parameters() if p.requires_grad}
 
 
+def test_low_precision_copies_leave_norm_layers_in_float32() -> None:
+    # Autocast runs convolutions and linear layers in bf16 and keeps a norm layer's
+    # weights in float32: the copies follow it. A conv / BatchNorm / linear model
+    # trains on copies of the conv and linear weights only, and the BatchNorm
+    # weights take float32 gradients and updates (a bf16 weight beside float32
+    # running statistics is refused by batch_norm).
+    from modelbatch._step import TrainStep
+    from modelbatch.optim import OptimizerFactory
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 3),
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    models = [make() for _ in range(N)]
+    # SGD: an update proportional to the gradient, so the bf16 tier bounds the difference.
+    configs = [{"lr": 0.01 * (i + 1), "momentum": 0.9} for i in range(N)]
+    runs = []
+    for low in (False, True):
+        mb = ModelBatch(copy.deepcopy(models))
+        opt = OptimizerFactory(torch.optim.SGD).create_optimizer(mb, configs)
+        runs.append((mb, TrainStep(mb, opt, autocast_dtype=torch.bfloat16, low_precision=low)))
+    mb, step = runs[1]
+    names = mb.stacked_params()
+    copied = {k for k, p in names.items() if p in step.optimizer.low_precision}
+    assert copied == {"0.weight", "0.bias", "4.weight", "4.bias"}
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        x, y = torch.randn(8, 2, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        for _, s in runs:
+            assert torch.isfinite(s(x, y)).all()
+        assert names["1.weight"].grad is not None and names["1.weight"].grad.dtype == torch.float32
+    for (k, a), b in zip(runs[0][0].stacked_params().items(), runs[1][0].stacked_params().values()):
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=k)  # the bf16 tier
+
+
 @pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.SGD])
 def test_low_precision_copies_are_written_by_the_update_and_train_like_autocast(cls) -> None:
     from modelbatch._step import TrainStep

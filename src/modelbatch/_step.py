@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._layout import GradLayout, restrided
+from ._stack import split_name
 
 __all__ = ["TrainStep", "apply_update"]
 
@@ -55,6 +56,24 @@ def apply_update(
 def _as_args(x: Any) -> tuple:
     """Positional inputs: a tuple or list as they are, anything else as one argument."""
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+# Modules whose weights torch.autocast casts to its low precision.
+_AUTOCAST_CASTS = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.modules.conv._ConvNd,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.MultiheadAttention,
+)
+
+
+def _matmul_weights(tree: nn.Module, names: dict[str, Tensor]) -> list[str]:
+    """The names in `names` whose owning module in `tree` autocast runs in low precision."""
+    return [
+        name for name in names if isinstance(tree.get_submodule(split_name(name)[0]), _AUTOCAST_CASTS)
+    ]
 
 
 class TrainStep:
@@ -103,10 +122,13 @@ class TrainStep:
         leaves = self.params
         make_copies = getattr(optimizer, "low_precision_copies", None)
         if low_precision and autocast_dtype in (torch.bfloat16, torch.float16) and make_copies:
-            copies = make_copies(autocast_dtype)
             names = model_batch.stacked_params()
-            # A parameter the optimizer does not hold (frozen, or left out) has no copy:
-            # it stays as it is, and autocast casts it as torch does.
+            # Copies only of the weights autocast runs in low precision (matmuls,
+            # convolutions, recurrent cells): a norm layer's weights stay float32, as
+            # under autocast. A parameter without a copy (those, a frozen one, one the
+            # optimizer does not hold) stays as it is, and autocast casts it as torch does.
+            cast = [names[name] for name in _matmul_weights(model_batch.skeleton, names)]
+            copies = make_copies(autocast_dtype, cast)
             self._weights = {name: copies.get(p, p) for name, p in names.items()}
             leaves = [copies.get(p, p) for p in self.params]
         # What backward writes gradients to: the parameters, or their low-precision copies.
@@ -171,9 +193,9 @@ class TrainStep:
     def _follow_copies(self) -> None:
         """After the copies took their gradients' layout, the float32 parameters take it too."""
         copies = self.optimizer.low_precision  # type: ignore[attr-defined]
-        for p in self.params:
-            if copies[p].stride() != p.stride():
-                p.data = restrided(p.data, copies[p].stride())
+        for p, copy in copies.items():
+            if copy.stride() != p.stride():
+                p.data = restrided(p.data, copy.stride())
 
     def __call__(self, inputs: Any, targets: Tensor) -> Tensor:
         """Zero the gradients, run the step, return the detached per-model losses `[N]`."""

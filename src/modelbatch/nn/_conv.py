@@ -393,6 +393,14 @@ class _Conv(_Twin, nn.modules.conv._ConvNd):
             or input.dim() not in (len(self.kernel_size) + 1, len(self.kernel_size) + 2)
         ):
             return self._conv_forward(input, weight, bias)  # type: ignore[operator]
+        if (
+            weight.dtype in (torch.bfloat16, torch.float16)
+            and input.dtype != weight.dtype
+            and torch.is_autocast_enabled(input.device.type)
+        ):
+            # Low-precision weight copies under autocast: the convolution runs in their
+            # dtype, as autocast runs torch's own (the CPU's vmap rule would not cast).
+            input = input.to(weight.dtype)
         if input.dim() == len(self.kernel_size) + 1:  # unbatched [C, *S]
             return _BatchedConv.apply(input.unsqueeze(0), weight, bias, _spec(self)).squeeze(0)
         return _BatchedConv.apply(input, weight, bias, _spec(self))

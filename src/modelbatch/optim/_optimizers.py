@@ -390,8 +390,10 @@ class BatchOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ low precision
 
     @torch.no_grad()
-    def low_precision_copies(self, dtype: torch.dtype) -> dict[Tensor, Tensor]:
-        """bf16/fp16 copies of every parameter, for a forward under autocast without weight casts.
+    def low_precision_copies(
+        self, dtype: torch.dtype, params: Iterable[Tensor] | None = None
+    ) -> dict[Tensor, Tensor]:
+        """bf16/fp16 parameter copies, for a forward under autocast without weight casts.
 
         Each copy is a leaf `[N, *shape]` that requires grad, laid out like its
         parameter. A forward that reads the copies (`ModelBatch.forward(...,
@@ -401,22 +403,36 @@ class BatchOptimizer(torch.optim.Optimizer):
         or gradient. A parameter changed in place outside `step()` (a load, a
         replaced model) is copied again by `refresh_low_precision()`.
 
+        Args:
+            dtype: `torch.bfloat16` or `torch.float16`.
+            params: the parameters to copy (of those this optimizer holds; others
+                are ignored); default every one. A parameter without a copy keeps
+                its float32 gradient and update.
+
         Returns:
-            `{parameter: copy}`; the same copies on every call with the same dtype.
+            `{parameter: copy}`; the same copies on every call with the same
+            dtype and parameters.
         """
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
                 f"{type(self).__name__}.low_precision_copies: dtype must be torch.bfloat16 or "
                 f"torch.float16, got {dtype}."
             )
+        held = [p for group in self.param_groups for p in group["params"]]
+        if params is not None:
+            wanted = {id(p) for p in params}
+            held = [p for p in held if id(p) in wanted]
         existing = next(iter(self.low_precision.values()), None)
-        if existing is not None and existing.dtype == dtype:
+        if (
+            existing is not None
+            and existing.dtype == dtype
+            and [id(p) for p in self.low_precision] == [id(p) for p in held]
+        ):
             return self.low_precision
         self.low_precision = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                copy = torch.empty_like(p, dtype=dtype).copy_(p)
-                self.low_precision[p] = copy.requires_grad_()
+        for p in held:
+            copy = torch.empty_like(p, dtype=dtype).copy_(p)
+            self.low_precision[p] = copy.requires_grad_()
         self._low_versions = {p: p._version for p in self.low_precision}
         return self.low_precision
 
