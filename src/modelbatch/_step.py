@@ -72,7 +72,9 @@ _AUTOCAST_CASTS = (
 def _matmul_weights(tree: nn.Module, names: dict[str, Tensor]) -> list[str]:
     """The names in `names` whose owning module in `tree` autocast runs in low precision."""
     return [
-        name for name in names if isinstance(tree.get_submodule(split_name(name)[0]), _AUTOCAST_CASTS)
+        name
+        for name in names
+        if isinstance(tree.get_submodule(split_name(name)[0]), _AUTOCAST_CASTS)
     ]
 
 
