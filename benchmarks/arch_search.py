@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import profile_kernels
 from torch import nn
 
 from modelbatch import MixedBatch, MixedOptimizer, ModelBatch, compile_mixed_step, compile_step
@@ -99,6 +100,7 @@ def arm_mixed(spec, data, max_waste, args, device) -> dict:
         step(x, y)
 
     ms = timed(one, args.warmup, args.steps, device)
+    profile = profile_kernels(one) if args.profile and device.type == "cuda" else None
     groups = [
         {"models": len(g.members), "archs": len(g.archs), "kind": g.kind, "waste": g.waste}
         for g in mixed._plan
@@ -112,6 +114,7 @@ def arm_mixed(spec, data, max_waste, args, device) -> dict:
         "stacked_params": stacked,
         "setup_s": time.perf_counter() - start,
         "final_loss_mean": float(mixed.latest_losses.mean()),
+        "profile": profile,
     }
     return result
 
@@ -138,6 +141,7 @@ def arm_separate(spec, data, args, device) -> dict:
     ms = timed(one, args.warmup, args.steps, device)
     return {
         "ms_per_step": ms,
+        "profile": profile_kernels(one) if args.profile and device.type == "cuda" else None,
         "batches": len(steps),
         "mode": steps[0].mode,
         "setup_s": time.perf_counter() - start,
@@ -172,6 +176,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--max-waste", default="0,0.5,0.75,1", help="comma-separated")
     parser.add_argument("--out", default="benchmarks/results/arch_search")
+    parser.add_argument(
+        "--profile", action="store_true", help="CUDA: kernels per step and GPU time by family"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.quick:
@@ -225,6 +232,23 @@ def main() -> None:
             f"{loop / r['ms_per_step']:.1f}x | {r.get('groups', r.get('batches', ''))} | "
             f"{r.get('stacked_params', '')} |"
         )
+    profiled = [(k, r["profile"]) for k, r in arms.items() if r.get("profile")]
+    if profiled:
+        lines += [
+            "",
+            "| arm | kernels / step | GPU ms / step | gemm | optimizer | copy/cast | other |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, prof in profiled:
+            share = prof["share"]
+            lines.append(
+                f"| {name} | {prof['kernels_per_step']:.0f} | {prof['gpu_ms_per_step']:.2f} | "
+                + " | ".join(
+                    f"{100 * share.get(f, 0):.0f}%"
+                    for f in ("gemm", "optimizer", "copy_cast", "other")
+                )
+                + " |"
+            )
     best = min((k for k in arms if k.startswith("mixed")), key=lambda k: arms[k]["ms_per_step"])
     results["best_mixed"] = best
     lines += ["", f"fastest mixed arm: {best}"]

@@ -342,56 +342,6 @@ def _copy_bandwidth(torch: Any) -> float:
     return 2 * a.numel() * 4 / seconds
 
 
-def _family(name: str) -> str:
-    low = name.lower()
-    if "modelbatch_update" in low or "modelbatch_coefficients" in low:
-        return "optimizer"
-    if any(s in low for s in ("gemm", "cutlass", "xmma", "cublas", "matmul", "sm90_", "nvjet")):
-        return "gemm"
-    if any(s in low for s in ("copy", "cast", "memcpy", "memset", "fill", "to_copy")):
-        return "copy_cast"
-    return "other"
-
-
-def profile_compiled(torch: Any, step: Any, batches: list, steps: int = 10) -> dict:
-    """Kernels per step, time by family and the optimizer kernels' share, over `steps` replays."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for i in range(3):
-        step(*batches[i % len(batches)])
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            step(*batches[i % len(batches)])
-        torch.cuda.synchronize()
-    families: dict[str, float] = {}
-    kernels: dict[str, list[float]] = {}
-    count = 0
-    optimizer_us = 0.0
-    for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        count += 1
-        us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
-        fam = _family(evt.name)
-        families[fam] = families.get(fam, 0.0) + us
-        entry = kernels.setdefault(evt.name[:90], [0.0, 0.0])
-        entry[0] += us / steps
-        entry[1] += 1 / steps
-        if fam == "optimizer" and "update" in evt.name:
-            optimizer_us += us
-    total = sum(families.values()) or 1.0
-    return {
-        "kernels_per_step": count / steps,
-        "gpu_ms_per_step": total / 1e3 / steps,
-        "share": {k: v / total for k, v in families.items()},
-        "optimizer_update_ms": optimizer_us / 1e3 / steps,
-        "top_kernels_us": sorted(
-            ([k, round(v[0], 2), round(v[1], 2)] for k, v in kernels.items()), key=lambda r: -r[1]
-        )[:25],
-    }
-
-
 def _host_profile(step: Any, batches: list) -> list:
     """Where the host time of an eager step goes: the top functions by cumulative time."""
     import cProfile
@@ -456,7 +406,10 @@ def child(args: argparse.Namespace) -> None:
             if scale != 1.0:
                 res["scaled_from_models"] = round(n / scale)
             if args.arm == "compiled" and device == "cuda":
-                res["profile"] = profile_compiled(torch, step, batches)
+                from _timing import profile_kernels
+
+                it = itertools.cycle(batches)
+                res["profile"] = profile_kernels(lambda s=step, i=it: s(*next(i)))
                 res["mode"] = step.mode
                 # Adam moves p, g, m, v in and p, m, v out: 28 bytes per fp32 parameter.
                 params = step.param_bytes
