@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map
 from ._batch import ModelBatch
 from ._buffers import _capturing
 from ._indices import model_indices
+from ._layout import restrided
 from ._metrics import format_table, per_model_rows
 from ._mixed_optim import MixedOptimizer
 from ._mixed_plan import Arch, Group, plan_groups
@@ -482,11 +483,21 @@ class MixedBatch(nn.Module):
     # ------------------------------------------------------------------ padding
 
     def padding_masks(self) -> list[list[tuple[Tensor, Tensor]]]:
-        """Per group, `(stacked parameter, pad mask)` pairs; the mask is True on padding."""
+        """Per group, `(stacked parameter, pad mask)` pairs; the mask is True on padding.
+
+        Each mask is kept in its parameter's memory layout (which a step may
+        change once, see `relayout`), so masking is one vectorized pass.
+        """
         out = []
         for g, entries in enumerate(self._masked):
             params = self._group(g).stacked_params()
-            out.append([(params[name], getattr(self, key)) for name, key in entries])
+            pairs = []
+            for name, key in entries:
+                p, mask = params[name], getattr(self, key)
+                if mask.stride() != p.stride():
+                    mask.data = restrided(mask, p.stride())
+                pairs.append((p, mask))
+            out.append(pairs)
         return out
 
     @torch.no_grad()
