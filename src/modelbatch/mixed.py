@@ -49,8 +49,9 @@ LossFn = Callable[..., Tensor]
 #: `max_waste` when none is given, by the models' device type. Measured: on a CPU
 #: padded arithmetic costs its full price (a depth sweep of width-64 MLPs, 36% padding:
 #: 2x slower than one group per depth; width-16, 20%: 1.2x faster); on a GPU small
-#: models are bound by kernel launches, which one group per family saves
-#: (benchmarks/arch_search.py measures the thresholds).
+#: models are bound by kernel launches, which fewer groups save: on an H200 the
+#: 1,024-MLP sweep of benchmarks/arch_search.py steps in 8.25 / 5.27 / 4.71 / 4.82 /
+#: 4.56 / 5.06 / 8.08 ms at max_waste 0 / 0.2 / 0.3 / 0.4 / 0.5 / 0.6 / 0.75.
 DEFAULT_MAX_WASTE = {"cpu": 0.2, "cuda": 0.5}
 
 
