@@ -266,6 +266,40 @@ def test_one_gemm_per_step_and_one_weight_gradient_gemm(kind: str) -> None:
     assert counts[1][1] - counts[0][1] == T
 
 
+class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the dtype casts (`_to_copy`) dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
+def test_autocast_casts_once_per_sequence_and_follows_torch(kind: str) -> None:
+    # Under autocast the recurrence runs in bf16 as torch's own kernels do: the inputs,
+    # the initial state and the weights are cast once, not the state at every step.
+    torch_cls, _, kwargs = KINDS[kind]
+    torch.manual_seed(0)
+    models = [SeqModel(torch_cls, 1, False, False, kwargs) for _ in range(3)]
+    mb = ModelBatch(models)
+    casts = []
+    for steps in (T, 2 * T):
+        x = torch.randn(steps, B, F_IN)
+        with CountCasts() as count, torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = mb(x)
+            out.float().square().sum().backward()
+        casts.append(count.count)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = torch.stack([m(x)[0] for m in models])
+        assert rel_err(out.float(), ref.float()) < 2e-2
+    assert casts[1] == casts[0]
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu"])
 def test_initial_state_gradients_per_model_and_last_state_only(kind: str) -> None:
     """Per-model h0 (and c0) with gradients under vmap; a loss on h_n alone (no output grad)."""

@@ -305,7 +305,21 @@ def scan(
         `(outputs [T, B, H], h_T [B, H], c_T [B, H] or None)`.
     """
     placeholder = c0 if c0 is not None else h0.new_zeros(())
-    tensors = (xg, h0, placeholder, w_hh, b_hh)
+    tensors: tuple[Tensor | None, ...] = (xg, h0, placeholder, w_hh, b_hh)
+    device_type = xg.device.type
+    low = torch.get_autocast_dtype(device_type)
+    if torch.is_autocast_enabled(device_type) and low in (torch.bfloat16, torch.float16):
+        # As torch's own recurrent kernels under autocast: the whole recurrence in the
+        # low precision, every input cast once here rather than the state at every step.
+        tensors = tuple(None if t is None else t.to(low) for t in tensors)
+        with torch.autocast(device_type, enabled=False):
+            return _run(mode, reverse, tensors)
+    return _run(mode, reverse, tensors)
+
+
+def _run(
+    mode: str, reverse: bool, tensors: tuple[Tensor | None, ...]
+) -> tuple[Tensor, Tensor, Tensor | None]:
     if any(t is not None and is_batchedtensor(t) for t in tensors):
         ys, h, c = _BatchedScan.apply(mode, reverse, *tensors)
     else:
