@@ -410,3 +410,23 @@ def test_training_with_adam_equals_torch_one_by_one(kind: str) -> None:
             F.cross_entropy(m(x), y).backward()
             o.step()
     assert max_rel_diff(mb, ref) <= GRAD_RTOL
+
+
+def test_each_dtype_compiles_a_cell_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.compile budgets its variants per code object: a process that trains in
+    # float32 and bfloat16 gets one code object, and one budget, per dtype.
+    from modelbatch.nn import _scan
+
+    compiled: list = []
+    monkeypatch.setattr(_scan, "_COMPILE_DEVICES", ("cpu",))
+    monkeypatch.setattr(_scan, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    xg, hg, h = torch.randn(3, 2, 12), torch.randn(3, 2, 12), torch.randn(3, 2, 4)
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        args = [t.to(dtype) for t in (xg, hg, h)]
+        out = _scan._fused(_scan._gru_fwd, args[0])(*args)
+        for a, b in zip(out, _scan._gru_fwd(*args)):
+            assert torch.equal(a, b)
+    codes = [fn.__code__ for fn in compiled]
+    assert len(codes) == 2 and codes[0] is not codes[1]
+    assert all(c is not _scan._gru_fwd.__code__ for c in codes)

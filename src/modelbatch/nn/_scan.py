@@ -18,6 +18,7 @@ elsewhere, or where compilation fails, they run as plain torch ops.
 
 from __future__ import annotations
 
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -109,17 +110,31 @@ def _relu_bwd(dy: Tensor, dh: Tensor, h: Tensor, dpre: Tensor) -> None:
     dpre.copy_(torch.where(h > 0, dy + dh, torch.zeros_like(h)))
 
 
-_compiled: dict[Callable, Callable | None] = {}
+_compiled: dict[tuple[Callable, torch.dtype], Callable | None] = {}
 _COMPILE_DEVICES = ("cuda",)  # elsewhere the cell functions run as plain torch ops
 
 
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own.
+
+    torch.compile keeps its compiled variants, and its limit on their number
+    (`torch._dynamo.config.recompile_limit`, 8), per code object: past it, the
+    function silently runs as plain ops. One process that trains in float32
+    and bfloat16, at several numbers of models, needs more variants of one cell
+    than that; one code object per dtype gives each its own budget.
+    """
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def _fused(fn: Callable, like: Tensor) -> Callable:
-    """`fn` compiled into one kernel on CUDA (once per process), else `fn` itself."""
+    """`fn` compiled into one kernel on CUDA (once per process and dtype), else `fn` itself."""
     if like.device.type not in _COMPILE_DEVICES or torch.compiler.is_compiling():
         return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn, fullgraph=True)
-    compiled = _compiled[fn]
+    key = (fn, like.dtype)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(_own_code(fn), fullgraph=True)
+    compiled = _compiled[key]
     if compiled is None:
         return fn
 
@@ -127,7 +142,7 @@ def _fused(fn: Callable, like: Tensor) -> Callable:
         try:
             return compiled(*args)
         except Exception as err:  # no Triton, no compiler: the plain ops are the same math
-            _compiled[fn] = None
+            _compiled[key] = None
             warnings.warn(
                 f"modelbatch.nn: compiling the recurrent cell failed ({type(err).__name__}: "
                 f"{err}); running it as separate torch ops.",
@@ -201,6 +216,9 @@ class _Scan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dys: Tensor, dh: Tensor, dc: Tensor) -> Any:  # type: ignore[override]
         h0, c0, w_hh, ys = ctx.saved_tensors
+        # Plain tensors for the compiled cells: a saved output or a state that requires
+        # grad would make one more compiled variant.
+        h0, ys = h0.detach(), ys.detach()
         mode, steps, acts, extra = ctx.mode, ctx.steps, ctx.acts, ctx.extra
         device_type, enabled, dtype = ctx.autocast
         xg_dtype, h_dtype, c_dtype, w_dtype = ctx.dtypes
