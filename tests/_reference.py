@@ -133,12 +133,17 @@ def snapshot(mb: ModelBatch, opt: torch.optim.Optimizer | None = None) -> dict[s
 
 
 class CountOps(TorchDispatchMode):
-    """Counts the aten operators dispatched inside the `with` block (one per kernel launch or fewer)."""
+    """Counts the aten operators dispatched inside the `with` block (one per kernel launch or fewer).
 
-    def __init__(self) -> None:
+    With `only`, counts just those overloads (e.g. `torch.ops.aten.bmm.default`).
+    """
+
+    def __init__(self, *only: Any) -> None:
         super().__init__()
+        self.only = set(only)
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
+        if not self.only or func in self.only:
+            self.count += 1
         return func(*args, **(kwargs or {}))

@@ -10,9 +10,8 @@ from typing import TypeVar
 import pytest
 import torch
 import torch.nn.functional as F
-from _reference import grad, rel_err
+from _reference import CountOps, grad, rel_err
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from modelbatch import ModelBatch
 from modelbatch.optim import BatchOptimizer
@@ -538,28 +537,15 @@ def test_retired_models_buffers_stand_still_while_others_train(momentum, retire_
     assert not torch.equal(mb.stacked_buffers()["bn.running_mean"][1], frozen["bn.running_mean"][1])
 
 
-class CountSyncs(TorchDispatchMode):
-    """Counts reads of a tensor's value on the host (`.item()`, `bool()`): each a sync on CUDA."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_holding_retired_buffers_reads_the_mask_once_per_change_not_per_forward() -> None:
     mb = ModelBatch(models_of(BNNet))
     x = torch.randn(B, 5)
-    with CountSyncs() as syncs:
+    with CountOps(torch.ops.aten._local_scalar_dense.default) as syncs:
         for _ in range(5):
             mb(x)
     assert syncs.count == 1
     mb.retire(2)
-    with CountSyncs() as syncs:
+    with CountOps(torch.ops.aten._local_scalar_dense.default) as syncs:
         for _ in range(5):
             mb(x)
     assert syncs.count == 1

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _reference import grad, rel_err
+from _reference import CountOps, grad, rel_err
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils._pytree import tree_leaves
@@ -235,17 +235,7 @@ def test_bad_arguments_are_refused_clearly() -> None:
 # ---------------------------------------------------------------------- the scan
 
 
-class CountGemms(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the batched GEMMs (bmm, baddbmm) dispatched inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+GEMMS = (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
@@ -255,28 +245,15 @@ def test_one_gemm_per_step_and_one_weight_gradient_gemm(kind: str) -> None:
     mb = ModelBatch([SeqModel(torch_cls, 1, False, False, kwargs) for _ in range(3)])
     counts = []
     for steps in (T, 2 * T):
-        with CountGemms() as forward:
+        with CountOps(*GEMMS) as forward:
             out, _ = mb(torch.randn(steps, B, F_IN))
-        with CountGemms() as backward:
+        with CountOps(*GEMMS) as backward:
             out.square().sum().backward()
         counts.append((forward.count, backward.count))
     # Each further step costs one GEMM forward (h W_hh^T) and one backward (dgates W_hh):
     # W_hh's gradient is one GEMM over all steps, whatever their number.
     assert counts[1][0] - counts[0][0] == T
     assert counts[1][1] - counts[0][1] == T
-
-
-class CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the dtype casts (`_to_copy`) dispatched inside the block."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._to_copy.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-tanh"])
@@ -290,7 +267,10 @@ def test_autocast_casts_once_per_sequence_and_follows_torch(kind: str) -> None:
     casts = []
     for steps in (T, 2 * T):
         x = torch.randn(steps, B, F_IN)
-        with CountCasts() as count, torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            CountOps(torch.ops.aten._to_copy.default) as count,
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             out, _ = mb(x)
             out.float().square().sum().backward()
         casts.append(count.count)
