@@ -398,9 +398,14 @@ def test_each_dtype_compiles_a_cell_of_its_own(monkeypatch: pytest.MonkeyPatch) 
     from modelbatch.nn import _scan
 
     compiled: list = []
+
+    def record(fn: Any, **kwargs: Any) -> Any:
+        compiled.append(fn)
+        return fn
+
     monkeypatch.setattr(_scan, "_COMPILE_DEVICES", ("cpu",))
     monkeypatch.setattr(_scan, "_compiled", {})
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(torch, "compile", record)
     xg, hg, h = torch.randn(3, 2, 12), torch.randn(3, 2, 12), torch.randn(3, 2, 4)
     for dtype in (torch.float32, torch.bfloat16, torch.float32):
         args = [t.to(dtype) for t in (xg, hg, h)]
