@@ -376,21 +376,45 @@ def test_low_precision_copies_leave_frozen_parameters_alone() -> None:
     assert set(opt.low_precision) == {p for p in mb.parameters() if p.requires_grad}
 
 
-def test_low_precision_copies_leave_norm_layers_in_float32() -> None:
-    # Autocast runs convolutions and linear layers in bf16 and keeps a norm layer's
-    # weights in float32: the copies follow it. A conv / BatchNorm / linear model
-    # trains on copies of the conv and linear weights only, and the BatchNorm
-    # weights take float32 gradients and updates (a bf16 weight beside float32
-    # running statistics is refused by batch_norm).
+CONV_MODELS = {
+    # name: (model, input shape, the parameters with low-precision copies on the CPU)
+    "conv_bn": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 3),
+        ),
+        (2, 6, 6),
+        {"4.weight", "4.bias"},
+    ),
+    "grouped_reflect": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, groups=2), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+            nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+        ),
+        (2, 6, 6),
+        {"4.weight", "4.bias"},
+    ),
+    "transposed_ln": (
+        lambda: nn.Sequential(
+            nn.ConvTranspose1d(2, 3, 2), nn.LayerNorm(7), nn.Flatten(), nn.Linear(3 * 7, 3),
+        ),
+        (2, 6),
+        {"3.weight", "3.bias"},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(CONV_MODELS))
+def test_low_precision_copies_follow_autocast_on_the_cpu(name: str) -> None:
+    # The copies are of the weights autocast runs in low precision: a norm layer's
+    # weights stay float32 (a bf16 BatchNorm weight beside float32 running statistics
+    # is refused by batch_norm), and on the CPU, where torch's vmap rule for
+    # convolutions does not autocast, so do a convolution's (grouped, reflect-padded
+    # and transposed ones run torch's own rule). Training follows autocast's (bf16 tier).
     from modelbatch._step import TrainStep
     from modelbatch.optim import OptimizerFactory
 
-    def make() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-            nn.Linear(4 * 6 * 6, 3),
-        )  # fmt: skip
-
+    make, shape, expected = CONV_MODELS[name]
     torch.manual_seed(0)
     models = [make() for _ in range(N)]
     # SGD: an update proportional to the gradient, so the bf16 tier bounds the difference.
@@ -402,11 +426,10 @@ def test_low_precision_copies_leave_norm_layers_in_float32() -> None:
         runs.append((mb, TrainStep(mb, opt, autocast_dtype=torch.bfloat16, low_precision=low)))
     mb, step = runs[1]
     names = mb.stacked_params()
-    copied = {k for k, p in names.items() if p in step.optimizer.low_precision}
-    assert copied == {"0.weight", "0.bias", "4.weight", "4.bias"}
+    assert {k for k, p in names.items() if p in step.optimizer.low_precision} == expected
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):
-        x, y = torch.randn(8, 2, 6, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        x, y = torch.randn(8, *shape, generator=gen), torch.randint(0, 3, (8,), generator=gen)
         for _, s in runs:
             assert torch.isfinite(s(x, y)).all()
         assert names["1.weight"].grad is not None and names["1.weight"].grad.dtype == torch.float32

@@ -69,13 +69,16 @@ _AUTOCAST_CASTS = (
 )
 
 
-def _matmul_weights(tree: nn.Module, names: dict[str, Tensor]) -> list[str]:
-    """The names in `names` whose owning module in `tree` autocast runs in low precision."""
-    return [
-        name
-        for name in names
-        if isinstance(tree.get_submodule(split_name(name)[0]), _AUTOCAST_CASTS)
-    ]
+def _matmul_weights(tree: nn.Module, names: dict[str, Tensor], device_type: str) -> list[str]:
+    """The names in `names` whose owning module in `tree` autocast runs in low precision.
+
+    On the CPU torch's vmap rule for convolutions does not autocast: a
+    convolution's weights there stay float32, as its input does.
+    """
+    casts = _AUTOCAST_CASTS
+    if device_type == "cpu":
+        casts = tuple(c for c in casts if c is not nn.modules.conv._ConvNd)
+    return [name for name in names if isinstance(tree.get_submodule(split_name(name)[0]), casts)]
 
 
 class TrainStep:
@@ -129,7 +132,8 @@ class TrainStep:
             # convolutions, recurrent cells): a norm layer's weights stay float32, as
             # under autocast. A parameter without a copy (those, a frozen one, one the
             # optimizer does not hold) stays as it is, and autocast casts it as torch does.
-            cast = [names[name] for name in _matmul_weights(model_batch.skeleton, names)]
+            device_type = model_batch.active.device.type
+            cast = [names[n] for n in _matmul_weights(model_batch.skeleton, names, device_type)]
             copies = make_copies(autocast_dtype, cast)
             self._weights = {name: copies.get(p, p) for name, p in names.items()}
             leaves = [copies.get(p, p) for p in self.params]
