@@ -75,7 +75,7 @@ def _matmul_weights(tree: nn.Module, names: dict[str, Tensor], device_type: str)
     On the CPU torch's vmap rule for convolutions does not autocast: a
     convolution's weights there stay float32, as its input does.
     """
-    casts = _AUTOCAST_CASTS
+    casts: tuple[type[nn.Module], ...] = _AUTOCAST_CASTS
     if device_type == "cpu":
         casts = tuple(c for c in casts if c is not nn.modules.conv._ConvNd)
     return [name for name in names if isinstance(tree.get_submodule(split_name(name)[0]), casts)]
