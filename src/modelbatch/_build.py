@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ._stack import meta_skeleton, replace_stacked
+from ._stack import meta_skeleton, replace_stacked, split_name
 from .nn._convert import _device_of
 from .nn._seeded import SEEDED_TWINS, hash_uniform, mix32
 
@@ -157,7 +157,7 @@ def _plan(make: Callable[[], nn.Module], seed: int) -> tuple[nn.Module, dict[str
     modules = dict(template.named_modules())
     other_state = {**dict(other.named_parameters()), **dict(other.named_buffers())}
     for name, t in [*template.named_parameters(), *template.named_buffers()]:
-        prefix, _, leaf = name.rpartition(".")
+        prefix, leaf = split_name(name)
         module = modules[prefix]
         same = torch.equal(t, other_state[name])
         rule = _rule(module, leaf, t) if isinstance(t, nn.Parameter) else None

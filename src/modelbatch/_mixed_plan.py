@@ -24,7 +24,7 @@ from typing import cast
 
 from torch import nn
 
-from ._stack import _config_of, check_compatible
+from ._stack import _config_of, check_compatible, split_name
 
 __all__ = ["Arch", "Group", "Mismatch", "align", "plan_groups"]
 
@@ -393,9 +393,9 @@ def _unify_chained_sizes(
             shapes[name] = tuple(shape)
             # The layer's bias (and a BatchNorm's other tensors) share its output size.
             if dim == 0:
-                prefix = name.rpartition(".")[0]
+                prefix = split_name(name)[0]
                 for other in shapes:
-                    if other.rpartition(".")[0] == prefix and shapes[other]:
+                    if split_name(other)[0] == prefix and shapes[other]:
                         grown = list(shapes[other])
                         grown[0] = max(grown[0], size)
                         shapes[other] = tuple(grown)

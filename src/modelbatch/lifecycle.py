@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ._batch import ModelBatch
 from ._indices import model_indices
-from ._stack import check_compatible, meta_skeleton
+from ._stack import check_compatible, meta_skeleton, split_name
 
 __all__ = ["EarlyStopping", "LifecycleLog", "NaNGuard", "replace_model"]
 
@@ -365,7 +365,7 @@ def _per_model_config(model_batch: ModelBatch) -> dict[str, tuple[str, str]]:
     ref = model_batch._export_skeleton
     found = {}
     for name in model_batch.stacked_buffers():
-        prefix, _, leaf = name.rpartition(".")
+        prefix, leaf = split_name(name)
         try:
             sub = ref.get_submodule(prefix)
         except AttributeError:  # a buffer of a substituted layer with no user-side twin

@@ -39,7 +39,7 @@ from ._metrics import format_table, per_model_rows
 from ._mixed_optim import MixedOptimizer
 from ._mixed_plan import Arch, Group, plan_groups
 from ._mixed_step import MixedStep, compile_mixed_step
-from ._stack import map_tensors, materialize, meta_skeleton, state_key_map
+from ._stack import map_tensors, materialize, meta_skeleton, split_name, state_key_map
 from .fast import _signature, device_max_norm
 
 __all__ = ["MixedBatch", "MixedOptimizer", "MixedStep", "compile_mixed_step"]
@@ -84,7 +84,7 @@ def _template(group: Group, device: torch.device) -> nn.Module:
     """The group's deepest model, widened to the padded shapes, gated, zero-filled on `device`."""
     skeleton = meta_skeleton(group.template.rep)
     for name, shape in group.shapes.items():
-        prefix, _, leaf = name.rpartition(".")
+        prefix, leaf = split_name(name)
         owner = skeleton.get_submodule(prefix)
         if leaf in owner._parameters:
             old = owner._parameters[leaf]

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._stack import split_name
 from ._cells import GRUCell, LSTMCell, RNNCell
 from ._conv import TORCH_TWINS as CONV_TWINS
 from ._dropout import TORCH_TWINS as DROPOUT_TWINS
@@ -126,13 +127,13 @@ def _with_replacements(model: nn.Module, replacements: Mapping[str, nn.Module]) 
             node = copy.copy(original)
             node._modules = dict(original._modules)
             if path:
-                parent_path, _, leaf = path.rpartition(".")
+                parent_path, leaf = split_name(path)
                 clone(parent_path)._modules[leaf] = node
             clones[path] = node
         return clones[path]
 
     for name, new in replacements.items():
-        parent_path, _, leaf = name.rpartition(".")
+        parent_path, leaf = split_name(name)
         clone(parent_path)._modules[leaf] = new
     return clones[""]
 
