@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ._stack import meta_skeleton, replace_stacked, split_name
+from ._stack import meta_skeleton, repeated, replace_stacked, split_name
 from .nn._convert import _device_of
 from .nn._seeded import SEEDED_TWINS, hash_uniform, mix32
 
@@ -296,11 +296,11 @@ def _grow(
     for name, one in tensors.items():
         shape, dtype = one.shape[1:], one.dtype
         rule = rules.get(name)
-        new = torch.empty(n, *shape, dtype=dtype, device=device, pin_memory=pin)
         if rule is None:
             # Deterministic in make(): every model gets the template's value.
-            new.copy_(one.detach().expand(n, *shape))
+            new = repeated(one, n, device, pin)
         else:
+            new = torch.empty(n, *shape, dtype=dtype, device=device, pin_memory=pin)
             keys = _keys(seed, ids, _STREAM_PARAM, order[name])
             step = max(1, chunk_elements // max(1, math.prod(shape)))
             for start in range(0, n, step):

@@ -285,6 +285,13 @@ def state_key_map(model: nn.Module) -> dict[str, str]:
     return {key: canonical[id(t)] for key, t in model.state_dict(keep_vars=True).items()}
 
 
+def repeated(one: Tensor, n: int, device: torch.device, pin: bool = False) -> Tensor:
+    """`[n, *shape]` copies of a one-model stacked tensor `[1, *shape]`, in new memory on `device`."""
+    shape = one.shape[1:]
+    out = torch.empty(n, *shape, dtype=one.dtype, device=device, pin_memory=pin)
+    return out.copy_(one.detach().expand(n, *shape))
+
+
 def replace_stacked(
     model_batch: Any, tensors: Mapping[str, Tensor], n: int, device: torch.device | None = None
 ) -> None:

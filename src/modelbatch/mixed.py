@@ -21,7 +21,6 @@ call, captured as one CUDA graph by `compile_mixed_step`.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -39,7 +38,15 @@ from ._metrics import format_table, per_model_rows
 from ._mixed_optim import MixedOptimizer
 from ._mixed_plan import Arch, Group, plan_groups
 from ._mixed_step import MixedStep, compile_mixed_step
-from ._stack import map_tensors, materialize, meta_skeleton, split_name, state_key_map
+from ._stack import (
+    map_tensors,
+    materialize,
+    meta_skeleton,
+    repeated,
+    replace_stacked,
+    split_name,
+    state_key_map,
+)
 from .fast import _signature, device_max_norm
 
 __all__ = ["MixedBatch", "MixedOptimizer", "MixedStep", "compile_mixed_step"]
@@ -240,8 +247,10 @@ class MixedBatch(nn.Module):
     ) -> ModelBatch:
         template = _template(group, device)
         n = len(group.members)
-        # Placeholders whose values are overwritten below; ModelBatch refuses one object n times.
-        mb = ModelBatch([copy.deepcopy(template) for _ in range(n)], self.loss_fn)
+        # n copies of the zero-filled template (padding 0, gates on), written over below.
+        mb = ModelBatch([template], self.loss_fn)
+        one = {**mb.stacked_params(), **mb.stacked_buffers()}
+        replace_stacked(mb, {k: repeated(t, n, device) for k, t in one.items()}, n, device)
         own = {**mb.stacked_params(), **mb.stacked_buffers()}
         local = {i: j for j, i in enumerate(group.members)}
         with torch.no_grad():
@@ -275,8 +284,8 @@ class MixedBatch(nn.Module):
                         if name not in owned:
                             continue
                         shape = models[arch.members[0]].get_parameter(owned[name]).shape
-                        for i in arch.members:
-                            pad[local[i]][_region(shape)] = False
+                        rows = torch.tensor([local[i] for i in arch.members], device=device)
+                        pad[(rows, *_region(shape))] = False
                     if bool(pad.any()):
                         key = f"_pad_{g}_{len(entries)}"
                         self.register_buffer(key, pad, persistent=False)
