@@ -285,7 +285,8 @@ class MixedBatch(nn.Module):
                             continue
                         shape = models[arch.members[0]].get_parameter(owned[name]).shape
                         rows = torch.tensor([local[i] for i in arch.members], device=device)
-                        pad[(rows, *_region(shape))] = False
+                        index: tuple[Any, ...] = (rows, *_region(shape))
+                        pad[index] = False
                     if bool(pad.any()):
                         key = f"_pad_{g}_{len(entries)}"
                         self.register_buffer(key, pad, persistent=False)
