@@ -376,7 +376,20 @@ def test_low_precision_copies_leave_frozen_parameters_alone() -> None:
     assert set(opt.low_precision) == {p for p in mb.parameters() if p.requires_grad}
 
 
-CONV_MODELS = {
+class GRUHead(nn.Module):
+    """A GRU over [B, 5, 3], LayerNorm on its last state, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.gru(x)[0][:, -1]))
+
+
+AUTOCAST_MODELS = {
     # name: (model, input shape, the parameters with low-precision copies on the CPU)
     "conv_bn": (
         lambda: nn.Sequential(
@@ -394,6 +407,12 @@ CONV_MODELS = {
         (2, 6, 6),
         {"4.weight", "4.bias"},
     ),
+    "gru_ln": (
+        lambda: GRUHead(),
+        (5, 3),
+        {"gru.weight_ih_l0", "gru.weight_hh_l0", "gru.bias_ih_l0", "gru.bias_hh_l0",
+         "head.weight", "head.bias"},
+    ),
     "transposed_ln": (
         lambda: nn.Sequential(
             nn.ConvTranspose1d(2, 3, 2), nn.LayerNorm(7), nn.Flatten(), nn.Linear(3 * 7, 3),
@@ -404,17 +423,18 @@ CONV_MODELS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", sorted(CONV_MODELS))
+@pytest.mark.parametrize("name", sorted(AUTOCAST_MODELS))
 def test_low_precision_copies_follow_autocast_on_the_cpu(name: str) -> None:
     # The copies are of the weights autocast runs in low precision: a norm layer's
     # weights stay float32 (a bf16 BatchNorm weight beside float32 running statistics
     # is refused by batch_norm), and on the CPU, where torch's vmap rule for
     # convolutions does not autocast, so do a convolution's (grouped, reflect-padded
-    # and transposed ones run torch's own rule). Training follows autocast's (bf16 tier).
+    # and transposed ones run torch's own rule). The recurrent layers ModelBatch puts in
+    # place of torch's get copies. Training follows autocast's (bf16 tier).
     from modelbatch._step import TrainStep
     from modelbatch.optim import OptimizerFactory
 
-    make, shape, expected = CONV_MODELS[name]
+    make, shape, expected = AUTOCAST_MODELS[name]
     torch.manual_seed(0)
     models = [make() for _ in range(N)]
     # SGD: an update proportional to the gradient, so the bf16 tier bounds the difference.
@@ -432,7 +452,8 @@ def test_low_precision_copies_follow_autocast_on_the_cpu(name: str) -> None:
         x, y = torch.randn(8, *shape, generator=gen), torch.randint(0, 3, (8,), generator=gen)
         for _, s in runs:
             assert torch.isfinite(s(x, y)).all()
-        assert names["1.weight"].grad is not None and names["1.weight"].grad.dtype == torch.float32
+        norm = names["norm.weight" if name == "gru_ln" else "1.weight"]
+        assert norm.grad is not None and norm.grad.dtype == torch.float32
     for (k, a), b in zip(runs[0][0].stacked_params().items(), runs[1][0].stacked_params().values()):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=k)  # the bf16 tier
 

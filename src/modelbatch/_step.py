@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from ._layout import GradLayout, restrided
 from ._stack import split_name
+from .nn._cells import _CellBase
+from .nn._rnn import _RNNBase
 
 __all__ = ["TrainStep", "apply_update"]
 
@@ -58,13 +60,16 @@ def _as_args(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-# Modules whose weights torch.autocast casts to its low precision.
+# Modules whose weights torch.autocast casts to its low precision (torch's, and the
+# recurrent layers ModelBatch substitutes for torch's).
 _AUTOCAST_CASTS = (
     nn.Linear,
     nn.Bilinear,
     nn.modules.conv._ConvNd,
     nn.RNNBase,
     nn.RNNCellBase,
+    _RNNBase,
+    _CellBase,
     nn.MultiheadAttention,
 )
 
