@@ -329,10 +329,15 @@ def scan(
     if torch.is_autocast_enabled(device_type) and low in (torch.bfloat16, torch.float16):
         # As torch's own recurrent kernels under autocast: the whole recurrence in the
         # low precision, every input cast once here rather than the state at every step.
-        tensors = tuple(None if t is None else t.to(low) for t in tensors)
+        tensors = tuple(t.to(low) if _autocast_eligible(t) else t for t in tensors)
         with torch.autocast(device_type, enabled=False):
             return _run(mode, reverse, tensors)
     return _run(mode, reverse, tensors)
+
+
+def _autocast_eligible(t: Tensor | None) -> bool:
+    """What autocast casts: floating tensors other than float64."""
+    return t is not None and t.is_floating_point() and t.dtype != torch.float64
 
 
 def _run(
