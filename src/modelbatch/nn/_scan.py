@@ -21,7 +21,7 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -335,7 +335,7 @@ def scan(
     return _run(mode, reverse, tensors)
 
 
-def _autocast_eligible(t: Tensor | None) -> bool:
+def _autocast_eligible(t: Tensor | None) -> TypeGuard[Tensor]:
     """What autocast casts: floating tensors other than float64."""
     return t is not None and t.is_floating_point() and t.dtype != torch.float64
 
