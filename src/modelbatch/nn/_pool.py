@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch._C._functorch import is_batchedtensor
 
-from ._twins import _Twin
+from ._twins import VmapOnly, _Twin
 
 __all__ = [
     "AdaptiveAvgPool1d",
@@ -37,22 +37,12 @@ def _mergeable(t: Tensor, dim: int) -> bool:
     return t.stride(dim) == t.stride(dim + 1) * t.shape[dim + 1] or t.shape[dim + 1] == 1
 
 
-class _FoldedPool(torch.autograd.Function):
+class _FoldedPool(VmapOnly):
     """`pool(x)`; under vmap the model axis folds into channels or batch, whichever is a view."""
-
-    generate_vmap_rule = False
 
     @staticmethod
     def forward(x: Tensor, pool: Callable[[Tensor], Any], batched: bool) -> Any:  # type: ignore[override]
         return pool(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError("modelbatch.nn: _FoldedPool is differentiated under vmap only.")
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, x: Tensor, pool: Callable, batched: bool) -> Any:

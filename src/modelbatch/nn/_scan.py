@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch._C._functorch import is_batchedtensor
 
+from ._twins import VmapOnly
+
 __all__ = ["scan"]
 
 # ---------------------------------------------------------------------- cell functions
@@ -267,21 +269,11 @@ class _Scan(torch.autograd.Function):
         return None, None, dxg, dh.to(h_dtype), dc0, dw.to(w_dtype), db
 
 
-class _BatchedScan(torch.autograd.Function):
+class _BatchedScan(VmapOnly):
     """`_Scan` under `torch.vmap`: the rule hands the stacked tensors to `_Scan` itself."""
-
-    generate_vmap_rule = False
 
     @staticmethod
     def forward(*args: Any) -> Any:  # type: ignore[override]
-        raise RuntimeError("modelbatch.nn: _BatchedScan runs only under torch.vmap; use scan().")
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
         raise RuntimeError("modelbatch.nn: _BatchedScan runs only under torch.vmap; use scan().")
 
     @staticmethod

@@ -43,7 +43,25 @@ class _Twin(nn.Module):
         return _twin(module, cls)
 
 
-class _BatchedBatchNorm(torch.autograd.Function):
+class VmapOnly(torch.autograd.Function):
+    """A Function whose work is its vmap rule: differentiated only through what that rule runs.
+
+    Subclasses define `forward` (the unbatched meaning, or a refusal) and the
+    `vmap` staticmethod; a backward outside vmap is refused with the class's name.
+    """
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @classmethod
+    def backward(cls, ctx: Any, *grads: Any) -> Any:  # type: ignore[override]
+        raise RuntimeError(f"modelbatch.nn: {cls.__name__} is differentiated under vmap only.")
+
+
+class _BatchedBatchNorm(VmapOnly):
     """`F.batch_norm` whose vmap rule runs N models' BatchNorm as ONE with N x C channels.
 
     torch's own rule calls the kernel without weight and bias (ones and zeros
@@ -55,19 +73,9 @@ class _BatchedBatchNorm(torch.autograd.Function):
     copy at all.
     """
 
-    generate_vmap_rule = False
-
     @staticmethod
     def forward(x: Tensor, *args: Any) -> Tensor:  # type: ignore[override]
         return F.batch_norm(x, *args)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Any:  # type: ignore[override]
-        raise RuntimeError("modelbatch.nn: _BatchedBatchNorm is differentiated under vmap only.")
 
     @staticmethod
     def vmap(
